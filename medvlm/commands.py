@@ -80,10 +80,9 @@ def _print_regions(regions: Sequence[Region], spacing: tuple[float, float] | Non
 
 
 def run_segment(args: argparse.Namespace) -> int:
-    from segmentation.registry import build_segmenter
-
     from medvlm.io import load_image
     from medvlm.outputs import write_regions
+    from segmentation.registry import build_segmenter
 
     image = load_image(args.image, slice_index=args.slice_index, axis=args.axis,
                        window=tuple(args.window) if args.window else None)
@@ -100,10 +99,9 @@ def run_segment(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from segmentation.registry import build_segmenter
-
     from medvlm.io import load_image
     from medvlm.outputs import write_regions
+    from segmentation.registry import build_segmenter
 
     spec = json.loads(asset_path("demo.json").read_text())
     image = load_image(asset_path(spec["image"]))
@@ -135,27 +133,27 @@ def bench_boxes(height: int, width: int, n: int) -> list[Box]:
 
 
 def _format_bench_table(rows: Sequence[dict[str, Any]]) -> str:
-    head = (f"{'backend':<34} {'encode s':>9} {'prompt ms p50':>14} {'prompt ms p90':>14} "
-            f"{'N':>3} {'cached s':>9} {'re-encode s':>12} {'speed-up':>9} {'peak MB':>8}")
+    w = max([34, *(len(str(r["backend"])) for r in rows)])
+    head = (f"{'backend':<{w}} {'encode s':>9} {'prompt ms p50':>14} {'prompt ms p90':>14} "
+            f"{'N':>3} {'cached s':>9} {'re-encode s':>12} {'speed-up':>9} {'peak MiB':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['backend']:<34} skipped: {r['error']}")
+            lines.append(f"{r['backend']:<{w}} skipped: {r['error']}")
             continue
         lines.append(
-            f"{r['backend']:<34} {r['encode_s']:>9.3f} {r['decode_ms_p50']:>14.1f} {r['decode_ms_p90']:>14.1f} "
-            f"{r['n_prompts']:>3} {r['cached_total_s']:>9.3f} {r['reencode_total_s']:>12.3f} "
-            f"{r['speedup']:>8.1f}x {r['peak_rss_mb']:>8.0f}")
+            f"{r['backend']:<{w}} {r['encode_s_median']:>9.3f} {1000 * r['decode_s_median']:>14.1f} "
+            f"{1000 * r['decode_s_p90']:>14.1f} {r['n_prompts']:>3} {r['cached_total_s']:>9.3f} "
+            f"{r['reencode_total_s']:>12.3f} {r['speedup']:>8.1f}x {r['peak_rss_mib']:>8.0f}")
     return "\n".join(lines)
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from segmentation.bench import bench_segmenter
-    from segmentation.registry import build_segmenter
-
     from medvlm.io import load_image
     from medvlm.outputs import write_json_atomic
     from segmentation.base import Prompt
+    from segmentation.bench import bench_segmenter
+    from segmentation.registry import build_segmenter
 
     image = load_image(args.image or asset_path(DEMO_IMAGE))
     prompts = [Prompt(box=b) for b in bench_boxes(image.height, image.width, args.prompts)]

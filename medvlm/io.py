@@ -31,7 +31,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -43,6 +43,7 @@ __all__ = [
     "MAX_VOXELS_DEFAULT",
     "SUPPORTED_FORMATS",
     "MedicalImage",
+    "atomic_open",
     "load_image",
     "load_volume",
     "save_mask_png",
@@ -806,19 +807,32 @@ def _load_nifti_slice(src: _Source, slice_index: int | None, axis: int, max_pixe
 # --------------------------------------------------------------------------------------------------- write
 
 
-def _write_png_atomic(arr: npt.NDArray[np.uint8], path: str | os.PathLike[str]) -> Path:
-    from PIL import Image
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open a temporary file next to ``path``; on success it replaces ``path`` atomically, on error it is removed.
 
+    Readers never see half a file and an interrupted job leaves the previous version intact. The file gets the
+    usual permissions (0666 minus the umask), not mkstemp's private 0600.
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Same directory as the target, so os.replace is an atomic rename and readers never see half a file.
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            Image.fromarray(np.ascontiguousarray(arr)).save(fh, format="PNG")
+        with os.fdopen(fd, mode) as fh:
+            yield fh
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_name, 0o666 & ~umask)
         os.replace(tmp_name, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp_name)
         raise
-    return target
+
+
+def _write_png_atomic(arr: npt.NDArray[np.uint8], path: str | os.PathLike[str]) -> Path:
+    from PIL import Image
+
+    with atomic_open(path, "wb") as fh:
+        Image.fromarray(np.ascontiguousarray(arr)).save(fh, format="PNG")
+    return Path(path)

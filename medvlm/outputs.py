@@ -14,14 +14,12 @@ half-written result that a resumed run would trust.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medvlm.io import MedicalImage, save_mask_png, save_png
+from medvlm.io import MedicalImage, atomic_open, save_mask_png, save_png
 from medvlm.types import Region
 from medvlm.viz import draw_overlay
 
@@ -38,16 +36,9 @@ class WrittenResult:
 
 def write_json_atomic(payload: Any, path: Path) -> None:
     """Write ``payload`` as indented JSON to ``path`` via a temporary file in the same folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "w") as fh:
+        json.dump(payload, fh, indent=2)
+        fh.write("\n")
 
 
 def write_regions(out_dir: str | Path, stem: str, image: MedicalImage, regions: Sequence[Region],

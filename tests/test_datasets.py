@@ -85,6 +85,7 @@ def test_canonical_structure_names():
         "heart_atrium_left": "left atrium", "inferior_vena_cava": "inferior vena cava",
         "iliac_vena_left": "left iliac vein", "clavicula_right": "right clavicle", "hip_left": "left hip bone",
         "right lung": "right lung", "heart": "heart",
+        "urinary_bladder": "urinary bladder", "bladder": "urinary bladder",
     }
     for raw, want in cases.items():
         assert canonical_structure(raw) == want

@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from eval.metrics import dice
 from medvlm.errors import InputError, MissingDependencyError
 from medvlm.types import Box, Mask, Points
 from segmentation.base import ImageEmbedding, Prompt, PromptableSegmenter, SegmentationResult, SegmenterBase
-from segmentation.bench import bench_segmenter, dice
+from segmentation.bench import bench_segmenter
 from tests.conftest import data_dir
 
 JSRT_IMAGE = "JPCLN005.png"
@@ -163,8 +164,12 @@ def test_invalid_prompts_raise_input_error(lite, synthetic_embedding):
         lite.predict(emb, Prompt(box=Box(100, 50, 100, 90)))
     with pytest.raises(InputError, match=r"point prompt.*500x300.*\(510\.0, 20\.0\)"):
         lite.predict(emb, Prompt(points=Points.from_lists([(510, 20)])))
-    with pytest.raises(InputError, match=r"a box and/or at least one point"):
+    with pytest.raises(InputError, match=r"a box, at least one point, or a text"):
         Prompt()
+    with pytest.raises(InputError, match=r"non-empty phrase"):
+        Prompt(text="  ")
+    with pytest.raises(InputError, match=r"promptable, not text-guided.*--text"):
+        lite.predict(emb, Prompt(text="heart"))
     with pytest.raises(InputError, match=r"Box"):
         Prompt(box=[1, 2, 3, 4])  # type: ignore[arg-type]
     other = ImageEmbedding(backend="sam2", original_size=emb.original_size, features=None, frame=emb.frame)

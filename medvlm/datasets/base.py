@@ -112,7 +112,8 @@ def canonical_structure(raw: str) -> str:
         tokens = tokens[1:]  # heart_atrium_left -> "left atrium"
     if tokens == ["portal", "vein", "and", "splenic", "vein"]:
         tokens = ["portal", "and", "splenic", "vein"]
-    words = " ".join(t if t == "vena" and tokens[i + 1:i + 2] == ["cava"] else _WORD_MAP.get(t, t)
+    words = " ".join(t if (t == "vena" and tokens[i + 1:i + 2] == ["cava"])
+                     or (t == "bladder" and tokens[i - 1:i] == ["urinary"]) else _WORD_MAP.get(t, t)
                      for i, t in enumerate(tokens))
     return f"{side} {words}".strip()
 
