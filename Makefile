@@ -10,6 +10,8 @@ STAMP := $(VENV)/.installed
 TORCH_WHEELS ?= /opt/wheels
 FIND_LINKS := $(if $(wildcard $(TORCH_WHEELS)),--find-links $(TORCH_WHEELS),)
 PYTEST_ARGS ?=
+# the import packages that exist so far (later issues add agents/)
+PKGS := $(wildcard medvlm segmentation eval finetune prompts agents)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PIP_NO_WARN_SCRIPT_LOCATION := 1
@@ -40,15 +42,15 @@ demo: install
 	$(VENV)/bin/medvlm demo --out out/demo
 
 test: install
-	$(VENV)/bin/ruff check medvlm segmentation eval tests
-	$(VENV)/bin/mypy medvlm segmentation eval
+	$(VENV)/bin/ruff check --no-cache $(PKGS) tests
+	$(VENV)/bin/mypy $(PKGS)
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check medvlm segmentation eval tests
+	$(VENV)/bin/ruff check --no-cache $(PKGS) tests
 
 typecheck: install
-	$(VENV)/bin/mypy medvlm segmentation eval
+	$(VENV)/bin/mypy $(PKGS)
 
 bench-segment: install
 	$(VENV)/bin/medvlm bench segment

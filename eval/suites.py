@@ -54,25 +54,13 @@ def _select_ids(ids: Sequence[str], ids_file: str | None, limit: int | None) -> 
     return chosen
 
 
-def oracle_box(data: str | Path, *, segmenter_name: str = "litemedsam", checkpoint: str | None = None,
-               limit: int | None = None, ids_file: str | None = None, keep_worst: int = 3,
-               structures: Sequence[str] | None = None) -> tuple[dict[str, Any], list[WorstCase]]:
-    """Prompt the segmenter with the tight box (pixel xyxy) of every ground-truth mask; Dice, HD95 and ASD in mm.
+def _score(dataset: Any, ids: Sequence[str], segmenter: Any, make_prompts: Any, *, keep_worst: int,
+           structures: Sequence[str] | None, label: str) -> tuple[dict[str, Any], list[WorstCase], float]:
+    """Segment every ground-truth structure of every image (one encoding per image) and accumulate metrics.
 
-    Each image is encoded once and all its structures are decoded from that one embedding. Returns the
-    suite JSON (shape in the module docstring) and the ``keep_worst`` lowest-Dice cases per structure.
-    """
-    from medvlm.datasets import open_dataset
-    from segmentation.registry import build_segmenter
-
+    ``make_prompts(names, masks) -> (prompts, boxes for the report)``."""
     from eval.metrics import SegmentationAccumulator, dice
-    from medvlm.types import Mask
-    from segmentation.base import Prompt
 
-    dataset = open_dataset(data)
-    ids = _select_ids(dataset.ids(), ids_file, limit)
-    kwargs = {"checkpoint": checkpoint} if checkpoint else {}
-    segmenter = build_segmenter(segmenter_name, **kwargs)
     acc = SegmentationAccumulator()
     worst: dict[str, list[WorstCase]] = {}
     per_case: list[dict[str, Any]] = []
@@ -82,8 +70,8 @@ def oracle_box(data: str | Path, *, segmenter_name: str = "litemedsam", checkpoi
         names = [n for n in sample.masks if (structures is None or n in structures) and sample.masks[n].any()]
         if not names:
             continue
-        boxes = [Mask(sample.masks[n]).to_box() for n in names]
-        results = segmenter.segment(sample.image, [Prompt(box=b) for b in boxes])
+        prompts, boxes = make_prompts(names, sample.masks)
+        results = segmenter.segment(sample.image, prompts)
         spacing = sample.image.spacing_mm or (1.0, 1.0)
         for name, box, result in zip(names, boxes, results):
             gt = sample.masks[name]
@@ -92,29 +80,91 @@ def oracle_box(data: str | Path, *, segmenter_name: str = "litemedsam", checkpoi
             d = float(dice(pred, gt))
             per_case.append({"id": sample_id, "structure": name, "dice": round(d, 4)})
             kept = worst.setdefault(name, [])
-            kept.append(WorstCase(d, sample_id, name, pred, gt, box.to_list() if box else []))
+            kept.append(WorstCase(d, sample_id, name, pred, gt, box))
             if len(kept) > keep_worst:  # only the lowest Dice stay in memory (masks are large)
                 kept.remove(max(kept, key=lambda c: c.dice))
-        log.info("oracle-box %d/%d %s", i, len(ids), sample_id)
-    result_json = acc.compute()
-    payload: dict[str, Any] = {
-        "suite": "oracle-box",
-        "method": segmenter.name,
-        "data": str(data),
-        "n_images": len(ids),
-        "seconds": round(time.perf_counter() - started, 1),
-        **result_json,
-        "per_case": per_case,
-    }
+        log.info("%s %d/%d %s", label, i, len(ids), sample_id)
+    payload = {**acc.compute(), "per_case": per_case}
     worst_cases = [c for kept in worst.values() for c in sorted(kept, key=lambda c: c.dice)]
-    return payload, worst_cases
+    return payload, worst_cases, time.perf_counter() - started
+
+
+def oracle_box(data: str | Path, *, segmenter_name: str = "litemedsam", checkpoint: str | None = None,
+               limit: int | None = None, ids_file: str | None = None, keep_worst: int = 3,
+               structures: Sequence[str] | None = None) -> tuple[dict[str, Any], list[WorstCase]]:
+    """Prompt the segmenter with the tight box (pixel xyxy) of every ground-truth mask; Dice, HD95 and ASD in mm.
+
+    Each image is encoded once and all its structures are decoded from that one embedding. Returns the
+    suite JSON (shape in the module docstring) and the ``keep_worst`` lowest-Dice cases per structure.
+    """
+    from medvlm.datasets import open_dataset
+    from medvlm.types import Mask
+    from segmentation.base import Prompt
+    from segmentation.registry import build_segmenter
+
+    dataset = open_dataset(data)
+    ids = _select_ids(dataset.ids(), ids_file, limit)
+    kwargs = {"checkpoint": checkpoint} if checkpoint else {}
+    segmenter = build_segmenter(segmenter_name, **kwargs)
+
+    def make_prompts(names: Sequence[str], masks: dict[str, Any]) -> tuple[list[Any], list[list[float]]]:
+        boxes = [Mask(masks[n]).to_box() for n in names]
+        return [Prompt(box=b) for b in boxes], [b.to_list() if b else [] for b in boxes]
+
+    scores, worst, seconds = _score(dataset, ids, segmenter, make_prompts, keep_worst=keep_worst,
+                                    structures=structures, label="oracle-box")
+    payload: dict[str, Any] = {"suite": "oracle-box", "method": segmenter.name, "data": str(data),
+                               "n_images": len(ids), "seconds": round(seconds, 1), **scores}
+    return payload, worst
+
+
+def text_seg(data: str | Path, *, checkpoint: str | None = None, split: str = "auto", level: str = "complex",
+             limit: int | None = None, ids_file: str | None = None, keep_worst: int = 3,
+             structures: Sequence[str] | None = None) -> tuple[dict[str, Any], list[WorstCase]]:
+    """Prompt Med-VLM with the text of every ground-truth structure; same JSON as :func:`oracle_box` plus
+    ``split``, ``n_trained_on`` (evaluated images the checkpoint was trained on) and ``checkpoint``.
+
+    ``split``: ``val`` = the checkpoint's recorded val ids (error if none is in this folder), ``all`` = every
+    image, ``auto`` = ``val`` when possible, else ``all``.
+    """
+    from medvlm.datasets import open_dataset
+    from segmentation.base import Prompt
+    from segmentation.textseg.predictor import MedVLMSegmenter
+
+    dataset = open_dataset(data)
+    segmenter = MedVLMSegmenter(checkpoint, text_level=level)
+    meta = segmenter.meta
+    val_ids = set(meta.get("val_ids", []))
+    all_ids = dataset.ids()
+    in_val = [i for i in all_ids if i in val_ids]
+    if split == "val" and not in_val:
+        raise input_error("--split val", expected="a folder holding the checkpoint's val ids",
+                          received=f"none of its {len(val_ids)} val ids in {data}",
+                          fix="use --split all (and read n_trained_on in the result)")
+    chosen = in_val if (split == "val" or (split == "auto" and in_val)) else all_ids
+    used = "val" if chosen is in_val else "all"
+    ids = _select_ids(chosen, ids_file, limit) if not ids_file else _select_ids(all_ids, ids_file, limit)
+    trained_sources = {d.get("name") for d in meta.get("train_config", {}).get("data", [])}
+    trained_on = 0 if dataset.name not in trained_sources else sum(1 for i in ids if i not in val_ids)
+
+    def make_prompts(names: Sequence[str], masks: dict[str, Any]) -> tuple[list[Any], list[list[float]]]:
+        return [Prompt(text=n) for n in names], [[] for _ in names]
+
+    scores, worst, seconds = _score(dataset, ids, segmenter, make_prompts, keep_worst=keep_worst,
+                                    structures=structures, label="text-seg")
+    payload: dict[str, Any] = {"suite": "text-seg", "method": f"medvlm ({level} text)", "data": str(data),
+                               "n_images": len(ids), "split": used, "n_trained_on": trained_on,
+                               "checkpoint": segmenter.checkpoint, "seconds": round(seconds, 1), **scores}
+    return payload, worst
 
 
 def format_table(payload: dict[str, Any]) -> str:
     """Per-structure table: Dice, HD95 mm, ASD mm, n, and the mean row."""
     head = f"{'structure':<16} {'Dice':>7} {'HD95 mm':>9} {'ASD mm':>8} {'n':>5}"
-    lines = [f"{payload['suite']} | method {payload['method']} | {payload['n_images']} images | {payload['data']}",
-             head, "-" * len(head)]
+    title = f"{payload['suite']} | method {payload['method']} | {payload['n_images']} images | {payload['data']}"
+    if "split" in payload:
+        title += f" | split {payload['split']} ({payload['n_trained_on']} of them seen in training)"
+    lines = [title, head, "-" * len(head)]
 
     def row(name: str, m: dict[str, Any]) -> str:
         return f"{name:<16} {m['dice']:>7.3f} {m['hd95_mm']:>9.2f} {m['asd_mm']:>8.2f} {m['n']:>5}"
@@ -132,15 +182,19 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.suite == "oracle-box":
         payload, worst = oracle_box(args.data, segmenter_name=args.segmenter, checkpoint=args.checkpoint,
                                     limit=args.limit, ids_file=args.ids)
-        print(format_table(payload))
-        if args.json_out:
-            write_json_atomic(payload, Path(args.json_out))
-            print(f"wrote {args.json_out}")
-        if args.report:
-            from eval.report import write_segmentation_report
+    elif args.suite == "text-seg":
+        payload, worst = text_seg(args.data, checkpoint=args.checkpoint, split=args.split, level=args.level,
+                                  limit=args.limit, ids_file=args.ids)
+    else:
+        raise input_error("medvlm eval", expected="a known suite (oracle-box, text-seg)", received=repr(args.suite),
+                          fix="run `medvlm eval --help`")
+    print(format_table(payload))
+    if args.json_out:
+        write_json_atomic(payload, Path(args.json_out))
+        print(f"wrote {args.json_out}")
+    if args.report:
+        from eval.report import write_segmentation_report
 
-            path = write_segmentation_report(payload, worst, args.report, data=args.data)
-            print(f"wrote {path}")
-        return 0
-    raise input_error("medvlm eval", expected="a known suite (oracle-box)", received=repr(args.suite),
-                      fix="run `medvlm eval --help`")
+        path = write_segmentation_report(payload, worst, args.report, data=args.data)
+        print(f"wrote {path}")
+    return 0

