@@ -182,6 +182,16 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.suite == "oracle-box":
         payload, worst = oracle_box(args.data, segmenter_name=args.segmenter, checkpoint=args.checkpoint,
                                     limit=args.limit, ids_file=args.ids)
+    elif args.suite == "text-seg" and getattr(args, "ablation", None):
+        from finetune.textseg_ablation import format_ablation, run_ablation
+        from finetune.textseg_train import load_train_config
+
+        result = run_ablation(args.ablation, load_train_config(args.config), args.ablation_steps, args.ablation_out)
+        print(format_ablation(result))
+        if args.json_out:
+            write_json_atomic(result, Path(args.json_out))
+            print(f"wrote {args.json_out}")
+        return 0
     elif args.suite == "text-seg":
         payload, worst = text_seg(args.data, checkpoint=args.checkpoint, split=args.split, level=args.level,
                                   limit=args.limit, ids_file=args.ids)

@@ -92,6 +92,13 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     t.add_argument("--ids", default=None, help="file listing the image ids to evaluate, one per line")
     t.add_argument("--json", default=None, dest="json_out", help="write the results as JSON to this path")
     t.add_argument("--report", default=None, help="write a markdown report with a plot and worst cases here")
+    t.add_argument("--ablation", choices=("descriptions", "adapters"), default=None,
+                   help="instead: train one variant per row (text level none/simple/complex, or LoRA in neither/"
+                   "text/image/both encoders) at a reduced budget and print one table")
+    t.add_argument("--config", default="finetune/configs/medvlm_default.yaml",
+                   help="training config the ablation variants start from (default: %(default)s)")
+    t.add_argument("--ablation-steps", type=int, default=300, help="training steps per variant (default 300)")
+    t.add_argument("--ablation-out", default="runs/ablation", help="folder for the variants' runs")
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:

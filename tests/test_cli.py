@@ -110,3 +110,60 @@ def test_models_lists_presets_and_presence(capsys: pytest.CaptureFixture[str]) -
     by_name = {r["name"]: r for r in rows}
     assert by_name["litemedsam"]["present"] is True
     assert "sam2" in by_name and by_name["sam2"]["how_to_get"]
+
+
+@pytest.fixture(scope="module")
+def tiny_textseg_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny Med-VLM saved as a checkpoint: plumbing of the text path, not its quality."""
+    import torch
+
+    from segmentation.textseg.checkpoint import save_medvlm
+    from segmentation.textseg.config import tiny_test_config
+    from segmentation.textseg.model import build_medvlm
+
+    torch.manual_seed(0)
+    return save_medvlm(build_medvlm(tiny_test_config()), tmp_path_factory.mktemp("tiny") / "ckpt")
+
+
+def test_segment_text_prompts_share_one_encoding(tiny_textseg_checkpoint: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    image = str(asset_path("nih_cxr14_00009745_000.png"))
+    texts = ["heart", "left lung", "right lung", "left clavicle", "the cardiac silhouette"]
+    argv = ["segment", image, *[a for t in texts for a in ("--text", t)], "--checkpoint",
+            str(tiny_textseg_checkpoint), "--out", str(tmp_path)]
+    from segmentation.textseg.predictor import MedVLMSegmenter
+
+    calls = {"n": 0}
+    original = MedVLMSegmenter.encode
+
+    def counting(self, img):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        return original(self, img)
+
+    MedVLMSegmenter.encode = counting  # type: ignore[method-assign]
+    try:
+        assert main(argv) == 0
+    finally:
+        MedVLMSegmenter.encode = original  # type: ignore[method-assign]
+    assert calls["n"] == 1
+    payload = json.loads((tmp_path / "nih_cxr14_00009745_000.json").read_text())
+    assert [r["label"] for r in payload["regions"]] == texts
+    assert [r["prompt"]["text"] for r in payload["regions"]] == texts
+    assert payload["regions"][4]["prompt"]["structure"] == "heart"
+    assert all(r["model"] == "medvlm" for r in payload["regions"])
+    for region in payload["regions"]:
+        assert np.array(Image.open(tmp_path / region["mask"])).shape == (1024, 1024)
+
+
+def test_segment_text_bad_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    image = str(asset_path("nih_cxr14_00009745_000.png"))
+    assert main(["segment", image, "--text", "heart", "--box", "1", "1", "9", "9", "--out", str(tmp_path)]) == 2
+    assert "either --text prompts or --box" in capsys.readouterr().err
+    assert main(["segment", image, "--box", "1", "1", "9", "9", "--refine", "litemedsam", "--out",
+                 str(tmp_path)]) == 2
+    assert "--refine" in capsys.readouterr().err
+    assert main(["segment", image, "--text", "  ", "--out", str(tmp_path)]) == 2
+    assert "non-empty phrase" in capsys.readouterr().err
+    assert main(["segment", image, "--text", "heart", "--checkpoint", str(tmp_path / "nope"), "--out",
+                 str(tmp_path)]) == 2
+    assert "config.json" in capsys.readouterr().err

@@ -310,3 +310,29 @@ def test_loss_decreases_on_a_real_batch():
         opt.step()
         losses.append(loss.item())
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+
+
+def test_ablation_variants_change_only_what_they_ablate(tmp_path: Path):
+    from finetune.textseg_ablation import ABLATIONS, _variant, format_ablation
+    from finetune.textseg_train import TrainConfig
+
+    base = TrainConfig(model={"image_encoder": {"lora_rank": 8}}, steps=1000, warmup_steps=50)
+    rows = {name: _variant(base, name, change, 20, tmp_path) for name, change in ABLATIONS["adapters"]}
+    assert rows["no adapters"].model["image_encoder"]["lora_rank"] == 0
+    assert rows["no adapters"].model["text_encoder"]["lora_rank"] == 0
+    assert rows["text LoRA only"].model["image_encoder"]["lora_rank"] == 0
+    assert "text_encoder" not in rows["text LoRA only"].model
+    assert rows["both (paper)"].model == base.model and rows["both (paper)"].steps == 20
+    assert base.model == {"image_encoder": {"lora_rank": 8}}  # the base config is not mutated
+    levels = [_variant(base, n, c, 20, tmp_path).level_weights for n, c in ABLATIONS["descriptions"]]
+    assert levels == [{"none": 1.0}, {"simple": 1.0}, {"complex": 1.0}]
+    # rank 0 keeps the encoder split (same feature cache) but adds no image adapter
+    cfg = tiny_test_config()
+    cfg.image_encoder.lora_rank = 0
+    model = build_medvlm(cfg)
+    assert not any("lora_" in n for n, _ in model.image_encoder.named_parameters())
+    assert model.image_encoder.first_adapted == len(model.image_encoder.stages) - 1
+    m = {"dice": 0.5, "hd95_mm": 3.0, "asd_mm": 1.0, "n": 2}
+    table = format_ablation({"suite": "text-seg ablation adapters", "steps": 20, "frame": "256x256 letterbox",
+                             "rows": [{"name": "both (paper)", "per_structure": {"heart": m}, "mean": m}]})
+    assert "both (paper)" in table and "0.500" in table and "20 steps" in table

@@ -38,7 +38,8 @@ class ImageEncoderConfig:
     ``lora_last_stages``: LoRA (rank ``lora_rank``) goes into the last k stages of the encoder (see
     ``segmentation.textseg.encoders`` for what a stage is); -1 = every stage, 0 = no image adapter. The frozen
     stages before the first adapted one are computed once per image and may be cached: this is exact, not an
-    approximation, because nothing before that point trains.
+    approximation, because nothing before that point trains. ``lora_rank: 0`` keeps that split but adds no
+    adapter (the "no image adapter" ablation reuses the same feature cache).
     """
 
     kind: ImageEncoderKind = "litemedsam"
@@ -62,7 +63,8 @@ class ImageEncoderConfig:
             _check(bool(self.path) or self.random_config is not None, "image_encoder.path",
                    "a hub id or local path of a ViT model (or random_config for tests)", self.path,
                    "set path: google/vit-base-patch16-224-in21k")
-        _check(self.lora_rank >= 1, "image_encoder.lora_rank", "an int >= 1", self.lora_rank, "use 8")
+        _check(self.lora_rank >= 0, "image_encoder.lora_rank", "an int >= 0 (0 = no adapter)", self.lora_rank,
+               "use 8")
         _check(self.lora_last_stages >= -1, "image_encoder.lora_last_stages", "-1 (all), 0 (none) or k >= 1",
                self.lora_last_stages, "use 1")
 

@@ -94,7 +94,8 @@ class ImageEncoder(nn.Module):
         n = len(stages)
         self.first_adapted = n if k == 0 else (0 if k == -1 or k >= n else n - k)
         targets = [f"stages.{i}.parts.{t}" for i in range(self.first_adapted, n) for t in targets_per_stage[i]]
-        _inject_lora(self, targets, config.lora_rank, config.lora_alpha, config.lora_dropout)
+        if config.lora_rank > 0:
+            _inject_lora(self, targets, config.lora_rank, config.lora_alpha, config.lora_dropout)
         _freeze_all_but_lora(self)
         self.eval()
 
