@@ -318,6 +318,11 @@ def build_text_encoder(config: TextEncoderConfig) -> TextEncoder:
         tokenizer = AutoTokenizer.from_pretrained(tok_source)
         return TextEncoder(config, model, tokenizer)
     source = _text_source(config)
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    # sentence-transformers checkpoints carry a pooler we do not build; its "UNEXPECTED keys" report is noise
+    hf_logging.set_verbosity_error()
     try:
         model = AutoModel.from_pretrained(source, add_pooling_layer=False)
         tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or source)
@@ -330,4 +335,6 @@ def build_text_encoder(config: TextEncoderConfig) -> TextEncoder:
             f"download it elsewhere (huggingface-cli download {source}) and set text_encoder.path to the folder, "
             "or use text_encoder.preset: minilm."
         ) from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
     return TextEncoder(config, model, tokenizer)
