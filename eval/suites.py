@@ -141,9 +141,9 @@ def text_seg(data: str | Path, *, checkpoint: str | None = None, split: str = "a
         raise input_error("--split val", expected="a folder holding the checkpoint's val ids",
                           received=f"none of its {len(val_ids)} val ids in {data}",
                           fix="use --split all (and read n_trained_on in the result)")
-    chosen = in_val if (split == "val" or (split == "auto" and in_val)) else all_ids
-    used = "val" if chosen is in_val else "all"
-    ids = _select_ids(chosen, ids_file, limit) if not ids_file else _select_ids(all_ids, ids_file, limit)
+    used = "val" if split == "val" or (split == "auto" and in_val) else "all"
+    # an --ids file picks from the whole folder; n_trained_on below still counts any training image in it
+    ids = _select_ids(all_ids if ids_file or used == "all" else in_val, ids_file, limit)
     trained_sources = {d.get("name") for d in meta.get("train_config", {}).get("data", [])}
     trained_on = 0 if dataset.name not in trained_sources else sum(1 for i in ids if i not in val_ids)
 

@@ -19,9 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from finetune.textseg_train import JSRT, TrainConfig, _forward, train_medvlm
+from finetune.textseg_train import JSRT, TrainConfig, cached_predictions, train_medvlm
 
 __all__ = ["ABLATIONS", "format_ablation", "run_ablation"]
 
@@ -51,29 +49,25 @@ def _variant(base: TrainConfig, name: str, change: dict[str, Any], steps: int, o
     return cfg
 
 
-@torch.no_grad()
 def score_variant(run_dir: Path, level: str, cache_dir: Path) -> dict[str, Any]:
     """Dice / HD95 / ASD per structure of ``run_dir/best`` on the cached val images, in the 256 frame."""
     from eval.metrics import SegmentationAccumulator
     from finetune.textseg_cache import FeatureCache
     from medvlm.datasets import open_dataset
-    from prompts.anatomy import describe
     from segmentation.textseg.checkpoint import load_medvlm
 
     model, _ = load_medvlm(run_dir / "best")
     cache = FeatureCache(cache_dir / "val", model.image_encoder)
     ds = open_dataset(JSRT)
     acc = SegmentationAccumulator()
-    for e in cache.entries:
-        names = list(e.structures)
-        texts = [describe(n, level, modality=e.modality) for n in names]  # type: ignore[arg-type]
-        logits = _forward(model, cache.prefix[e.key][None].float(), [0] * len(names), texts)
-        sample_spacing = ds.load(e.sample_id).image.spacing_mm or (1.0, 1.0)
-        h, w = ds.load(e.sample_id).image.shape[:2]
-        scale = max(h, w) / 256.0
-        spacing = (sample_spacing[0] * scale, sample_spacing[1] * scale)
+    for e, names, logits in cached_predictions(model, cache, cache.entries, level):
+        image = ds.load(e.sample_id).image
+        # one pixel of the 256 letterbox frame covers (longer side / 256) original pixels
+        scale = max(image.shape[:2]) / 256.0
+        row_mm, col_mm = image.spacing_mm or (1.0, 1.0)
         for i, n in enumerate(names):
-            acc.update(n, (logits[i, 0] > 0).numpy(), cache.masks[e.key][n].numpy(), spacing_mm=spacing)
+            acc.update(n, (logits[i, 0] > 0).numpy(), cache.masks[e.key][n].numpy(),
+                       spacing_mm=(row_mm * scale, col_mm * scale))
     return acc.compute()
 
 

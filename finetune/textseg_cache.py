@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -31,9 +30,6 @@ from medvlm.errors import input_error
 from medvlm.io import atomic_open
 
 __all__ = ["CacheEntry", "FeatureCache", "augment", "build_cache", "letterbox_mask"]
-
-log = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class CacheEntry:

@@ -22,7 +22,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -151,9 +151,8 @@ def _sample_batch(entries: Sequence[CacheEntry], weights: np.ndarray, cache: Fea
         names = names[: cfg.texts_per_image]
         chosen: list[tuple[str, bool]] = [(n, True) for n in names]
         if e.absent and rng.random() < cfg.negative_prob:
-            neg = (rng.choice(list(e.absent)), False)
-            chosen = [*chosen[: cfg.texts_per_image - 1], neg] if len(chosen) >= cfg.texts_per_image else [*chosen,
-                                                                                                          neg]
+            # the negative text takes the last slot when the image already fills texts_per_image
+            chosen = [*chosen[: cfg.texts_per_image - 1], (rng.choice(list(e.absent)), False)]
         size = next(iter(cache.masks[e.key].values())).shape[-1] if cache.masks[e.key] else 256
         for name, present in chosen:
             level = rng.choices(levels, weights=lw)[0]
@@ -173,25 +172,30 @@ def _forward(model: MedVLM, prefixes: torch.Tensor, rows: list[int], texts: list
 
 
 @torch.no_grad()
+def cached_predictions(model: MedVLM, cache: FeatureCache, entries: Sequence[CacheEntry], level: str = "complex",
+                       ) -> Iterator[tuple[CacheEntry, list[str], torch.Tensor]]:
+    """For each cached image with structures: ``(entry, structure names, logits (n, 1, S, S))`` in the 256
+    letterbox frame, every structure prompted with its ``level`` description (one encoder suffix per image)."""
+    from prompts.anatomy import describe
+
+    model.eval()
+    for e in entries:
+        names = list(e.structures)
+        if names:
+            texts = [describe(n, level, modality=e.modality) for n in names]  # type: ignore[arg-type]
+            yield e, names, _forward(model, cache.prefix[e.key][None].float(), [0] * len(names), texts)
+
+
 def evaluate_cached(model: MedVLM, cache: FeatureCache, entries: Sequence[CacheEntry], level: str = "complex",
                     ) -> dict[str, float]:
     """Mean Dice per structure in the 256 letterbox frame on cached (un-augmented) images; a fast proxy used
     during training. The real evaluation is ``medvlm eval text-seg`` at the original resolution."""
-    from prompts.anatomy import describe
+    from eval.metrics import dice
 
-    model.eval()
     scores: dict[str, list[float]] = {}
-    for e in entries:
-        names = list(e.structures)
-        if not names:
-            continue
-        texts = [describe(n, level, modality=e.modality) for n in names]  # type: ignore[arg-type]
-        logits = _forward(model, cache.prefix[e.key][None].float(), [0] * len(names), texts)
+    for e, names, logits in cached_predictions(model, cache, entries, level):
         for i, n in enumerate(names):
-            pred = logits[i, 0] > 0
-            gt = cache.masks[e.key][n]
-            denom = int(pred.sum()) + int(gt.sum())
-            scores.setdefault(n, []).append(1.0 if denom == 0 else 2 * int((pred & gt).sum()) / denom)
+            scores.setdefault(n, []).append(dice((logits[i, 0] > 0).numpy(), cache.masks[e.key][n].numpy()))
     return {n: float(np.mean(v)) for n, v in sorted(scores.items())}
 
 
@@ -249,7 +253,7 @@ def train_medvlm(cfg: TrainConfig, *, progress: bool = True, resume: bool = True
     val_cache = FeatureCache(Path(cfg.cache_dir) / "val", model.image_encoder)
     train_keys = {e.key for e in train_entries}
     entries = [e for e in cache.entries if e.key in train_keys and e.structures]
-    val_list = [e for e in val_cache.entries][: cfg.eval_limit] if cfg.eval_limit else list(val_cache.entries)
+    val_list = list(val_cache.entries)[: cfg.eval_limit]
     per_source = {s.name: s.weight for s in cfg.data}
     # a source's weight is per image, shared by its variants
     n_variants = {s.name: s.variants for s in cfg.data}
