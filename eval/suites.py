@@ -192,12 +192,21 @@ def run_eval(args: argparse.Namespace) -> int:
             write_json_atomic(result, Path(args.json_out))
             print(f"wrote {args.json_out}")
         return 0
+    elif args.suite == "grounding":
+        from eval.grounding import format_grounding_table, grounding_suite
+
+        result = grounding_suite(args.data, split=args.split, limit=args.limit, ids_file=args.ids, types=args.types)
+        print(format_grounding_table(result))
+        if args.json_out:
+            write_json_atomic(result, Path(args.json_out))
+            print(f"wrote {args.json_out}")
+        return 0
     elif args.suite == "text-seg":
         payload, worst = text_seg(args.data, checkpoint=args.checkpoint, split=args.split, level=args.level,
                                   limit=args.limit, ids_file=args.ids)
     else:
-        raise input_error("medvlm eval", expected="a known suite (oracle-box, text-seg)", received=repr(args.suite),
-                          fix="run `medvlm eval --help`")
+        raise input_error("medvlm eval", expected="a known suite (oracle-box, text-seg, grounding)",
+                          received=repr(args.suite), fix="run `medvlm eval --help`")
     print(format_table(payload))
     if args.json_out:
         write_json_atomic(payload, Path(args.json_out))

@@ -11,6 +11,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from medvlm.errors import MedvlmError
 
@@ -21,8 +22,11 @@ Commands:
   segment     segment structures from box/point prompts (LiteMedSAM, SAM2) or from text (--text: Med-VLM)
   demo        segment the heart and both lungs in the bundled NIH chest X-ray and draw the overlay
   train       train a model from a YAML recipe (train medvlm CONFIG.yaml: the text-guided segmenter)
-  eval        benchmark suites on annotated data (oracle-box: perfect box; text-seg: text-guided Med-VLM)
-  bench       speed and memory benchmarks (bench segment [--text]: encode-once vs re-encode per prompt)
+  eval        benchmark suites on annotated data (oracle-box, text-seg: Med-VLM, grounding: phrase -> box)
+  ask         answer "where is ...?" on an image: box, points and mask, with anatomy checks
+  link-report link every sentence of a radiology report to image regions (grounded / negated / not groundable)
+  batch       ground phrases on a folder of images: JSONL + masks, resumable
+  bench       speed and memory benchmarks (bench segment [--text]; bench ask: seconds per question)
   models      list every model preset, where its weights come from and whether they are present
 
 Run `medvlm COMMAND --help` for the options of one command.
@@ -100,6 +104,23 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
                    help="training config the ablation variants start from (default: %(default)s)")
     t.add_argument("--ablation-steps", type=int, default=300, help="training steps per variant (default 300)")
     t.add_argument("--ablation-out", default="runs/ablation", help="folder for the variants' runs")
+    _add_eval_grounding(sub)
+
+
+def _add_eval_grounding(sub: Any) -> None:
+    g = sub.add_parser("grounding", help="phrase -> box: mIoU, Acc@0.5, pointing game, laterality errors per "
+                       "phrase type", description="Ground every annotated structure (name + synonyms), every chest "
+                       "region its masks define (zones, apices, costophrenic angles, hila...) and every finding box "
+                       "(nodule phrases, NIH findings); report box mIoU / Acc@0.5 without and with the anatomy "
+                       "check, pointing game, region hit rate and laterality errors.")
+    g.add_argument("--data", default="../shared/data/cxr_jsrt_scr", help="dataset folder (default: %(default)s)")
+    g.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    g.add_argument("--ids", default=None, help="file listing the image ids to evaluate, one per line")
+    g.add_argument("--json", default=None, dest="json_out", help="write the results as JSON to this path")
+    g.add_argument("--split", choices=("auto", "val", "all"), default="auto",
+                   help="auto: the Med-VLM checkpoint's val ids when they are in this folder, else all")
+    g.add_argument("--type", action="append", default=None, dest="types",
+                   help="only these phrase types (structure, region, nodule, cardiomegaly, ...); repeatable")
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
@@ -115,6 +136,51 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     m.add_argument("--no-resume", action="store_true", help="start from scratch even when OUT/last exists")
 
 
+def _add_grounding(p: argparse.ArgumentParser) -> None:
+    """Options of every command that grounds phrases (ask, link-report, batch)."""
+    p.add_argument("--grounder", choices=("medvlm", "openai", "transformers"), default="medvlm",
+                   help="medvlm: embedded offline default (Med-VLM + anatomy regions); openai: an OpenAI-compatible "
+                   "multimodal endpoint (vLLM), needs --llm-url and --llm-model; transformers: an in-process HF "
+                   "model, needs --llm-model PATH")
+    p.add_argument("--llm-url", default=None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1; with "
+                   "--llm-model it also extracts the phrase from the question and drives the chat tools")
+    p.add_argument("--llm-model", default=None, help="model name at --llm-url, or a local path for transformers")
+    p.add_argument("--checkpoint", default=None, help="Med-VLM checkpoint folder (default: the shipped one)")
+    p.add_argument("--refine", default="auto", help="auto: LiteMedSAM turns mask-less regions (LLM boxes) into masks; "
+                   "none; or a promptable segmenter (litemedsam, sam2) that refines every region")
+    p.add_argument("--check", choices=("repair", "flag", "off"), default="repair",
+                   help="anatomy consistency check (laterality, zone): repair (intersect with the named zone), "
+                   "flag, or off")
+
+
+def _add_ask(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image", help="image file (PNG/JPEG/DICOM/NIfTI)")
+    p.add_argument("question", help='a question or phrase, e.g. "where is the right apical pneumothorax?"')
+    _add_grounding(p)
+    p.add_argument("--no-chat", action="store_true", help="with an LLM: only extract the phrase, no tool-calling chat")
+    p.add_argument("--slice", type=int, default=None, dest="slice_index", help="slice index for a 3D image")
+    p.add_argument("--out", default=None, help="write OUT/<stem>.json and OUT/<stem>.overlay.png (+ masks)")
+
+
+def _add_link_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image", help="image file (PNG/JPEG/DICOM)")
+    p.add_argument("report", help="text file with the report")
+    _add_grounding(p)
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="abstain (not_groundable) when every region of a sentence scores below this (default 0.5)")
+    p.add_argument("--slice", type=int, default=None, dest="slice_index", help="slice index for a 3D image")
+    p.add_argument("--out", default=None, help="write OUT/<stem>.json (per sentence) and one numbered overlay")
+
+
+def _add_batch(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", required=True, help="image folder (recursive) or a text file listing image paths")
+    p.add_argument("--phrase", action="append", required=True, help="phrase to ground on every image; repeatable")
+    p.add_argument("--out", required=True, help="output folder: results.jsonl + masks/; rerun to resume")
+    _add_grounding(p)
+    p.add_argument("--retry-errors", action="store_true", help="redo items that failed in an earlier run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def _add_bench(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="bench", metavar="BENCH")
     sub.required = True
@@ -128,6 +194,12 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     s.add_argument("--text", action="store_true",
                    help="time the text-guided Med-VLM instead: image encode once, then per-text prompt time")
     s.add_argument("--json", default=None, dest="json_out", help="also write the table as JSON")
+    a = sub.add_parser("ask", help="seconds per question of medvlm ask with the embedded default",
+                       description="Time medvlm ask (phrase extraction, Med-VLM encode, anatomy, check, answer) per "
+                       "question on one image; the model load is timed apart.")
+    a.add_argument("--image", default=None, help="image (default: the bundled NIH chest X-ray)")
+    a.add_argument("--questions", type=int, default=6, help="number of questions (default 6)")
+    a.add_argument("--json", default=None, dest="json_out", help="also write the table as JSON")
 
 
 # name -> (help, add_arguments, "module:function")
@@ -136,6 +208,9 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] 
     "demo": ("segment heart and lungs in the bundled chest X-ray", _add_demo, "medvlm.commands:run_demo"),
     "train": ("train a model from a YAML recipe", _add_train, "finetune.recipes:run_train"),
     "eval": ("benchmark suites on annotated data", _add_eval, "eval.suites:run_eval"),
+    "ask": ("answer where a phrase is in an image", _add_ask, "agents.commands:run_ask"),
+    "link-report": ("link report sentences to image regions", _add_link_report, "agents.commands:run_link_report"),
+    "batch": ("ground phrases on many images, resumable", _add_batch, "agents.commands:run_batch_cli"),
     "bench": ("speed and memory benchmarks", _add_bench, "medvlm.commands:run_bench"),
     "models": ("list model presets and whether their weights are present", _add_models,
                "medvlm.registry:run_models"),

@@ -211,6 +211,10 @@ def _format_bench_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if args.bench == "ask":
+        from agents.commands import run_bench_ask
+
+        return run_bench_ask(args)
     from medvlm.io import load_image
     from medvlm.outputs import write_json_atomic
     from segmentation.base import Prompt

@@ -42,11 +42,13 @@ def write_json_atomic(payload: Any, path: Path) -> None:
 
 
 def write_regions(out_dir: str | Path, stem: str, image: MedicalImage, regions: Sequence[Region],
-                  *, extra: dict[str, Any] | None = None, title: str | None = None) -> WrittenResult:
+                  *, extra: dict[str, Any] | None = None, title: str | None = None,
+                  numbers: Sequence[int] | None = None) -> WrittenResult:
     """Write masks, overlay and JSON for ``regions`` found in ``image``; returns the paths and the JSON payload.
 
     Region geometry must be in the original pixel frame of ``image``. ``extra`` is merged into the top level
-    of the JSON (e.g. the answer text of ``medvlm ask``).
+    of the JSON (e.g. the answer text of ``medvlm ask``). ``numbers``: the number drawn next to each region on
+    the overlay (default 1..N, the JSON ids); ``link-report`` draws the sentence number instead.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -67,7 +69,7 @@ def write_regions(out_dir: str | Path, stem: str, image: MedicalImage, regions: 
                 entry[key] = region.provenance[key]
         entries.append(entry)
     overlay_path = out / f"{stem}.overlay.png"
-    save_png(draw_overlay(image.to_rgb_uint8(), regions, title=title), overlay_path)
+    save_png(draw_overlay(image.to_rgb_uint8(), regions, title=title, numbers=numbers), overlay_path)
     payload: dict[str, Any] = {
         "image": str(image.source),
         "size": [image.height, image.width],

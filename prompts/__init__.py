@@ -1,5 +1,6 @@
-"""Versioned prompt text: the anatomy vocabulary (names, synonyms, description levels) shared by text-guided
-segmentation (Med-VLM) and the grounding agent. See :mod:`prompts.anatomy`."""
+"""Versioned prompt text shared by text-guided segmentation (Med-VLM) and the grounding agent: the anatomy
+vocabulary (names, synonyms, description levels; :mod:`prompts.anatomy`), the chest X-ray regions and location words
+(:mod:`prompts.regions`) and the chest X-ray findings (:mod:`prompts.findings`)."""
 
 from prompts.anatomy import (
     LEVELS,
@@ -20,21 +21,51 @@ from prompts.anatomy import (
     side_of,
     view_key,
 )
+from prompts.findings import Finding, FindingVocabulary, expected_regions, load_findings, resolve_finding
+from prompts.regions import (
+    BILATERAL_WORDS,
+    REGION_KEYS,
+    ChestRegion,
+    LocationRule,
+    RegionVocabulary,
+    laterality,
+    load_regions,
+    location_regions,
+    match_spans,
+    region_side,
+    resolve_region,
+)
 
 __all__ = [
+    "BILATERAL_WORDS",
     "LEVELS",
     "MODALITY_VIEWS",
     "REGIONS",
+    "REGION_KEYS",
     "SIDE_WORDS",
     "VIEW_KEYS",
+    "ChestRegion",
     "DescriptionLevel",
+    "Finding",
+    "FindingVocabulary",
+    "LocationRule",
+    "RegionVocabulary",
     "StructureText",
     "Vocabulary",
     "all_phrases",
     "available_versions",
     "describe",
+    "expected_regions",
+    "laterality",
+    "load_findings",
+    "load_regions",
     "load_vocabulary",
+    "location_regions",
+    "match_spans",
     "normalize_phrase",
+    "region_side",
+    "resolve_finding",
+    "resolve_region",
     "resolve_structure",
     "sample_text",
     "side_of",

@@ -323,6 +323,8 @@ def build_text_encoder(config: TextEncoderConfig) -> TextEncoder:
     verbosity = hf_logging.get_verbosity()
     # sentence-transformers checkpoints carry a pooler we do not build; its "UNEXPECTED keys" report is noise
     hf_logging.set_verbosity_error()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar on every CLI call is noise too
     try:
         model = AutoModel.from_pretrained(source, add_pooling_layer=False)
         tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or source)
@@ -337,4 +339,6 @@ def build_text_encoder(config: TextEncoderConfig) -> TextEncoder:
         ) from exc
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     return TextEncoder(config, model, tokenizer)

@@ -1,0 +1,185 @@
+"""Batch grounding: many images x a few phrases -> one JSONL line per (image, phrase), masks on disk, resumable.
+
+Layout of ``out_dir``:
+
+- ``results.jsonl``: one JSON object per line, ``{"key", "image", "phrase", "status": "ok" | "error",
+  "regions": [...], "error"?}``; ``key`` = "<image path>\\t<phrase>" identifies an item;
+- ``masks/<image stem>-<hash>.<phrase slug>.<k>.png``: 0/255 masks on the original pixel grid.
+
+Masks are written atomically before their line, and a line is appended in one ``write`` followed by ``fsync``,
+so a run killed at any moment leaves every finished item complete and at most one torn last line, which the next
+run drops. A rerun reads ``results.jsonl`` and skips the keys already there, so every item ends up exactly once.
+Items that failed (unreadable image) are recorded as errors and not retried unless ``retry_errors``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medvlm.errors import MedvlmError, input_error
+
+__all__ = ["IMAGE_SUFFIXES", "BatchSummary", "list_inputs", "run_batch"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".nii", ".nii.gz", ".tif", ".tiff")
+
+
+@dataclass
+class BatchSummary:
+    images: int = 0
+    items: int = 0
+    done_now: int = 0
+    skipped_done: int = 0
+    errors: int = 0
+    regions: int = 0
+    seconds: float = 0.0
+    error_examples: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        out = [f"images: {self.images}, items (image x phrase): {self.items}",
+               f"done now: {self.done_now}, already done (skipped): {self.skipped_done}, errors: {self.errors}",
+               f"regions found: {self.regions}, time: {self.seconds:.1f} s"]
+        out += [f"error: {e}" for e in self.error_examples]
+        return out
+
+
+def list_inputs(source: str | os.PathLike[str]) -> list[Path]:
+    """Image paths from a folder (recursive, sorted, files with :data:`IMAGE_SUFFIXES`) or from a text file
+    listing one path per line (relative paths are relative to that file; blank lines and # comments skipped)."""
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
+        if not files:
+            raise input_error("--input", expected=f"a folder with images ({', '.join(IMAGE_SUFFIXES)})",
+                              received=f"{path} with no such file", fix="point --input at the image folder")
+        return files
+    if path.is_file() and not path.name.lower().endswith(IMAGE_SUFFIXES):
+        entries = [ln.strip() for ln in path.read_text().splitlines()]
+        return [(path.parent / e) if not Path(e).is_absolute() else Path(e)
+                for e in entries if e and not e.startswith("#")]
+    if path.is_file():
+        return [path]
+    raise input_error("--input", expected="an image folder, a text file listing image paths, or one image",
+                      received=f"{path} (does not exist)", fix="check the path")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "phrase"
+
+
+def _stem(path: Path) -> str:
+    # the hash keeps two images with the same file name in different folders apart
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
+    return f"{path.name.split('.')[0]}-{digest}"
+
+
+def read_done(results: Path) -> set[str]:
+    """Keys already in ``results`` (a JSONL file); a torn last line (killed mid-write) is cut off the file."""
+    if not results.exists():
+        return set()
+    data = results.read_bytes()
+    keep = data[: data.rfind(b"\n") + 1]
+    if len(keep) != len(data):
+        with open(results, "r+b") as fh:
+            fh.truncate(len(keep))
+    done = set()
+    for line in keep.decode("utf-8").splitlines():
+        if line.strip():
+            done.add(json.loads(line)["key"])
+    return done
+
+
+def _append(results: Path, record: dict[str, Any]) -> None:
+    line = (json.dumps(record) + "\n").encode("utf-8")
+    fd = os.open(results, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def run_batch(agent: Any, inputs: Iterable[Path], phrases: Sequence[str], out_dir: str | os.PathLike[str], *,
+              retry_errors: bool = False, progress: bool = True) -> BatchSummary:
+    """Ground every phrase on every image with ``agent`` (a :class:`~agents.pipeline.GroundingAgent`); resumable.
+
+    Each image is loaded and encoded once for all its phrases. Returns the counts of this run."""
+    from tqdm import tqdm
+
+    from medvlm.io import load_image, save_mask_png
+
+    phrases = [p.strip() for p in phrases]
+    if not phrases or not all(phrases):
+        raise input_error("--phrase", expected="one or more non-empty phrases", received=repr(list(phrases)),
+                          fix="add --phrase 'left lung' (repeat for several)")
+    out = Path(out_dir)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    done = read_done(results)
+    if retry_errors:
+        done -= _drop_errors(results)
+    paths = list(inputs)
+    summary = BatchSummary(images=len(paths), items=len(paths) * len(phrases))
+    t0 = time.perf_counter()
+    bar = tqdm(total=summary.items, disable=not progress, unit="item", desc="medvlm batch")
+    for path in paths:
+        keys = [f"{path}\t{p}" for p in phrases]
+        todo = [(k, p) for k, p in zip(keys, phrases) if k not in done]
+        summary.skipped_done += len(keys) - len(todo)
+        bar.update(len(keys) - len(todo))
+        if not todo:
+            continue
+        try:
+            image = load_image(path)
+            grounded = agent.ground_phrases(image, [p for _, p in todo])
+        except MedvlmError as exc:
+            for key, phrase in todo:
+                _append(results, {"key": key, "image": str(path), "phrase": phrase, "status": "error",
+                                  "error": str(exc), "regions": []})
+            summary.errors += len(todo)
+            if len(summary.error_examples) < 5:
+                summary.error_examples.append(f"{path}: {exc}")
+            bar.update(len(todo))
+            continue
+        stem = _stem(path)
+        for (key, phrase), (result, regions) in zip(todo, grounded):
+            entries = []
+            for k, region in enumerate(regions, start=1):
+                mask_name = None
+                if region.mask is not None:
+                    mask_name = f"masks/{stem}.{_slug(phrase)}.{k}.png"
+                    save_mask_png(region.mask.data, out / mask_name)
+                entries.append({"id": k, **region.to_json(mask_path=mask_name, spacing_mm=image.spacing_mm)})
+            _append(results, {"key": key, "image": str(path), "phrase": phrase, "status": "ok",
+                              "size": [image.height, image.width], "regions": entries, "note": result.note})
+            summary.done_now += 1
+            summary.regions += len(entries)
+            bar.update(1)
+    bar.close()
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _drop_errors(results: Path) -> set[str]:
+    """Rewrite ``results`` without its error lines (atomically); returns their keys, to be done again."""
+    from medvlm.io import atomic_open
+
+    if not results.exists():
+        return set()
+    keep, dropped = [], set()
+    for line in results.read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("status") == "error":
+            dropped.add(rec["key"])
+        else:
+            keep.append(line + "\n")
+    with atomic_open(results, "w") as fh:
+        fh.writelines(keep)
+    return dropped

@@ -1,0 +1,170 @@
+"""``medvlm ask``, ``medvlm link-report``, ``medvlm batch`` and ``medvlm bench ask``: thin CLI handlers over
+:mod:`agents.pipeline`, :mod:`agents.report` and :mod:`agents.batch`."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from medvlm.errors import input_error
+
+__all__ = ["build_agent", "run_ask", "run_batch_cli", "run_bench_ask", "run_link_report"]
+
+
+def build_agent(args: argparse.Namespace) -> Any:
+    """A :class:`~agents.pipeline.GroundingAgent` from the shared options (--grounder, --llm-url, --llm-model,
+    --checkpoint, --refine, --check)."""
+    from agents.pipeline import GroundingAgent
+
+    grounder = getattr(args, "grounder", "medvlm")
+    url, model = getattr(args, "llm_url", None), getattr(args, "llm_model", None)
+    options: dict[str, Any] = {}
+    if grounder == "openai":
+        if not url or not model:
+            raise input_error("--grounder openai", expected="--llm-url URL and --llm-model NAME",
+                              received=f"--llm-url {url!r}, --llm-model {model!r}",
+                              fix="e.g. --llm-url http://127.0.0.1:8000/v1 --llm-model my-grounding-model")
+        options = {"base_url": url, "model": model}
+    elif grounder == "transformers":
+        if not model:
+            raise input_error("--grounder transformers", expected="--llm-model PATH (a local HF model folder or id)",
+                              received="no --llm-model", fix="pass the model path with --llm-model")
+        options = {"model": model}
+    llm = None
+    if url and model:
+        from agents.llm import OpenAIChatClient
+
+        llm = OpenAIChatClient(url, model)
+    return GroundingAgent(grounder, grounder_options=options, refine=getattr(args, "refine", "auto"),
+                          check=getattr(args, "check", "repair"), llm=llm,
+                          medvlm_checkpoint=getattr(args, "checkpoint", None))
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from medvlm.io import load_image
+
+    return load_image(args.image, slice_index=getattr(args, "slice_index", None))
+
+
+def _print_regions(regions: list[Any]) -> None:
+    for k, r in enumerate(regions, start=1):
+        box = " ".join(f"{v:.0f}" for v in r.box.to_list())
+        score = f"{r.score:.3f}" if r.score is not None else "-"
+        action = r.checks.get("action", "-")
+        print(f"  {k:>2} {r.label:<34} box {box:<20} score {score:>6}  check: {action}")
+
+
+def run_ask(args: argparse.Namespace) -> int:
+    from medvlm.outputs import write_regions
+
+    image = _load(args)
+    agent = build_agent(args)
+    if agent.llm is not None and not args.no_chat:
+        from agents.chat import chat_answer
+
+        answer = chat_answer(agent, image, args.question)
+    else:
+        answer = agent.ask(image, args.question)
+    print(answer.text)
+    _print_regions(answer.regions)
+    if args.out:
+        stem = Path(args.image).name.split(".")[0]
+        written = write_regions(args.out, stem, image, answer.regions, extra=answer.to_json(),
+                                title=f"{answer.phrase}")
+        print(f"wrote {written.json_path} and {written.overlay_path}")
+    return 0
+
+
+def run_link_report(args: argparse.Namespace) -> int:
+    from agents.report import link_report
+    from medvlm.outputs import write_regions
+
+    report_path = Path(args.report)
+    if not report_path.is_file():
+        raise input_error("REPORT", expected="a text file with the report", received=f"{report_path} (not a file)",
+                          fix="save the report as a .txt file and pass its path")
+    image = _load(args)
+    agent = build_agent(args)
+    links = link_report(agent, image, report_path.read_text(encoding="utf-8", errors="replace"),
+                        threshold=args.threshold)
+    regions, numbers, sentences = [], [], []
+    for link in links:
+        ids = []
+        for r in link.regions:
+            regions.append(r)
+            numbers.append(link.number)
+            ids.append(len(regions))
+        sentences.append(link.to_json(region_ids=ids))
+        marks = {"grounded": "+", "negated": "-", "not_groundable": "?"}
+        where = "; ".join(f"{r.label} [{' '.join(f'{v:.0f}' for v in r.box.to_list())}]" for r in link.regions)
+        print(f"{link.number:>2} {marks[link.status]} {link.status:<15} {link.text}")
+        if where or link.note:
+            print(f"     {where or link.note}")
+    if args.out:
+        stem = Path(args.image).name.split(".")[0]
+        written = write_regions(args.out, stem, image, regions, numbers=numbers,
+                                extra={"report": str(report_path), "sentences": sentences,
+                                       "threshold": args.threshold, "grounder": agent.grounder.name},
+                                title="numbers = report sentences")
+        print(f"wrote {written.json_path} and {written.overlay_path}")
+    return 0
+
+
+def run_batch_cli(args: argparse.Namespace) -> int:
+    from agents.batch import list_inputs, run_batch
+
+    inputs = list_inputs(args.input)
+    agent = build_agent(args)
+    summary = run_batch(agent, inputs, args.phrase, args.out, retry_errors=args.retry_errors,
+                        progress=not args.no_progress)
+    print("medvlm batch: " + "\n  ".join(summary.lines()))
+    print(f"results: {Path(args.out) / 'results.jsonl'}")
+    return 0 if summary.errors == 0 else 1
+
+
+#: questions of ``bench ask`` (cycled): anatomy, zones and findings with and without location words
+BENCH_QUESTIONS = (
+    "where is the right apical pneumothorax?",
+    "where is the heart?",
+    "show me the left lung",
+    "Is there a nodule in the left upper lobe?",
+    "where is the left costophrenic angle?",
+    "find the right clavicle",
+)
+
+
+def run_bench_ask(args: argparse.Namespace) -> int:
+    """Per-question latency of ``medvlm ask`` with the embedded default (model load timed apart)."""
+    from medvlm.commands import DEMO_IMAGE, asset_path
+    from medvlm.io import load_image
+    from medvlm.outputs import write_json_atomic
+
+    image_path = args.image or asset_path(DEMO_IMAGE)
+    t0 = time.perf_counter()
+    agent = build_agent(argparse.Namespace(grounder="medvlm", refine="auto", check="repair"))
+    load_s = time.perf_counter() - t0
+    rows: list[dict[str, Any]] = []
+    for k in range(args.questions):
+        question = BENCH_QUESTIONS[k % len(BENCH_QUESTIONS)]
+        # a fresh image object per question: nothing cached from the previous one, as for a new request
+        t1 = time.perf_counter()
+        image = load_image(image_path)
+        answer = agent.ask(image, question)
+        rows.append({"question": question, "seconds": time.perf_counter() - t1, "regions": len(answer.regions)})
+        print(f"measured: {question}", file=sys.stderr)
+    secs = [float(r["seconds"]) for r in rows]
+    print(f"medvlm bench ask: {Path(image_path).name}, grounder medvlm (embedded default), {len(rows)} questions; "
+          f"model load {load_s:.2f} s (once per process)")
+    print(f"{'question':<48} {'seconds':>8} {'regions':>8}")
+    for r in rows:
+        print(f"{r['question']:<48} {r['seconds']:>8.3f} {r['regions']:>8}")
+    print(f"{'median':<48} {statistics.median(secs):>8.3f}")
+    print(f"{'max':<48} {max(secs):>8.3f}")
+    if args.json_out:
+        write_json_atomic({"suite": "bench-ask", "load_s": load_s, "rows": rows,
+                           "median_s": statistics.median(secs), "max_s": max(secs)}, Path(args.json_out))
+    return 0

@@ -1,0 +1,116 @@
+"""Grounding with an in-process Hugging Face image-text-to-text model (Qwen2-VL, Qwen2.5-VL, PaliGemma, ...).
+
+Same prompt and parsing as :mod:`agents.grounders.openai`: the v1 ``grounding`` template with the image (downscaled
+to ``max_side``) through the processor's chat template, greedy generation, only the new tokens decoded, then
+:func:`agents.parsing.parse_grounding`. Qwen2.5-VL answers in absolute pixels of its own resized input; that size is
+read from the processor output (``image_grid_thw * patch_size``), so no resize rule is guessed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from agents.grounders.base import GroundingResult
+from agents.grounders.openai import check_phrases, grounding_result
+from agents.llm import fit_image
+from agents.parsing import parse_grounding, qwen25vl_input_size
+from medvlm.errors import input_error, missing_dependency
+from prompts.templates import load_templates
+
+if TYPE_CHECKING:
+    from medvlm.io import MedicalImage
+
+__all__ = ["TransformersGrounder"]
+
+
+class TransformersGrounder:
+    """:class:`~agents.grounders.base.Grounder` running a transformers model in this process.
+
+    Args:
+        model: local model folder or (cached) hub id (``--llm-model``), loaded on first use with ``AutoProcessor``
+            and ``AutoModelForImageTextToText``.
+        device: torch device string.
+        max_new_tokens: reply length limit.
+        max_side: longer side, pixels, of the image given to the processor (never enlarged).
+    """
+
+    name = "transformers"
+
+    def __init__(self, model: str | None = None, *, device: str = "cpu", max_new_tokens: int = 256,
+                 max_side: int = 1024) -> None:
+        if not isinstance(model, str) or not model.strip():
+            raise input_error("transformers grounder", expected="a model folder or hub id (--llm-model)",
+                              received=repr(model), fix="pass --llm-model PATH, e.g. a local Qwen2-VL checkpoint")
+        self.model_id = model
+        self.device = device
+        self.max_new_tokens = max_new_tokens
+        self.max_side = max_side
+        self.template = load_templates("1")["grounding"]
+        self._processor: Any = None
+        self._model: Any = None
+
+    def _load(self) -> tuple[Any, Any]:
+        if self._model is None:
+            try:
+                from transformers import AutoModelForImageTextToText, AutoProcessor
+            except ImportError as exc:
+                raise missing_dependency("the transformers grounder", "pip install 'medvlm[text]'") from exc
+            try:
+                processor = AutoProcessor.from_pretrained(self.model_id)
+                model: Any = AutoModelForImageTextToText.from_pretrained(self.model_id)
+            except (OSError, ValueError) as exc:
+                raise input_error("--llm-model", expected="a folder (or cached hub id) holding an image-text-to-text "
+                                  "model and its processor", received=f"{self.model_id!r}: {str(exc)[:300]}",
+                                  fix="download the model first (hf download ID --local-dir DIR) and pass DIR") from exc
+            self._processor, self._model = processor, model.to(self.device).eval()
+        return self._processor, self._model
+
+    def ground_many(self, image: MedicalImage, phrases: Sequence[str]) -> list[GroundingResult]:
+        """One greedy generation per phrase; geometry in pixels of ``image``."""
+        checked = check_phrases(phrases)
+        processor, model = self._load()
+        import torch
+
+        picture = fit_image(image.to_rgb_uint8(), self.max_side)
+        sent = (picture.height, picture.width)
+        results = []
+        for phrase in checked:
+            messages = self.template.render(phrase=phrase, width=sent[1], height=sent[0])
+            messages[-1]["content"] = [{"type": "image"}, {"type": "text", "text": messages[-1]["content"]}]
+            prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            inputs = processor(text=[prompt], images=[picture], return_tensors="pt").to(self.device)
+            with torch.inference_mode():
+                output = model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+            reply = _decode(processor, output[0, inputs["input_ids"].shape[1]:])
+            parsed = parse_grounding(reply, image_size=image.shape, sent_size=sent)
+            model_input = _model_input_size(processor, inputs)
+            if parsed.format == "qwen25vl":
+                frame = model_input or qwen25vl_input_size(*sent)
+                parsed = parse_grounding(reply, image_size=image.shape, sent_size=frame, fmt="qwen25vl")
+            provenance = {"grounder": self.name, "model": self.model_id, "sent_size": list(sent),
+                          "model_input_size": list(model_input) if model_input else None, "template": "grounding/v1"}
+            results.append(grounding_result(phrase, reply, parsed, provenance))
+        return results
+
+
+def _decode(processor: Any, tokens: Any) -> str:
+    """New tokens -> text. Special tokens are kept because Qwen2-VL's box markup (``<|box_start|>`` ...) is made of
+    them; only end/padding markers are removed."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    text = str(tokenizer.decode(tokens, skip_special_tokens=False))
+    for marker in {tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token, "<|im_end|>", "<|endoftext|>"}:
+        if isinstance(marker, str) and marker:
+            text = text.replace(marker, "")
+    return text.strip()
+
+
+def _model_input_size(processor: Any, inputs: Any) -> tuple[int, int] | None:
+    """``(H, W)`` pixels the vision encoder saw, for Qwen2-VL-class processors (``image_grid_thw`` rows are
+    ``(t, h_patches, w_patches)``); None for other processors."""
+    grid = inputs.get("image_grid_thw") if hasattr(inputs, "get") else None
+    patch = getattr(getattr(processor, "image_processor", None), "patch_size", None)
+    if grid is None or not isinstance(patch, int):
+        return None
+    _, rows, cols = (int(v) for v in grid[0].tolist())
+    return rows * patch, cols * patch

@@ -1,0 +1,168 @@
+"""``medvlm eval grounding``: phrase -> box benchmarks, per phrase type, with and without the anatomy check.
+
+Cases of one image (pixel xyxy of the original image everywhere):
+
+- ``structure``: every annotated structure (heart, lungs, clavicles, CT/MR organs), asked by its name and by
+  each synonym of the anatomy vocabulary; ground truth = the tight box of its mask;
+- ``region``: every chest region of :mod:`prompts.regions` that the image's masks define (lung zones, apical
+  zones, costophrenic angles, hila, hemidiaphragms, mediastinum), asked by its key and each synonym; ground
+  truth = the same geometric rule applied to the ground-truth masks (as Chest ImaGenome derives its boxes);
+- findings: every box annotation (JSRT nodules with their phrase, NIH finding boxes), type = its label.
+
+Scores per type: box mIoU and Acc@0.5 (best-overlapping predicted region; no region = IoU 0), the pointing game
+(the first region's point inside the box) and the region hit rate (the box centre inside any predicted mask,
+a zone-level localisation), and, for sided phrases, laterality errors (the region lies mostly on the other side
+of the ground-truth midline) without and with the consistency check (``repair``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medvlm.types import Region
+
+__all__ = ["format_grounding_table", "grounding_suite"]
+
+
+def _cases(sample: Any, gt_anatomy: Any) -> list[tuple[str, str, Any, str | None]]:
+    """(type, phrase, ground-truth Box, side) of one sample."""
+    from prompts.anatomy import all_phrases, load_vocabulary, side_of
+    from prompts.regions import load_regions, region_side
+
+    vocab = load_vocabulary()
+    regions = load_regions()
+    cases: list[tuple[str, str, Any, str | None]] = []
+    for name in sample.masks:
+        if name not in vocab:
+            continue
+        box = sample.mask(name).to_box()
+        for phrase in all_phrases(name):
+            cases.append(("structure", phrase, box, side_of(name)))
+    if gt_anatomy.is_chest:
+        for key, region in regions.regions.items():
+            if key in sample.masks or (key == "cardiac silhouette" and "heart" in sample.masks):
+                continue  # the same mask as a structure case
+            box = gt_anatomy.region_box(key)
+            if box is None:
+                continue
+            for phrase in region.phrases:
+                cases.append(("region", phrase, box, region_side(key)))
+    for ann in sample.boxes:
+        cases.append((ann.label, ann.phrase, ann.box, side_of(ann.phrase)))
+    return cases
+
+
+def _side_error(region: Region, side: str | None, midline: float) -> bool | None:
+    if side not in ("left", "right"):
+        return None
+    pixels = region.mask.data if region.mask is not None else None
+    if pixels is None or not pixels.any():
+        cx = region.box.center[0]
+        on_patient_right = cx < midline
+    else:
+        cols = np.nonzero(pixels)[1]
+        on_patient_right = float(np.mean(cols < midline)) >= 0.5
+    return on_patient_right != (side == "right")
+
+
+def grounding_suite(data: str | Path, *, agent: Any = None, split: str = "auto", limit: int | None = None,
+                    ids_file: str | None = None, types: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the grounding benchmark on one dataset folder with ``agent`` (default: the embedded medvlm grounder,
+    refine auto). ``split``: as in text-seg (``auto`` = the Med-VLM checkpoint's val ids when present here).
+    Returns ``{"suite": "grounding", "data", "n_images", "split", "per_type": {type: {...}}, ...}``."""
+    from agents.anatomy import anatomy_from_masks
+    from agents.pipeline import GroundingAgent
+    from eval.metrics import BoxAccumulator, PointingGameAccumulator
+    from eval.suites import _select_ids
+    from medvlm.datasets import open_dataset
+
+    dataset = open_dataset(data)
+    agent = agent or GroundingAgent("medvlm", check="off")
+    meta = getattr(getattr(agent.grounder, "segmenter", None), "meta", {}) or {}
+    val_ids = set(meta.get("val_ids", []))
+    all_ids = dataset.ids()
+    in_val = [i for i in all_ids if i in val_ids]
+    used = "val" if split == "val" or (split == "auto" and in_val) else "all"
+    ids = _select_ids(in_val if used == "val" and not ids_file else all_ids, ids_file, limit)
+    box_acc: dict[str, Any] = defaultdict(lambda: BoxAccumulator((0.5,)))
+    box_acc_checked: dict[str, Any] = defaultdict(lambda: BoxAccumulator((0.5,)))
+    point_acc: dict[str, Any] = defaultdict(PointingGameAccumulator)
+    hits: dict[str, list[bool]] = defaultdict(list)
+    side_errors: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # [n sided, errors raw, errors checked]
+    actions: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    t0 = time.perf_counter()
+    for sid in ids:
+        sample = dataset.load(sid)
+        gt_anatomy = anatomy_from_masks(sample.masks, sample.image.shape, "ground truth")
+        cases = [c for c in _cases(sample, gt_anatomy) if types is None or c[0] in types]
+        if not cases:
+            continue
+        old_check, agent.check = agent.check, "off"
+        try:
+            grounded = agent.ground_phrases(sample.image, [c[1] for c in cases])
+        finally:
+            agent.check = old_check
+        midline = gt_anatomy.midline_x()
+        for (kind, _phrase, gt_box, side), (result, regions) in zip(cases, grounded):
+            best = max(regions, key=lambda r: r.box.iou(gt_box), default=None)
+            box_acc[kind].update(best.box if best is not None else None, gt_box)
+            first_pt = None
+            if regions and regions[0].points is not None and len(regions[0].points):
+                first_pt = tuple(regions[0].points.positive[0])
+            elif regions:
+                first_pt = regions[0].box.center
+            point_acc[kind].update(first_pt, gt_box)
+            cx, cy = gt_box.center
+            hits[kind].append(any(r.mask is not None and r.mask.data[min(int(cy), r.mask.shape[0] - 1),
+                                                                     min(int(cx), r.mask.shape[1] - 1)]
+                                  for r in regions))
+            checked = agent.check_regions(sample.image, result, regions, mode="repair")
+            for r in checked:
+                if r.checks:
+                    actions[kind][str(r.checks.get("action", "none")).split(":")[0]] += 1
+            best_c = max(checked, key=lambda r: r.box.iou(gt_box), default=None)
+            box_acc_checked[kind].update(best_c.box if best_c is not None else None, gt_box)
+            if regions and side in ("left", "right"):
+                side_errors[kind][0] += 1
+                side_errors[kind][1] += int(bool(_side_error(regions[0], side, midline)))
+                side_errors[kind][2] += int(bool(_side_error(checked[0], side, midline)))
+    per_type: dict[str, Any] = {}
+    for kind in box_acc:
+        raw, chk = box_acc[kind].compute(), box_acc_checked[kind].compute()
+        n_sided, err_raw, err_chk = side_errors[kind]
+        per_type[kind] = {
+            "n": raw["n"], "miou": raw["miou"], "acc@0.5": raw["acc@0.5"], "n_missing": raw["n_missing"],
+            "miou_checked": chk["miou"], "acc@0.5_checked": chk["acc@0.5"],
+            "pointing_hit_rate": point_acc[kind].compute()["hit_rate"],
+            "region_hit_rate": float(np.mean(hits[kind])) if hits[kind] else None,
+            "n_sided": n_sided, "laterality_errors": err_raw, "laterality_errors_checked": err_chk,
+            "check_actions": dict(actions[kind]),
+        }
+    return {"suite": "grounding", "grounder": agent.grounder.name, "data": str(data), "n_images": len(ids),
+            "split": used, "seconds": round(time.perf_counter() - t0, 1), "per_type": per_type}
+
+
+def format_grounding_table(payload: dict[str, Any]) -> str:
+    """One row per phrase type: n, mIoU, Acc@0.5 (without / with check), pointing game, region hit, laterality."""
+    title = (f"grounding | grounder {payload['grounder']} | {payload['n_images']} images | split {payload['split']}"
+             f" | {payload['data']}")
+    head = (f"{'phrase type':<16} {'n':>5} {'mIoU':>6} {'Acc@0.5':>8} {'mIoU chk':>9} {'Acc chk':>8} "
+            f"{'point':>6} {'in-reg':>7} {'sided':>6} {'lat err':>8} {'lat chk':>8}")
+    lines = [title, head, "-" * len(head)]
+
+    def f(v: Any) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    for kind, m in sorted(payload["per_type"].items()):
+        lines.append(f"{kind:<16} {m['n']:>5} {f(m['miou']):>6} {f(m['acc@0.5']):>8} {f(m['miou_checked']):>9} "
+                     f"{f(m['acc@0.5_checked']):>8} {f(m['pointing_hit_rate']):>6} {f(m['region_hit_rate']):>7} "
+                     f"{m['n_sided']:>6} {m['laterality_errors']:>8} {m['laterality_errors_checked']:>8}")
+    lines.append("point = pointing game (first region's point in the box); in-reg = box centre inside a predicted "
+                 "mask; chk = after the anatomy check (repair)")
+    return "\n".join(lines)
