@@ -96,17 +96,47 @@ class OpenAIChatClient:
             structured = False
             del payload["response_format"]
             response = self._post(payload)
+        message = self._first_choice(response)
+        self.last_structured = structured
+        return _content(message)
+
+    def chat_message(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None,
+                     tool_choice: str | dict[str, Any] | None = None, max_tokens: int = 512,
+                     temperature: float = 0.0) -> dict[str, Any]:
+        """Send ``messages`` with OpenAI function-calling ``tools`` (``[{"type": "function", "function": {...}}]``)
+        and return the first choice's assistant message as a dict: ``{"role": "assistant", "content": str | None,
+        "tool_calls": [{"id", "type": "function", "function": {"name", "arguments": JSON string}}]}``
+        (``tool_calls`` is ``[]`` when the model called none; ``content`` is joined to one string when the server
+        sends a list of text parts). ``tool_choice``: ``"auto"``, ``"none"``, ``"required"`` or a named function;
+        sent only with ``tools``. Raises :class:`LLMError` as :meth:`chat` does (a server started without tool
+        calling, e.g. vLLM without ``--enable-auto-tool-choice``, answers HTTP 400: the error carries its text)."""
+        payload: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": int(max_tokens),
+                                   "temperature": float(temperature)}
+        if tools:
+            payload["tools"] = tools
+            if tool_choice is not None:
+                payload["tool_choice"] = tool_choice
+        choice = self._first_choice(self._post(payload))
+        raw = choice.get("message") if isinstance(choice, dict) else None
+        if not isinstance(raw, dict):
+            raise _llm_error(f"LLM server {self.base_url}", expected="a chat completion whose choice has a message",
+                             received=repr(choice)[:300],
+                             fix="check that --llm-url points at an OpenAI-compatible /v1/chat/completions endpoint")
+        content = raw.get("content")
+        calls = raw.get("tool_calls")
+        return {**raw, "role": "assistant", "content": None if content is None else _content(choice),
+                "tool_calls": list(calls) if isinstance(calls, list) else []}
+
+    def _first_choice(self, response: httpx.Response) -> Any:
+        """``choices[0]`` of a successful reply; :class:`LLMError` for HTTP errors and non-completions."""
         if response.status_code >= 400:
             raise _http_error(self.base_url, self.model, response)
         try:
-            body = response.json()
-            message = body["choices"][0]
+            return response.json()["choices"][0]
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             raise _llm_error(f"LLM server {self.base_url}", expected='a chat completion with "choices"',
                              received=repr(response.text[:300]),
                              fix="check that --llm-url points at an OpenAI-compatible /v1 endpoint") from exc
-        self.last_structured = structured
-        return _content(message)
 
     def _post(self, payload: dict[str, Any]) -> httpx.Response:
         url = f"{self.base_url}/chat/completions"

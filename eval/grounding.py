@@ -30,20 +30,20 @@ from medvlm.types import Region
 __all__ = ["format_grounding_table", "grounding_suite"]
 
 
-def _cases(sample: Any, gt_anatomy: Any) -> list[tuple[str, str, Any, str | None]]:
-    """(type, phrase, ground-truth Box, side) of one sample."""
+def _cases(sample: Any, gt_anatomy: Any) -> list[tuple[str, str, Any, str | None, str]]:
+    """(type, phrase, ground-truth Box, side, what: the structure / region key / finding asked for) per case."""
     from prompts.anatomy import all_phrases, load_vocabulary, side_of
     from prompts.regions import load_regions, region_side
 
     vocab = load_vocabulary()
     regions = load_regions()
-    cases: list[tuple[str, str, Any, str | None]] = []
+    cases: list[tuple[str, str, Any, str | None, str]] = []
     for name in sample.masks:
         if name not in vocab:
             continue
         box = sample.mask(name).to_box()
         for phrase in all_phrases(name):
-            cases.append(("structure", phrase, box, side_of(name)))
+            cases.append(("structure", phrase, box, side_of(name), name))
     if gt_anatomy.is_chest:
         for key, region in regions.regions.items():
             if key in sample.masks or (key == "cardiac silhouette" and "heart" in sample.masks):
@@ -52,9 +52,9 @@ def _cases(sample: Any, gt_anatomy: Any) -> list[tuple[str, str, Any, str | None
             if box is None:
                 continue
             for phrase in region.phrases:
-                cases.append(("region", phrase, box, region_side(key)))
+                cases.append(("region", phrase, box, region_side(key), key))
     for ann in sample.boxes:
-        cases.append((ann.label, ann.phrase, ann.box, side_of(ann.phrase)))
+        cases.append((ann.label, ann.phrase, ann.box, side_of(ann.phrase), ann.label))
     return cases
 
 
@@ -92,6 +92,7 @@ def grounding_suite(data: str | Path, *, agent: Any = None, split: str = "auto",
     ids = _select_ids(in_val if used == "val" and not ids_file else all_ids, ids_file, limit)
     box_acc: dict[str, Any] = defaultdict(lambda: BoxAccumulator((0.5,)))
     box_acc_checked: dict[str, Any] = defaultdict(lambda: BoxAccumulator((0.5,)))
+    per_key: dict[str, Any] = defaultdict(lambda: BoxAccumulator((0.5,)))
     point_acc: dict[str, Any] = defaultdict(PointingGameAccumulator)
     hits: dict[str, list[bool]] = defaultdict(list)
     side_errors: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # [n sided, errors raw, errors checked]
@@ -109,9 +110,10 @@ def grounding_suite(data: str | Path, *, agent: Any = None, split: str = "auto",
         finally:
             agent.check = old_check
         midline = gt_anatomy.midline_x()
-        for (kind, _phrase, gt_box, side), (result, regions) in zip(cases, grounded):
+        for (kind, _phrase, gt_box, side, what), (result, regions) in zip(cases, grounded):
             best = max(regions, key=lambda r: r.box.iou(gt_box), default=None)
             box_acc[kind].update(best.box if best is not None else None, gt_box)
+            per_key[f"{kind}: {what}"].update(best.box if best is not None else None, gt_box)
             first_pt = None
             if regions and regions[0].points is not None and len(regions[0].points):
                 first_pt = tuple(regions[0].points.positive[0])
@@ -144,8 +146,10 @@ def grounding_suite(data: str | Path, *, agent: Any = None, split: str = "auto",
             "n_sided": n_sided, "laterality_errors": err_raw, "laterality_errors_checked": err_chk,
             "check_actions": dict(actions[kind]),
         }
+    keys = {k: {m: v for m, v in acc.compute().items() if m in ("n", "miou", "acc@0.5")}
+            for k, acc in sorted(per_key.items())}
     return {"suite": "grounding", "grounder": agent.grounder.name, "data": str(data), "n_images": len(ids),
-            "split": used, "seconds": round(time.perf_counter() - t0, 1), "per_type": per_type}
+            "split": used, "seconds": round(time.perf_counter() - t0, 1), "per_type": per_type, "per_target": keys}
 
 
 def format_grounding_table(payload: dict[str, Any]) -> str:
@@ -163,6 +167,10 @@ def format_grounding_table(payload: dict[str, Any]) -> str:
         lines.append(f"{kind:<16} {m['n']:>5} {f(m['miou']):>6} {f(m['acc@0.5']):>8} {f(m['miou_checked']):>9} "
                      f"{f(m['acc@0.5_checked']):>8} {f(m['pointing_hit_rate']):>6} {f(m['region_hit_rate']):>7} "
                      f"{m['n_sided']:>6} {m['laterality_errors']:>8} {m['laterality_errors_checked']:>8}")
+    lines.append("")
+    lines.append(f"{'target (all its phrases)':<44} {'n':>5} {'mIoU':>6} {'Acc@0.5':>8}")
+    for key, m in payload.get("per_target", {}).items():
+        lines.append(f"{key:<44} {m['n']:>5} {f(m['miou']):>6} {f(m['acc@0.5']):>8}")
     lines.append("point = pointing game (first region's point in the box); in-reg = box centre inside a predicted "
                  "mask; chk = after the anatomy check (repair)")
     return "\n".join(lines)

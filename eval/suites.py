@@ -201,11 +201,20 @@ def run_eval(args: argparse.Namespace) -> int:
             write_json_atomic(result, Path(args.json_out))
             print(f"wrote {args.json_out}")
         return 0
+    elif args.suite == "link-report":
+        from eval.link_report import format_link_report_table, link_report_suite
+
+        result = link_report_suite(args.data, split=args.split, limit=args.limit, ids_file=args.ids, seed=args.seed)
+        print(format_link_report_table(result))
+        if args.json_out:
+            write_json_atomic(result, Path(args.json_out))
+            print(f"wrote {args.json_out}")
+        return 0
     elif args.suite == "text-seg":
         payload, worst = text_seg(args.data, checkpoint=args.checkpoint, split=args.split, level=args.level,
                                   limit=args.limit, ids_file=args.ids)
     else:
-        raise input_error("medvlm eval", expected="a known suite (oracle-box, text-seg, grounding)",
+        raise input_error("medvlm eval", expected="a known suite (oracle-box, text-seg, grounding, link-report)",
                           received=repr(args.suite), fix="run `medvlm eval --help`")
     print(format_table(payload))
     if args.json_out:

@@ -105,6 +105,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     t.add_argument("--ablation-steps", type=int, default=300, help="training steps per variant (default 300)")
     t.add_argument("--ablation-out", default="runs/ablation", help="folder for the variants' runs")
     _add_eval_grounding(sub)
+    _add_eval_link_report(sub)
 
 
 def _add_eval_grounding(sub: Any) -> None:
@@ -121,6 +122,22 @@ def _add_eval_grounding(sub: Any) -> None:
                    help="auto: the Med-VLM checkpoint's val ids when they are in this folder, else all")
     g.add_argument("--type", action="append", default=None, dest="types",
                    help="only these phrase types (structure, region, nodule, cardiomegaly, ...); repeatable")
+
+
+def _add_eval_link_report(sub: Any) -> None:
+    r = sub.add_parser("link-report", help="report -> regions: sentence status accuracy, box mIoU / Acc@0.5 per "
+                       "sentence kind", description="Compose a report per image from its annotations (seeded "
+                       "templates: nodule with location, normal heart/lungs, negated findings, an uncertain "
+                       "left-base opacity on nodule-free images, sentences with nothing to ground), link it with "
+                       "the embedded grounder and score each sentence's status (grounded / negated / "
+                       "not_groundable) and, for grounded sentences, box mIoU, Acc@0.5, pointing game and zone hit.")
+    r.add_argument("--data", default="../shared/data/cxr_jsrt_scr", help="dataset folder (default: %(default)s)")
+    r.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    r.add_argument("--ids", default=None, help="file listing the image ids to evaluate, one per line")
+    r.add_argument("--json", default=None, dest="json_out", help="write the results as JSON to this path")
+    r.add_argument("--split", choices=("auto", "val", "all"), default="auto",
+                   help="auto: the Med-VLM checkpoint's val ids when they are in this folder, else all")
+    r.add_argument("--seed", type=int, default=0, help="seed of the report templates (default 0)")
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
