@@ -7,7 +7,7 @@ Geometry (all in pixels of the original image; the patient's right is on the IMA
   mask inside its band;
 - apical zone: the lung above the lower edge of the clavicle on that side (median over the clavicle's columns
   of its lowest row), never lower than the upper third; without a clavicle mask, the top 15 % of the lung;
-- costophrenic angle: the lung in the bottom 20 % of its extent and the lateral half of its width there;
+- costophrenic angle: the lung in the bottom 20 % of its extent and in the lateral half of its full width;
 - hilar structures: a rectangle at the lung's medial border over the middle third of its extent, 35 % of the
   lung's width inward and 5 % outward (the hilum straddles the lung edge, so it is not clipped to the lung);
 - hemidiaphragm: a band of +-4 % of the lung height around the lowest lung pixel of every column whose lowest
@@ -194,16 +194,16 @@ class ChestAnatomy:
             return _band(lung, top, self._apical_limit(side, top, height))
         if rest == "costophrenic angle":
             band = _band(lung, bottom - 0.2 * height, bottom)
-            cols = _cols(band)
+            cols = _cols(lung)
             assert cols is not None
+            # the lateral half of the WHOLE lung's width: the base's own width swings with how far the
+            # segmentation reaches under the heart, the lung's width does not
             half = (cols[1] - cols[0]) / 2.0
-            out = band.copy()
-            # lateral = away from the midline: image left for the patient's right lung
-            if side == "right":
-                out[:, round(cols[0] + half):] = False
+            if side == "right":  # lateral = away from the midline: image left for the patient's right lung
+                band[:, round(cols[0] + half):] = False
             else:
-                out[:, : round(cols[1] - half)] = False
-            return out
+                band[:, : round(cols[1] - half)] = False
+            return band
         if rest == "hilar structures":
             mid = _band(lung, top + height / 3.0, top + 2 * height / 3.0)
             cols = _cols(mid)

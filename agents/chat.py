@@ -343,8 +343,7 @@ def _extract(agent: Any, question: str) -> str:
         return extract_target(question)
 
 
-def _fallback(agent: Any, image: Any, question: str, log: ChatLog, reason: str, chat: dict[str, Any],
-              t0: float) -> Answer:
+def _fallback(agent: Any, image: Any, question: str, reason: str, chat: dict[str, Any], t0: float) -> Answer:
     """The answer of the pipeline without chat (:meth:`GroundingAgent.ask`), with ``reason`` in the note."""
     from agents.text import extract_target
 
@@ -407,8 +406,7 @@ def chat_answer(agent: Any, image: Any, question: str, *, max_turns: int = MAX_T
     try:
         state = graph.invoke({"messages": messages, "turns": 0}, config={"recursion_limit": 2 * max_turns + 4})
     except LLMError as exc:
-        return _fallback(agent, image, question, log, f"the LLM failed at turn {log.turns} ({exc})", chat_meta(),
-                         t0)
+        return _fallback(agent, image, question, f"the LLM failed at turn {log.turns} ({exc})", chat_meta(), t0)
     final = state["messages"][-1]
     text = (final.text if hasattr(final, "text") else str(final.content)).strip()
     stopped = "turn_cap" if getattr(final, "tool_calls", None) or getattr(final, "invalid_tool_calls", None) \
@@ -416,7 +414,7 @@ def chat_answer(agent: Any, image: Any, question: str, *, max_turns: int = MAX_T
     notes: list[str] = []
     extra: dict[str, Any] = {"stopped": stopped}
     if not text and not log.grounded:
-        return _fallback(agent, image, question, log, "the model gave no answer and grounded nothing",
+        return _fallback(agent, image, question, "the model gave no answer and grounded nothing",
                          chat_meta(**extra), t0)
     if not log.grounded:
         # the model answered from the image alone: ground the question's phrase so that the answer has regions

@@ -187,7 +187,10 @@ _TRIGGER_LEN = max(len(p.split()) for p in _TRIGGERS)
 _SIDE_TOKENS = SIDE_WORDS["left"] | SIDE_WORDS["right"] | BILATERAL_WORDS | {"sided"}
 _CONNECT = frozenset({"of", "the"})
 _PREPS = frozenset({"in", "at", "on", "of", "the", "within", "involving", "over", "along", "overlying", "projecting",
-                    "near", "throughout", "is", "are", "seen", "noted", "present", "identified"})
+                    "near", "throughout", "is", "are", "seen", "noted", "present", "identified",
+                    # verbs reports use to place a finding: "projects over", "overlies", "located in"
+                    "projects", "project", "projected", "overlies", "overlie", "located", "situated", "lies", "lie",
+                    "abutting", "abuts", "adjacent", "to", "into", "extending", "extends"})
 _MODIFIERS = frozenset({
     "a", "an", "small", "large", "moderate", "mild", "minimal", "trace", "tiny", "new", "patchy", "focal", "diffuse",
     "streaky", "linear", "subsegmental", "segmental", "lobar", "plate", "platelike", "like", "hazy", "faint", "dense",

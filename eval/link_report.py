@@ -6,8 +6,10 @@ has a known status and, when it is groundable, known ground-truth boxes (pixel x
 
 - ``nodule`` (images with a nodule box): "There is a 30 mm nodule in the left upper lobe." -> grounded, the
   nodule box; scored by box IoU, the pointing game and the zone hit (nodule centre inside a predicted region);
-- ``normal anatomy``: "The heart size is normal." -> grounded, the heart box (from the heart mask); "The lungs
-  are otherwise clear." -> grounded, the right and left lung boxes (each scored with its best-matching region);
+- ``normal anatomy``: "The heart size is normal." -> grounded, the heart box (from the heart mask; "the
+  cardiomediastinal silhouette": the box of the cardiac silhouette + mediastinum regions derived from the
+  ground-truth masks, as that phrase names both); "The lungs are otherwise clear." -> grounded, the right and
+  left lung boxes (each scored with its best-matching region);
 - ``uncertain zone`` (images without a nodule): "Possible small opacity at the left lung base." -> grounded
   (an uncertain assertion is still grounded), the left lower lung zone derived from the ground-truth masks
   (:func:`agents.anatomy.anatomy_from_masks`);
@@ -57,6 +59,8 @@ _NODULE = ("There is {a_size} nodule in the {location}.",
            "{A_size} nodule is noted in the {location}.")
 _HEART = ("The heart size is normal.", "The cardiomediastinal silhouette is within normal limits.",
           "Heart size is within normal limits.", "The cardiac silhouette is not enlarged.")
+_CARDIOMEDIASTINAL = "The cardiomediastinal"
+_CARDIOMEDIASTINAL_KEYS = ("cardiac silhouette", "mediastinum")
 # every image has a finding sentence (nodule or possible opacity), so the lungs are "otherwise" clear
 _LUNGS = ("The lungs are otherwise clear.", "Both lungs are well expanded.",
           "The lungs are well inflated and otherwise clear.", "Lungs are otherwise clear.")
@@ -160,9 +164,16 @@ def compose_report(sample: Any, *, seed: int = 0) -> ComposedReport:
     if lungs:
         lung_block.append(ExpectedSentence(rng.choice(_LUNGS), "normal anatomy", "grounded", lungs,
                                            "right lung + left lung"))
-    heart_box = _mask_box(sample.masks, "heart")
-    heart = [ExpectedSentence(rng.choice(_HEART), "normal anatomy", "grounded", [heart_box], "heart")] \
-        if heart_box else []
+    heart: list[ExpectedSentence] = []
+    heart_text = rng.choice(_HEART)
+    if heart_text.startswith(_CARDIOMEDIASTINAL):  # names heart + mediastinum: the same rule on ground truth
+        union = gt.union(_CARDIOMEDIASTINAL_KEYS)
+        box = Mask(union).to_box() if union is not None else None
+        if box is not None:
+            heart.append(ExpectedSentence(heart_text, "normal anatomy", "grounded", [box],
+                                          " + ".join(_CARDIOMEDIASTINAL_KEYS)))
+    elif (box := _mask_box(sample.masks, "heart")) is not None:
+        heart.append(ExpectedSentence(heart_text, "normal anatomy", "grounded", [box], "heart"))
     negatives = [ExpectedSentence(rng.choice(group), "negated", "negated") for group in _NEGATED]
     if not nodules:
         negatives.append(ExpectedSentence(rng.choice(_NEGATED_NODULE), "negated nodule", "negated"))

@@ -296,7 +296,8 @@ def train_medvlm(cfg: TrainConfig, *, progress: bool = True, resume: bool = True
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        ema = float(loss) if ema is None else 0.95 * ema + 0.05 * float(loss)
+        value = float(loss.detach())
+        ema = value if ema is None else 0.95 * ema + 0.05 * value
         bar.set_postfix(loss=f"{ema:.3f}")
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:

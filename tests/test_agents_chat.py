@@ -128,7 +128,7 @@ class FakeAgent:
     def ask(self, image: Any, question: str) -> Answer:
         self.asked.append(question)
         phrase = self.extract_phrase(question)
-        [(result, regions)] = self.ground_phrases(image, [phrase])
+        [(_, regions)] = self.ground_phrases(image, [phrase])
         return Answer(question=question, phrase=phrase, text="rule-based answer", regions=regions, grounder="fake",
                       meta={"parsed": {}})
 
@@ -228,6 +228,23 @@ def test_server_error_mid_conversation_falls_back_to_ask(server: FakeServer, age
     chat = answer.meta["chat"]
     assert chat["turns"] == 2 and chat["tool_calls"] == [{"name": "ground", "args": {"phrase": PNX}}]
     assert "HTTP 500" in chat["fallback"] and answer.meta["parsed"] == {}
+
+
+def test_empty_answer_without_grounding_falls_back_to_ask(server: FakeServer, agent: FakeAgent,
+                                                           image: MedicalImage) -> None:
+    server.say("")
+    answer = chat_answer(agent, image, QUESTION)
+    assert answer.text == "rule-based answer" and agent.asked == [QUESTION]
+    assert "gave no answer and grounded nothing" in answer.note and answer.meta["chat"]["turns"] == 1
+
+
+def test_question_naming_nothing_keeps_the_model_text(server: FakeServer, agent: FakeAgent,
+                                                      image: MedicalImage) -> None:
+    server.say("Where is what? Name a finding or a structure.")
+    answer = chat_answer(agent, image, "where is?")
+    assert answer.text == "Where is what? Name a finding or a structure."
+    assert answer.regions == [] and agent.grounded == [] and answer.phrase == ""
+    assert "names nothing to ground" in answer.note and "auto_grounded" not in answer.meta["chat"]
 
 
 def test_fallback_when_ask_also_needs_the_failed_llm(server: FakeServer, agent: FakeAgent,

@@ -270,3 +270,13 @@ def test_parse_phrase(phrase, mention):
 def test_parse_phrase_rejects_empty(phrase):
     with pytest.raises(InputError, match="How to fix"):
         parse_phrase(phrase)
+
+
+@pytest.mark.parametrize(("sentence", "regions"), [
+    ("A 37 mm pulmonary nodule projects over the right lower lobe.", ["right mid lung zone", "right lower lung zone"]),
+    ("A nodule overlies the left upper lobe.", ["left upper lung zone", "left mid lung zone"]),
+    ("Nodule adjacent to the left hilum.", ["left hilar structures"]),
+])
+def test_placement_verbs_keep_the_location(sentence: str, regions: list[str]) -> None:
+    [mention] = find_mentions(sentence)
+    assert mention.regions == regions

@@ -53,6 +53,7 @@ def test_compose_is_deterministic_for_a_seed_and_wording_varies() -> None:
 
 def test_compose_nodule_image_has_known_statuses_and_boxes() -> None:
     sample = _sample(nodule=True)
+    seen: set[str] = set()
     for seed in range(30):  # every template combination still splits into one sentence each (compose checks it)
         report = compose_report(sample, seed=seed)
         kinds = [s.kind for s in report.sentences]
@@ -64,13 +65,19 @@ def test_compose_nodule_image_has_known_statuses_and_boxes() -> None:
         assert "an 18 mm" in nodule.text.lower() and nodule.text.endswith(" the left upper lobe.")
         assert "(S5)" not in nodule.text and nodule.side == "left"
         anatomy = {s.target: s for s in report.sentences if s.kind == "normal anatomy"}
-        assert anatomy["heart"].boxes == [Box(70.0, 110.0, 140.0, 170.0)]
+        if "heart" in anatomy:  # heart sentences: the heart mask's box
+            assert anatomy["heart"].boxes == [Box(70.0, 110.0, 140.0, 170.0)]
+        else:  # "the cardiomediastinal silhouette": heart + mediastinum (between the lungs, apex to heart)
+            assert anatomy["cardiac silhouette + mediastinum"].boxes == [Box(70.0, 20.0, 140.0, 170.0)]
+            assert "cardiomediastinal" in anatomy["cardiac silhouette + mediastinum"].text
+        seen.update(anatomy)
         assert anatomy["right lung + left lung"].boxes == [Box(20.0, 20.0, 90.0, 180.0), Box(110.0, 20.0, 180.0, 180.0)]
         assert [s.status for s in report.sentences if s.kind == "negated"] == ["negated", "negated"]
         assert [s.status for s in report.sentences if s.kind == "nothing to ground"] == ["not_groundable"] * 2
         lung_pos = next(i for i, s in enumerate(report.sentences) if s.target == "right lung + left lung")
         assert kinds.index("nodule") == lung_pos - 1  # "the lungs are otherwise clear" follows the finding
         assert report.midline == pytest.approx(100.0)
+    assert {"heart", "cardiac silhouette + mediastinum"} <= seen
 
 
 def test_compose_image_without_nodule_adds_negated_nodule_and_uncertain_left_base() -> None:
