@@ -176,6 +176,17 @@ def format_table(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _emit(result: dict[str, Any], table: str, json_out: str | None) -> int:
+    """Print a suite's table and write its JSON when asked."""
+    from medvlm.outputs import write_json_atomic
+
+    print(table)
+    if json_out:
+        write_json_atomic(result, Path(json_out))
+        print(f"wrote {json_out}")
+    return 0
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from medvlm.outputs import write_json_atomic
 
@@ -187,29 +198,17 @@ def run_eval(args: argparse.Namespace) -> int:
         from finetune.textseg_train import load_train_config
 
         result = run_ablation(args.ablation, load_train_config(args.config), args.ablation_steps, args.ablation_out)
-        print(format_ablation(result))
-        if args.json_out:
-            write_json_atomic(result, Path(args.json_out))
-            print(f"wrote {args.json_out}")
-        return 0
+        return _emit(result, format_ablation(result), args.json_out)
     elif args.suite == "grounding":
         from eval.grounding import format_grounding_table, grounding_suite
 
         result = grounding_suite(args.data, split=args.split, limit=args.limit, ids_file=args.ids, types=args.types)
-        print(format_grounding_table(result))
-        if args.json_out:
-            write_json_atomic(result, Path(args.json_out))
-            print(f"wrote {args.json_out}")
-        return 0
+        return _emit(result, format_grounding_table(result), args.json_out)
     elif args.suite == "link-report":
         from eval.link_report import format_link_report_table, link_report_suite
 
         result = link_report_suite(args.data, split=args.split, limit=args.limit, ids_file=args.ids, seed=args.seed)
-        print(format_link_report_table(result))
-        if args.json_out:
-            write_json_atomic(result, Path(args.json_out))
-            print(f"wrote {args.json_out}")
-        return 0
+        return _emit(result, format_link_report_table(result), args.json_out)
     elif args.suite == "text-seg":
         payload, worst = text_seg(args.data, checkpoint=args.checkpoint, split=args.split, level=args.level,
                                   limit=args.limit, ids_file=args.ids)

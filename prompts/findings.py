@@ -26,7 +26,7 @@ from typing import Any
 
 from medvlm.errors import input_error
 from prompts.anatomy import normalize_phrase
-from prompts.regions import REGION_KEYS, _parse_sources, _read_data, _strings, match_spans
+from prompts.regions import REGION_KEYS, _parse_sources, _strings, load_versioned, match_spans
 
 __all__ = ["Finding", "FindingVocabulary", "expected_regions", "load_findings", "resolve_finding"]
 
@@ -130,12 +130,7 @@ def load_findings(version: str = "1") -> FindingVocabulary:
 
 @cache
 def _load_cached(version: str) -> FindingVocabulary:
-    data, origin = _read_data("findings", version, "load_findings")
-    vocabulary = FindingVocabulary.from_mapping(data, origin)
-    if vocabulary.version != version:
-        raise input_error(origin, expected=f'"version": "{version}"', received=repr(vocabulary.version),
-                          fix="make the file's version match its file name")
-    return vocabulary
+    return load_versioned("findings", version, "load_findings", FindingVocabulary.from_mapping)
 
 
 def resolve_finding(phrase: str) -> str | None:

@@ -25,7 +25,7 @@ masks after the SCR paper. Full citations are in the data file's ``"sources"``. 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -326,14 +326,21 @@ def load_regions(version: str = "1") -> RegionVocabulary:
     return _load_cached(version)
 
 
-@cache
-def _load_cached(version: str) -> RegionVocabulary:
-    data, origin = _read_data("chest_regions", version, "load_regions")
-    vocabulary = RegionVocabulary.from_mapping(data, origin)
-    if vocabulary.version != version:
-        raise input_error(origin, expected=f'"version": "{version}"', received=repr(vocabulary.version),
+def load_versioned(stem: str, version: str, caller: str, build: Callable[[Any, str], _T]) -> _T:
+    """Read ``prompts/data/<stem>_v<version>.json``, build it with ``build(data, origin)`` and check that the
+    result's ``version`` matches the file name (shared by the region and finding vocabularies)."""
+    data, origin = _read_data(stem, version, caller)
+    vocabulary = build(data, origin)
+    found = getattr(vocabulary, "version", None)
+    if found != version:
+        raise input_error(origin, expected=f'"version": "{version}"', received=repr(found),
                           fix="make the file's version match its file name")
     return vocabulary
+
+
+@cache
+def _load_cached(version: str) -> RegionVocabulary:
+    return load_versioned("chest_regions", version, "load_regions", RegionVocabulary.from_mapping)
 
 
 def _tokens(phrase: str, caller: str) -> list[str]:
