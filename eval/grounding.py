@@ -71,10 +71,30 @@ def _side_error(region: Region, side: str | None, midline: float) -> bool | None
     return on_patient_right != (side == "right")
 
 
+def mirror_region(region: Region, width: int) -> Region:
+    """``region`` flipped left-right in an image ``width`` pixels wide (box, points and mask): what a grounder
+    that confuses the patient's and the image's left would answer. Used by the ``mirror`` stress test."""
+    from medvlm.types import Box, Mask, Points
+
+    b = region.box
+    points = None
+    if region.points is not None:
+        coords = region.points.coords.copy()
+        coords[:, 0] = width - coords[:, 0]
+        points = Points(coords, region.points.labels)
+    mask = Mask(region.mask.data[:, ::-1].copy()) if region.mask is not None else None
+    return Region(box=Box(width - b.x1, b.y0, width - b.x0, b.y1), label=region.label, mask=mask, points=points,
+                  score=region.score, provenance={**region.provenance, "mirrored": True})
+
+
 def grounding_suite(data: str | Path, *, agent: Any = None, split: str = "auto", limit: int | None = None,
-                    ids_file: str | None = None, types: Sequence[str] | None = None) -> dict[str, Any]:
+                    ids_file: str | None = None, types: Sequence[str] | None = None,
+                    mirror: bool = False) -> dict[str, Any]:
     """Run the grounding benchmark on one dataset folder with ``agent`` (default: the embedded medvlm grounder,
     refine auto). ``split``: as in text-seg (``auto`` = the Med-VLM checkpoint's val ids when present here).
+    ``mirror``: stress test of the anatomy check: every region is flipped left-right before scoring, as a
+    grounder that mixes up the patient's and the image's left would answer; the "checked" columns then show
+    what the check recovers.
     Returns ``{"suite": "grounding", "data", "n_images", "split", "per_type": {type: {...}}, ...}``."""
     from agents.anatomy import anatomy_from_masks
     from agents.pipeline import GroundingAgent
@@ -107,6 +127,8 @@ def grounding_suite(data: str | Path, *, agent: Any = None, split: str = "auto",
         old_check, agent.check = agent.check, "off"
         try:
             grounded = agent.ground_phrases(sample.image, [c[1] for c in cases])
+            if mirror:
+                grounded = [(res, [mirror_region(r, sample.image.width) for r in regions]) for res, regions in grounded]
         finally:
             agent.check = old_check
         midline = gt_anatomy.midline_x()
@@ -148,7 +170,8 @@ def grounding_suite(data: str | Path, *, agent: Any = None, split: str = "auto",
         }
     keys = {k: {m: v for m, v in acc.compute().items() if m in ("n", "miou", "acc@0.5")}
             for k, acc in sorted(per_key.items())}
-    return {"suite": "grounding", "grounder": agent.grounder.name, "data": str(data), "n_images": len(ids),
+    return {"suite": "grounding", "grounder": agent.grounder.name + (" (mirrored: stress test)" if mirror else ""),
+            "data": str(data), "n_images": len(ids),
             "split": used, "seconds": round(time.perf_counter() - t0, 1), "per_type": per_type, "per_target": keys}
 
 

@@ -202,7 +202,8 @@ def run_eval(args: argparse.Namespace) -> int:
     elif args.suite == "grounding":
         from eval.grounding import format_grounding_table, grounding_suite
 
-        result = grounding_suite(args.data, split=args.split, limit=args.limit, ids_file=args.ids, types=args.types)
+        result = grounding_suite(args.data, split=args.split, limit=args.limit, ids_file=args.ids, types=args.types,
+                                 mirror=args.mirror)
         return _emit(result, format_grounding_table(result), args.json_out)
     elif args.suite == "link-report":
         from eval.link_report import format_link_report_table, link_report_suite

@@ -122,6 +122,9 @@ def _add_eval_grounding(sub: Any) -> None:
                    help="auto: the Med-VLM checkpoint's val ids when they are in this folder, else all")
     g.add_argument("--type", action="append", default=None, dest="types",
                    help="only these phrase types (structure, region, nodule, cardiomegaly, ...); repeatable")
+    g.add_argument("--mirror", action="store_true",
+                   help="stress test of the anatomy check: flip every region left-right (a grounder that confuses "
+                   "the patient's and the image's left) and report what the check recovers")
 
 
 def _add_eval_link_report(sub: Any) -> None:

@@ -109,3 +109,14 @@ def test_checks_are_skipped_off_the_chest() -> None:
     region = _region_from(_rect(10, 20, 10, 20))
     out = check_region(region, ["right lung"], ct)
     assert out.checks["action"] == "none" and "not a frontal chest radiograph" in out.checks["skipped"]
+
+
+def test_mirrored_region_is_caught_and_repaired(chest: ChestAnatomy) -> None:
+    from eval.grounding import mirror_region
+
+    right = _region_from(chest.region("right lower lung zone"), "right lower zone")  # type: ignore[arg-type]
+    flipped = mirror_region(right, W)
+    assert flipped.box == Box(W - 80, 110, W - 20, 150) and flipped.mask is not None
+    assert flipped.mask.data[120, W - 21] and not flipped.mask.data[120, 20]
+    repaired = check_region(flipped, ["right lower lung zone"], chest)
+    assert not repaired.checks["laterality"]["ok"] and repaired.box == right.box
