@@ -153,3 +153,20 @@ def test_batch_killed_midway_resumes_with_every_item_once(tmp_path: Path):
         assert mask.is_file()
     heart = next(r for r in records if r["phrase"] == "heart")["regions"][0]
     assert heart["box"][0] < 512 < heart["box"][2] and np.isfinite(heart["score"])
+
+
+def test_ct_slice_organ_phrases_and_no_chest_zones(agent):
+    from medvlm.datasets import open_dataset
+
+    ds = open_dataset(data_dir("ct_sam_med2d_demo"))
+    sample = next(s for s in (ds.load(i) for i in ds.ids()) if "liver" in s.masks)
+    image = sample.image
+    [(liver, liver_regions), (zone, zone_regions)] = agent.ground_phrases(
+        image, ["lesion in the liver", "right lower lobe pneumonia"])
+    [region] = liver_regions
+    assert region.provenance["structure"] == "liver"
+    assert region.provenance["localisation"].startswith("anatomical region of the finding")
+    # Med-VLM saw only a handful of CT slices in training: the liver box overlaps, loosely (IoU 0.30 here)
+    assert region.box.iou(sample.mask("liver").to_box()) > 0.2
+    # chest-zone rules are for frontal radiographs: an axial slice gets a reason, not a made-up zone
+    assert zone_regions == [] and "no frontal chest radiograph" in zone.note

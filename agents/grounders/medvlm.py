@@ -32,6 +32,20 @@ __all__ = ["MedVLMGrounder", "group_by_side"]
 _NON_CHEST = frozenset({"ct", "mr", "mri", "pt", "nm", "us"})
 
 
+def structure_in(phrase: str) -> str | None:
+    """The anatomy structure a phrase names, as a whole ("left kidney") or inside it ("lesion in the liver" ->
+    "liver"); the longest word run that the anatomy vocabulary resolves wins."""
+    from prompts.anatomy import normalize_phrase, resolve_structure
+
+    words = normalize_phrase(phrase).split()
+    for n in range(len(words), 0, -1):
+        for i in range(len(words) - n + 1):
+            found = resolve_structure(" ".join(words[i:i + n]))
+            if found is not None:
+                return found
+    return None
+
+
 def group_by_side(keys: Sequence[str]) -> list[tuple[str | None, list[str]]]:
     """Chest region keys grouped by the patient side their name starts with, in first-seen order:
     ``["right lower lung zone", "left lower lung zone"] -> [("right", [...]), ("left", [...])]``."""
@@ -85,7 +99,7 @@ class MedVLMGrounder:
     def ground_many(self, image: Any, phrases: Sequence[str]) -> list[GroundingResult]:
         """One result per phrase; regions in pixels of ``image``. See the module docstring for the rules."""
         from agents.text import parse_phrase
-        from prompts.anatomy import resolve_structure
+        from prompts.regions import location_regions
         from segmentation.base import Prompt
 
         for p in phrases:
@@ -95,33 +109,38 @@ class MedVLMGrounder:
         modality = str(getattr(image, "modality", "") or "").lower()
         chest_ok = modality not in _NON_CHEST
         out: list[GroundingResult] = []
-        direct: list[tuple[int, str, str]] = []  # (result index, text, structure)
+        direct: list[tuple[int, str, str, str | None]] = []  # (result index, text, structure, finding)
         for i, phrase in enumerate(phrases):
             mention = parse_phrase(phrase)
             res = GroundingResult(phrase=phrase, meta={"finding": mention.finding, "structure": mention.structure,
                                                         "regions": list(mention.regions),
                                                         "assertion": mention.assertion, "side": mention.side})
             out.append(res)
-            structure = resolve_structure(phrase) if mention.finding is None else None
-            if mention.regions and chest_ok:
+            # explicit location words or a chest-region name beat an organ named in the phrase; an organ beats a
+            # finding's default regions ("lesion in the liver" is the liver, not both lungs)
+            explicit = bool(location_regions(phrase)) or mention.structure is not None
+            organ = structure_in(phrase)
+            if mention.regions and chest_ok and (explicit or organ is None):
                 res.regions = self._regions_from_anatomy(image, phrase, mention)
                 if not res.regions:
-                    res.note = ("the phrase names chest regions (" + ", ".join(mention.regions) + "), but the "
-                                "lungs were not found in this image: is it a frontal chest radiograph?")
-            elif structure is not None:
-                direct.append((i, phrase, structure))
+                    res.note = ("the phrase names chest regions (" + ", ".join(mention.regions) + "), but no "
+                                "frontal chest radiograph was recognised (both lungs large enough): pass a chest "
+                                "X-ray, or name an organ for CT/MR")
+            elif organ is not None:
+                direct.append((i, organ if mention.finding else phrase, organ, mention.finding))
             else:
                 res.note = ("not groundable: no anatomical structure, chest region or finding that the medvlm "
                             "grounder knows was found in the phrase")
         if direct:
             emb = self._embedding(image)
-            results = self.segmenter.predict_many(emb, [Prompt(text=t) for _, t, _ in direct])
-            for (i, text, structure), r in zip(direct, results):
+            results = self.segmenter.predict_many(emb, [Prompt(text=t) for _, t, _, _ in direct])
+            for (i, _text, structure, finding), r in zip(direct, results):
                 if not r.mask.data.any():
                     out[i].note = f"Med-VLM found no {structure} in this image"
                     continue
-                out[i].regions = [self._region(text, r.mask.data, float(r.score),
-                                               {"localisation": "segmented", "structure": structure})]
+                where = "segmented" if finding is None else "anatomical region of the finding (not detected)"
+                out[i].regions = [self._region(phrases[i], r.mask.data, float(r.score), {
+                    "localisation": where, "structure": structure, "finding": finding, "regions": [structure]})]
         return out
 
     def _regions_from_anatomy(self, image: Any, phrase: str, mention: Any) -> list[Region]:
