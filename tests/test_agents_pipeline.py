@@ -161,12 +161,14 @@ def test_ct_slice_organ_phrases_and_no_chest_zones(agent):
     ds = open_dataset(data_dir("ct_sam_med2d_demo"))
     sample = next(s for s in (ds.load(i) for i in ds.ids()) if "liver" in s.masks)
     image = sample.image
-    [(liver, liver_regions), (zone, zone_regions)] = agent.ground_phrases(
-        image, ["lesion in the liver", "right lower lobe pneumonia"])
+    [(_, liver_regions), (zone, zone_regions), (_, lobe_regions)] = agent.ground_phrases(
+        image, ["lesion in the liver", "left costophrenic angle", "right lower lobe pneumonia"])
     [region] = liver_regions
     assert region.provenance["structure"] == "liver"
     assert region.provenance["localisation"].startswith("anatomical region of the finding")
     # Med-VLM saw only a handful of CT slices in training: the liver box overlaps, loosely (IoU 0.30 here)
     assert region.box.iou(sample.mask("liver").to_box()) > 0.2
     # chest-zone rules are for frontal radiographs: an axial slice gets a reason, not a made-up zone
-    assert zone_regions == [] and "no frontal chest radiograph" in zone.note
+    assert zone_regions == [] and "frontal chest radiograph" in zone.note
+    # on CT a lobe is an organ of the vocabulary (TotalSegmentator lobes), so it is segmented, not zoned
+    assert [r.provenance["structure"] for r in lobe_regions] == ["right lower lobe"]

@@ -128,6 +128,9 @@ class MedVLMGrounder:
                                 "X-ray, or name an organ for CT/MR")
             elif organ is not None:
                 direct.append((i, organ if mention.finding else phrase, organ, mention.finding))
+            elif mention.regions:
+                res.note = (f"the phrase names chest regions ({', '.join(mention.regions)}), which are defined on a "
+                            f"frontal chest radiograph, and this image is {modality.upper()}: name an organ instead")
             else:
                 res.note = ("not groundable: no anatomical structure, chest region or finding that the medvlm "
                             "grounder knows was found in the phrase")
