@@ -6,7 +6,9 @@ Cases of one image (pixel xyxy of the original image everywhere):
   each synonym of the anatomy vocabulary; ground truth = the tight box of its mask;
 - ``region``: every chest region of :mod:`prompts.regions` that the image's masks define (lung zones, apical
   zones, costophrenic angles, hila, hemidiaphragms, mediastinum), asked by its key and each synonym; ground
-  truth = the same geometric rule applied to the ground-truth masks (as Chest ImaGenome derives its boxes);
+  truth = the same geometric rule applied to the ground-truth masks (as Chest ImaGenome derives its boxes).
+  A region whose rule needs a mask the ground truth lacks (apical zone: clavicle; mediastinum: heart; V7 and
+  Shenzhen annotate lungs only) is not scored;
 - findings: every box annotation (JSRT nodules with their phrase, NIH finding boxes), type = its label.
 
 Scores per type: box mIoU and Acc@0.5 (best-overlapping predicted region; no region = IoU 0), the pointing game
@@ -30,6 +32,13 @@ from medvlm.types import Region
 __all__ = ["format_grounding_table", "grounding_suite"]
 
 
+#: regions whose rule uses more than the lungs (apical zone: the clavicle; mediastinum: the heart's extent)
+_NEEDS: dict[str, tuple[str, ...]] = {
+    "right apical zone": ("right clavicle",), "left apical zone": ("left clavicle",),
+    "mediastinum": ("heart",), "upper mediastinum": ("heart",),
+}
+
+
 def _cases(sample: Any, gt_anatomy: Any) -> list[tuple[str, str, Any, str | None, str]]:
     """(type, phrase, ground-truth Box, side, what: the structure / region key / finding asked for) per case."""
     from prompts.anatomy import all_phrases, load_vocabulary, side_of
@@ -48,6 +57,8 @@ def _cases(sample: Any, gt_anatomy: Any) -> list[tuple[str, str, Any, str | None
         for key, region in regions.regions.items():
             if key in sample.masks or (key == "cardiac silhouette" and "heart" in sample.masks):
                 continue  # the same mask as a structure case
+            if any(need not in sample.masks for need in _NEEDS.get(key, ())):
+                continue  # without that mask the ground truth would follow a fallback rule the model does not
             box = gt_anatomy.region_box(key)
             if box is None:
                 continue
@@ -99,7 +110,7 @@ def grounding_suite(data: str | Path, *, agent: Any = None, split: str = "auto",
     from agents.anatomy import anatomy_from_masks
     from agents.pipeline import GroundingAgent
     from eval.metrics import BoxAccumulator, PointingGameAccumulator
-    from eval.suites import _select_ids
+    from eval.suites import _select_ids, n_trained_on
     from medvlm.datasets import open_dataset
 
     dataset = open_dataset(data)
@@ -171,14 +182,14 @@ def grounding_suite(data: str | Path, *, agent: Any = None, split: str = "auto",
     keys = {k: {m: v for m, v in acc.compute().items() if m in ("n", "miou", "acc@0.5")}
             for k, acc in sorted(per_key.items())}
     return {"suite": "grounding", "grounder": agent.grounder.name + (" (mirrored: stress test)" if mirror else ""),
-            "data": str(data), "n_images": len(ids),
+            "data": str(data), "n_images": len(ids), "n_trained_on": n_trained_on(meta, dataset.name, ids),
             "split": used, "seconds": round(time.perf_counter() - t0, 1), "per_type": per_type, "per_target": keys}
 
 
 def format_grounding_table(payload: dict[str, Any]) -> str:
     """One row per phrase type: n, mIoU, Acc@0.5 (without / with check), pointing game, region hit, laterality."""
     title = (f"grounding | grounder {payload['grounder']} | {payload['n_images']} images | split {payload['split']}"
-             f" | {payload['data']}")
+             f" ({payload.get('n_trained_on', '?')} of them seen in training) | {payload['data']}")
     head = (f"{'phrase type':<16} {'n':>5} {'mIoU':>6} {'Acc@0.5':>8} {'mIoU chk':>9} {'Acc chk':>8} "
             f"{'point':>6} {'in-reg':>7} {'sided':>6} {'lat err':>8} {'lat chk':>8}")
     lines = [title, head, "-" * len(head)]

@@ -54,6 +54,13 @@ def _select_ids(ids: Sequence[str], ids_file: str | None, limit: int | None) -> 
     return chosen
 
 
+def n_trained_on(meta: dict[str, Any], dataset_name: str, ids: Sequence[str]) -> int:
+    """How many of ``ids`` the Med-VLM checkpoint (its ``meta``) trained on: its sources minus its val ids."""
+    trained_sources = {d.get("name") for d in meta.get("train_config", {}).get("data", [])}
+    val_ids = set(meta.get("val_ids", []))
+    return 0 if dataset_name not in trained_sources else sum(1 for i in ids if i not in val_ids)
+
+
 def _score(dataset: Any, ids: Sequence[str], segmenter: Any, make_prompts: Any, *, keep_worst: int,
            structures: Sequence[str] | None, label: str) -> tuple[dict[str, Any], list[WorstCase], float]:
     """Segment every ground-truth structure of every image (one encoding per image) and accumulate metrics.
@@ -144,8 +151,7 @@ def text_seg(data: str | Path, *, checkpoint: str | None = None, split: str = "a
     used = "val" if split == "val" or (split == "auto" and in_val) else "all"
     # an --ids file picks from the whole folder; n_trained_on below still counts any training image in it
     ids = _select_ids(all_ids if ids_file or used == "all" else in_val, ids_file, limit)
-    trained_sources = {d.get("name") for d in meta.get("train_config", {}).get("data", [])}
-    trained_on = 0 if dataset.name not in trained_sources else sum(1 for i in ids if i not in val_ids)
+    trained_on = n_trained_on(meta, dataset.name, ids)
 
     def make_prompts(names: Sequence[str], masks: dict[str, Any]) -> tuple[list[Any], list[list[float]]]:
         return [Prompt(text=n) for n in names], [[] for _ in names]
