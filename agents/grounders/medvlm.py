@@ -17,6 +17,7 @@ text costs tens of milliseconds more).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,7 @@ class MedVLMGrounder:
     def ground_many(self, image: Any, phrases: Sequence[str]) -> list[GroundingResult]:
         """One result per phrase; regions in pixels of ``image``. See the module docstring for the rules."""
         from agents.text import parse_phrase
-        from prompts.regions import location_regions
+        from prompts.regions import REGION_KEYS, location_regions, region_side
         from segmentation.base import Prompt
 
         for p in phrases:
@@ -112,6 +113,13 @@ class MedVLMGrounder:
         direct: list[tuple[int, str, str, str | None]] = []  # (result index, text, structure, finding)
         for i, phrase in enumerate(phrases):
             mention = parse_phrase(phrase)
+            organ = structure_in(phrase)
+            chest_key = "cardiac silhouette" if organ == "heart" else organ
+            if not mention.regions and chest_key in REGION_KEYS:
+                # a chest structure named by a word the region vocabulary lacks ("pulmo dexter", "cor"): it is
+                # still that region, so it gets the same geometry and the same anatomy check
+                mention = replace(mention, structure=chest_key, regions=[chest_key],
+                                  side=mention.side or region_side(str(chest_key)))
             res = GroundingResult(phrase=phrase, meta={"finding": mention.finding, "structure": mention.structure,
                                                         "regions": list(mention.regions),
                                                         "assertion": mention.assertion, "side": mention.side})
@@ -119,7 +127,6 @@ class MedVLMGrounder:
             # explicit location words or a chest-region name beat an organ named in the phrase; an organ beats a
             # finding's default regions ("lesion in the liver" is the liver, not both lungs)
             explicit = bool(location_regions(phrase)) or mention.structure is not None
-            organ = structure_in(phrase)
             if mention.regions and chest_ok and (explicit or organ is None):
                 res.regions = self._regions_from_anatomy(image, phrase, mention)
                 if not res.regions:
