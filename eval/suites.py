@@ -166,14 +166,18 @@ def text_seg(data: str | Path, *, checkpoint: str | None = None, split: str = "a
 
 def format_table(payload: dict[str, Any]) -> str:
     """Per-structure table: Dice, HD95 mm, ASD mm, n, and the mean row."""
-    head = f"{'structure':<16} {'Dice':>7} {'HD95 mm':>9} {'ASD mm':>8} {'n':>5}"
+    head = f"{'structure':<28} {'Dice':>7} {'HD95 mm':>9} {'ASD mm':>8} {'n':>5}"
     title = f"{payload['suite']} | method {payload['method']} | {payload['n_images']} images | {payload['data']}"
     if "split" in payload:
         title += f" | split {payload['split']} ({payload['n_trained_on']} of them seen in training)"
     lines = [title, head, "-" * len(head)]
 
     def row(name: str, m: dict[str, Any]) -> str:
-        return f"{name:<16} {m['dice']:>7.3f} {m['hd95_mm']:>9.2f} {m['asd_mm']:>8.2f} {m['n']:>5}"
+        def f(key: str, fmt: str) -> str:
+            # None = no finite value (e.g. HD95 of structures the model never found on any image)
+            return "-" if m.get(key) is None else format(m[key], fmt)
+
+        return f"{name:<28} {f('dice', '.3f'):>7} {f('hd95_mm', '.2f'):>9} {f('asd_mm', '.2f'):>8} {m['n']:>5}"
 
     for name, m in sorted(payload["per_structure"].items()):
         lines.append(row(name, m))
