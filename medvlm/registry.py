@@ -1,8 +1,8 @@
 """Every model preset the project knows, where its weights come from and whether they are present here.
 
-``medvlm models`` prints this table. Presets are registered by the packages that build them (today the
-promptable segmenters of :mod:`segmentation.registry`); this module only collects them, so listing models
-never imports torch or a backend.
+``medvlm models`` prints this table. Presets are registered by the packages that build them (the segmenters
+of :mod:`segmentation.registry`, the encoders Med-VLM can use, the grounders of :mod:`agents.grounders`); this
+module only collects them, so listing models never imports torch or a backend.
 """
 
 from __future__ import annotations
@@ -77,9 +77,25 @@ def _encoder_entries() -> list[ModelEntry]:
     ]
 
 
+def _grounder_entries() -> list[ModelEntry]:
+    import importlib.util
+
+    medvlm = ModelEntry("medvlm", "grounder", "embedded, offline: Med-VLM segments lungs, heart and clavicles; chest "
+                        "regions derive from them; findings are placed in their region (not detected)",
+                        "the shipped Med-VLM checkpoint", True, "installed with the package")
+    openai = ModelEntry("openai", "grounder", "any OpenAI-compatible multimodal endpoint (vLLM): boxes/points "
+                        "parsed from structured output or common VLM formats, LiteMedSAM makes the mask",
+                        "--llm-url URL --llm-model NAME", importlib.util.find_spec("httpx") is not None,
+                        "serve a grounding model, e.g. python -m vllm.entrypoints.openai.api_server --model PATH")
+    hf = ModelEntry("transformers", "grounder", "an in-process Hugging Face multimodal model (AutoModelForImageText"
+                    "ToText), same prompts and parsing", "--llm-model PATH (local folder or hub id)", False,
+                    "a Qwen2-VL-class model folder on this machine")
+    return [medvlm, openai, hf]
+
+
 def list_models() -> list[ModelEntry]:
     """All presets, in a stable order (by kind, then as registered)."""
-    return _segmenter_entries() + _encoder_entries()
+    return _segmenter_entries() + _encoder_entries() + _grounder_entries()
 
 
 def run_models(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ def test_help_lists_every_command_without_loading_torch() -> None:
             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
             "assert 'torch' not in sys.modules, 'medvlm --help imported torch'\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    for command in ("segment", "demo", "eval", "bench", "models"):
+    for command in ("segment", "demo", "eval", "bench", "models", "ask", "link-report", "batch"):
         assert command in out
 
 
@@ -110,6 +110,8 @@ def test_models_lists_presets_and_presence(capsys: pytest.CaptureFixture[str]) -
     by_name = {r["name"]: r for r in rows}
     assert by_name["litemedsam"]["present"] is True
     assert "sam2" in by_name and by_name["sam2"]["how_to_get"]
+    grounders = [r["name"] for r in rows if r["kind"] == "grounder"]
+    assert grounders == ["medvlm", "openai", "transformers"]
 
 
 @pytest.fixture(scope="module")
