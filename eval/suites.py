@@ -215,6 +215,11 @@ def run_eval(args: argparse.Namespace) -> int:
         result = grounding_suite(args.data, split=args.split, limit=args.limit, ids_file=args.ids, types=args.types,
                                  mirror=args.mirror)
         return _emit(result, format_grounding_table(result), args.json_out)
+    elif args.suite == "mask-codec":
+        from eval.codec import codec_suite, format_codec_table
+
+        result = codec_suite(args.data, budgets=args.budgets or (16, 32, 64), limit=args.limit)
+        return _emit(result, format_codec_table(result), args.json_out)
     elif args.suite == "link-report":
         from eval.link_report import format_link_report_table, link_report_suite
 

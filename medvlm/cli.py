@@ -105,6 +105,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     t.add_argument("--ablation-steps", type=int, default=300, help="training steps per variant (default 300)")
     t.add_argument("--ablation-out", default="runs/ablation", help="folder for the variants' runs")
     _add_eval_grounding(sub)
+    _add_eval_codec(sub)
     _add_eval_link_report(sub)
 
 
@@ -141,6 +142,17 @@ def _add_eval_link_report(sub: Any) -> None:
     r.add_argument("--split", choices=("auto", "val", "all"), default="auto",
                    help="auto: the Med-VLM checkpoint's val ids when they are in this folder, else all")
     r.add_argument("--seed", type=int, default=0, help="seed of the report templates (default 0)")
+
+
+def _add_eval_codec(sub: Any) -> None:
+    c = sub.add_parser("mask-codec", help="round-trip Dice of the anatomy-token mask codec per structure",
+                       description="Encode every mask of a dataset folder as location tokens (medvlm.tokens) and "
+                       "decode it again; report Dice per structure and token counts per point budget.")
+    c.add_argument("--data", default="../shared/data/cxr_jsrt_scr", help="dataset folder (default: %(default)s)")
+    c.add_argument("--max-points", type=int, action="append", default=None, dest="budgets",
+                   help="polygon vertices per mask; repeatable (default: 16, 32, 64)")
+    c.add_argument("--limit", type=int, default=None, help="only the first N images")
+    c.add_argument("--json", default=None, dest="json_out", help="write the results as JSON to this path")
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
