@@ -19,11 +19,14 @@ import numpy as np
 import numpy.typing as npt
 
 from medvlm.errors import input_error
+from medvlm.types import Box
 
-__all__ = ["LOC_BINS", "POLY_CLOSE", "POLY_OPEN", "decode_mask", "encode_mask", "mask_tokens"]
+__all__ = ["LOC_BINS", "POLY_CLOSE", "POLY_OPEN", "decode_box", "decode_mask", "encode_box", "encode_mask",
+           "mask_tokens"]
 
 LOC_BINS = 1024
 POLY_OPEN, POLY_CLOSE = "<poly>", "</poly>"
+BOX_OPEN, BOX_CLOSE = "<box>", "</box>"
 _SHIFT = 4  # fillPoly sub-pixel bits: vertices are placed to 1/16 pixel
 
 _GROUP = re.compile(re.escape(POLY_OPEN) + r"(.*?)" + re.escape(POLY_CLOSE), re.S)
@@ -31,8 +34,8 @@ _LOC = re.compile(r"<loc(\d{4})>")
 
 
 def mask_tokens() -> list[str]:
-    """Every token the codec emits: the 1024 ``<locNNNN>`` tokens and the two polygon delimiters."""
-    return [f"<loc{b:04d}>" for b in range(LOC_BINS)] + [POLY_OPEN, POLY_CLOSE]
+    """Every token the codecs emit: the 1024 ``<locNNNN>`` tokens and the polygon and box delimiters."""
+    return [f"<loc{b:04d}>" for b in range(LOC_BINS)] + [POLY_OPEN, POLY_CLOSE, BOX_OPEN, BOX_CLOSE]
 
 
 def _to_bin(v: npt.NDArray[np.float64], size: int) -> npt.NDArray[np.int64]:
@@ -61,6 +64,26 @@ def _simplify(contour: npt.NDArray[np.integer], budget: int) -> npt.NDArray[np.i
     if len(best) < 3:  # a sliver collapses to a line: keep three spread vertices of the contour instead
         best = contour[np.linspace(0, len(contour) - 1, 3).astype(int)]
     return np.asarray(best, dtype=np.int32)
+
+
+def encode_box(box: Box, height: int, width: int) -> str:
+    """Box (pixel xyxy of an image ``height`` x ``width``) -> ``<box>`` + 4 location tokens (x0 y0 x1 y1, the
+    corners' pixel coordinates binned like polygon vertices; x1/y1 exclusive edges map to their last pixel) +
+    ``</box>``."""
+    xs = _to_bin(np.array([box.x0, box.x1 - 1.0]), width)
+    ys = _to_bin(np.array([box.y0, box.y1 - 1.0]), height)
+    return BOX_OPEN + "".join(f"<loc{int(b):04d}>" for b in (xs[0], ys[0], xs[1], ys[1])) + BOX_CLOSE
+
+
+def decode_box(text: str, height: int, width: int) -> Box | None:
+    """The first ``<box>`` group of ``text`` -> Box in pixels, or None when there is none with 4 tokens."""
+    match = re.search(re.escape(BOX_OPEN) + r"(.*?)" + re.escape(BOX_CLOSE), text, re.S)
+    bins = [int(b) for b in _LOC.findall(match.group(1))] if match else []
+    if len(bins) != 4:
+        return None
+    x0, x1 = sorted(_from_bin(np.array([bins[0], bins[2]], dtype=np.float64), width))
+    y0, y1 = sorted(_from_bin(np.array([bins[1], bins[3]], dtype=np.float64), height))
+    return Box(max(0.0, x0), max(0.0, y0), min(float(width), x1 + 1.0), min(float(height), y1 + 1.0))
 
 
 def encode_mask(mask: npt.ArrayLike, *, max_points: int = 32, min_area_fraction: float = 0.0005) -> str:

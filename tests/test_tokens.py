@@ -39,7 +39,7 @@ def test_budget_bounds_the_tokens_and_empty_mask() -> None:
     assert dice(decode_mask(encode_mask(disc, max_points=32), 400, 400), disc) > 0.99
     assert encode_mask(np.zeros((4, 4), bool)) == ""
     assert not decode_mask("", 4, 4).any()
-    assert len(mask_tokens()) == 1026
+    assert len(mask_tokens()) == 1028
 
 
 def test_decode_is_tolerant_and_encode_checks_input() -> None:
@@ -62,3 +62,16 @@ def test_round_trip_dice_on_real_scr_masks() -> None:
     [row] = result["rows"]
     assert result["n_masks"] == 50 and row["tokens_max"] <= 2 * 32 + 2 * 10
     assert row["mean_dice"] > 0.99 and row["min_dice"] > 0.98
+
+
+def test_box_tokens_round_trip() -> None:
+    from medvlm.tokens import decode_box, encode_box
+    from medvlm.types import Box
+
+    box = Box(100, 200, 300, 260)
+    text = encode_box(box, 1024, 1024)
+    assert text == "<box><loc0100><loc0200><loc0299><loc0259></box>"
+    assert decode_box("answer: " + text, 1024, 1024) == box
+    back = decode_box(encode_box(box, 512, 2048), 512, 2048)
+    assert back is not None and back.iou(box) > 0.97
+    assert decode_box("<box><loc0001></box>", 10, 10) is None
