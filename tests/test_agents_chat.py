@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 from collections.abc import Iterator, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -27,6 +25,7 @@ from medvlm.errors import InputError, MissingDependencyError
 from medvlm.io import MedicalImage
 from medvlm.types import Box, Region
 from tests.conftest import data_dir
+from tests.fake_http import serve_json
 
 PNX = "right apical pneumothorax"
 QUESTION = f"where is the {PNX}?"
@@ -72,27 +71,14 @@ class FakeServer:
 def server() -> Iterator[FakeServer]:
     fake = FakeServer()
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            fake.requests.append(json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0)))))
-            status, reply = fake.replies.pop(0) if fake.replies else (200, completion(""))
-            data = json.dumps(reply).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def respond(path: str, headers: dict[str, str], body: Any) -> tuple[int, bytes]:
+        fake.requests.append(body)
+        status, reply = fake.replies.pop(0) if fake.replies else (200, completion(""))
+        return status, json.dumps(reply).encode()
 
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    fake.base_url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    yield fake
-    httpd.shutdown()
-    httpd.server_close()
+    with serve_json(respond) as url:
+        fake.base_url = url
+        yield fake
 
 
 @pytest.fixture(autouse=True)

@@ -10,10 +10,8 @@ import base64
 import io
 import json
 import socket
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import numpy as np
@@ -26,6 +24,7 @@ from agents.llm import LLMError, OpenAIChatClient, image_data_url, with_image
 from agents.parsing import response_format
 from medvlm.errors import InputError
 from medvlm.io import MedicalImage
+from tests.fake_http import serve_json
 
 S = 2000 / 1024  # original pixels per sent pixel
 
@@ -52,34 +51,17 @@ def completion(content: str | None) -> dict[str, Any]:
 def server() -> Iterator[FakeServer]:
     fake = FakeServer()
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-            fake.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
-            status, reply = fake.replies.pop(0) if fake.replies else (200, completion(""))
-            if isinstance(reply, tuple):
-                time.sleep(reply[1])
-                reply = completion("")
-            data = reply.encode() if isinstance(reply, str) else json.dumps(reply).encode()
-            try:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-            except OSError:  # the client gave up (timeout test)
-                pass
+    def respond(path: str, headers: dict[str, str], body: Any) -> tuple[int, bytes]:
+        fake.requests.append({"path": path, "headers": headers, "body": body})
+        status, reply = fake.replies.pop(0) if fake.replies else (200, completion(""))
+        if isinstance(reply, tuple):
+            time.sleep(reply[1])
+            reply = completion("")
+        return status, reply.encode() if isinstance(reply, str) else json.dumps(reply).encode()
 
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    fake.base_url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    yield fake
-    httpd.shutdown()
-    httpd.server_close()
+    with serve_json(respond) as url:
+        fake.base_url = url
+        yield fake
 
 
 @pytest.fixture
