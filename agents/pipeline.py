@@ -155,25 +155,12 @@ class GroundingAgent:
         todo = [i for i, r in enumerate(regions) if self.refine not in ("auto", "none") or r.mask is None]
         if self.refine == "none" or not todo:
             return regions
-        from segmentation.base import Prompt
+        from segmentation.refine import refine_regions
         from segmentation.registry import build_segmenter
 
-        if self._refiner is None:
+        if self._refiner is None:  # loaded once per agent, shared by every question
             self._refiner = build_segmenter("litemedsam" if self.refine == "auto" else self.refine)
-        prompts = [Prompt(box=regions[i].box.clip(image.width, image.height), points=regions[i].points)
-                   for i in todo]
-        results = self._refiner.segment(image, prompts)
-        out = list(regions)
-        for i, res in zip(todo, results):
-            r = regions[i]
-            if not res.mask.data.any():
-                continue
-            out[i] = Region(box=res.mask.to_box() or r.box, label=r.label, mask=res.mask, points=r.points,
-                            score=r.score, checks=r.checks,
-                            provenance={**r.provenance, "refined_by": self._refiner.name,
-                                        "refine_prompt": prompts[todo.index(i)].to_json(),
-                                        "refiner_score": float(res.score)})
-        return out
+        return refine_regions(self._refiner, image, regions, indices=todo, with_points=True)
 
     def check_regions(self, image: Any, result: GroundingResult, regions: list[Region],
                       mode: CheckMode | None = None) -> list[Region]:

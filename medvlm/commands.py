@@ -93,32 +93,6 @@ def text_prompts(texts: Sequence[str], labels: Sequence[str]) -> tuple[list[Any]
     return [Prompt(text=t) for t in texts], list(labels) if labels else [t.strip() for t in texts]
 
 
-def refine_regions(refiner: Any, image: Any, regions: Sequence[Region]) -> list[Region]:
-    """Pass each region's mask box to a promptable segmenter (one image encoding) and keep the refined masks.
-
-    A region with an empty mask stays as it is (there is no box to refine from)."""
-    from segmentation.base import Prompt
-
-    todo = [i for i, r in enumerate(regions) if r.mask is not None and r.mask.to_box() is not None]
-    out = list(regions)
-    if not todo:
-        return out
-    boxes: list[Box] = []
-    for i in todo:
-        mask_box = regions[i].mask.to_box()  # type: ignore[union-attr]
-        assert mask_box is not None  # todo holds only regions with a non-empty mask
-        boxes.append(mask_box)
-    results = refiner.segment(image, [Prompt(box=b) for b in boxes])
-    for i, box, result in zip(todo, boxes, results):
-        r = regions[i]
-        new_box = result.mask.to_box() or box
-        provenance = {**r.provenance, "refined_by": refiner.name, "refine_prompt": {"box": box.to_list()},
-                      "text_model_score": r.score}
-        out[i] = Region(box=new_box, label=r.label, mask=result.mask, points=r.points, score=float(result.score),
-                        provenance=provenance)
-    return out
-
-
 def run_segment(args: argparse.Namespace) -> int:
     from medvlm.io import load_image
     from medvlm.outputs import write_regions
@@ -146,7 +120,11 @@ def run_segment(args: argparse.Namespace) -> int:
     model = segmenter.name
     if args.refine:
         refiner = build_segmenter(args.refine)
-        regions = refine_regions(refiner, image, regions)
+        from segmentation.refine import refine_regions
+
+        # a region with an empty mask has no box to refine from; the others' boxes are their masks' tight boxes
+        found = [k for k, r in enumerate(regions) if r.mask is not None and not r.mask.is_empty()]
+        regions = refine_regions(refiner, image, regions, indices=found)
         model = f"{segmenter.name}+{refiner.name}"
     stem = Path(args.image).name.split(".")[0]
     written = write_regions(args.out, stem, image, regions, extra={"model": model})

@@ -172,3 +172,29 @@ def test_ct_slice_organ_phrases_and_no_chest_zones(agent):
     assert zone_regions == [] and "frontal chest radiograph" in zone.note
     # on CT a lobe is an organ of the vocabulary (TotalSegmentator lobes), so it is segmented, not zoned
     assert [r.provenance["structure"] for r in lobe_regions] == ["right lower lobe"]
+
+
+def test_box_only_regions_are_refined_to_masks():
+    """An LLM grounder gives a box and a point (no mask): refine auto prompts LiteMedSAM with both."""
+    from agents.grounders.base import GroundingResult
+    from agents.pipeline import GroundingAgent
+    from medvlm.commands import DEMO_IMAGE, asset_path
+    from medvlm.io import load_image
+    from medvlm.types import Box, Points, Region
+
+    class BoxGrounder:
+        name = "fake-llm"
+
+        def ground_many(self, image, phrases):
+            return [GroundingResult(phrase=p, regions=[Region(box=Box(395, 440, 765, 770), label=p,
+                                                               points=Points.from_lists(positive=[(580, 600)]))])
+                    for p in phrases]
+
+    agent = GroundingAgent(BoxGrounder(), check="off")
+    image = load_image(asset_path(DEMO_IMAGE))
+    [(_, [heart]), (_, [again])] = agent.ground_phrases(image, ["heart", "cardiac silhouette"])
+    assert heart.mask is not None and heart.mask.area_px > 5000 and again.mask is not None
+    assert heart.provenance["refined_by"] == "litemedsam" and heart.provenance["score_before_refinement"] is None
+    assert heart.provenance["refine_prompt"]["box"] == [395.0, 440.0, 765.0, 770.0]
+    assert heart.provenance["refine_prompt"]["points"] == [{"x": 580.0, "y": 600.0, "label": 1}]
+    assert heart.box.intersection(Box(395, 440, 765, 770)) == heart.box  # the mask stays inside its prompt box
