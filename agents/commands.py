@@ -12,7 +12,7 @@ from typing import Any
 
 from medvlm.errors import input_error
 
-__all__ = ["build_agent", "run_ask", "run_batch_cli", "run_bench_ask", "run_link_report"]
+__all__ = ["build_agent", "run_ask", "run_batch_cli", "run_bench_ask", "run_link_report", "run_serve_llm"]
 
 
 def build_agent(args: argparse.Namespace) -> Any:
@@ -28,14 +28,15 @@ def build_agent(args: argparse.Namespace) -> Any:
             raise input_error("--grounder openai", expected="--llm-url URL and --llm-model NAME",
                               received=f"--llm-url {url!r}, --llm-model {model!r}",
                               fix="e.g. --llm-url http://127.0.0.1:8000/v1 --llm-model my-grounding-model")
-        options = {"base_url": url, "model": model}
+        options = {"base_url": url, "model": model, "answer": getattr(args, "llm_answer", "json")}
     elif grounder == "transformers":
         if not model:
             raise input_error("--grounder transformers", expected="--llm-model PATH (a local HF model folder or id)",
                               received="no --llm-model", fix="pass the model path with --llm-model")
         options = {"model": model}
     llm = None
-    if url and model:
+    # a model fine-tuned to answer location tokens is no chat model: phrases then come from the rule path
+    if url and model and getattr(args, "llm_answer", "json") == "json":
         from agents.llm import OpenAIChatClient
 
         llm = OpenAIChatClient(url, model)
@@ -168,3 +169,35 @@ def run_bench_ask(args: argparse.Namespace) -> int:
         write_json_atomic({"suite": "bench-ask", "load_s": load_s, "rows": rows,
                            "median_s": statistics.median(secs), "max_s": max(secs)}, Path(args.json_out))
     return 0
+
+
+def run_serve_llm(args: argparse.Namespace) -> int:
+    """``medvlm serve-llm``: start vLLM, say where it listens, keep it until Ctrl-C or SIGTERM, then stop it."""
+    import signal
+
+    from agents.vllm_server import VLLMServer, parse_lora
+
+    extra = list(args.vllm_args)
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    server = VLLMServer(args.model, loras=parse_lora(args.lora), host=args.host, port=args.port,
+                        served_name=args.served_name, max_model_len=args.max_model_len, extra_args=extra,
+                        log_path=args.log)
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        server.start(timeout_s=args.timeout)
+        names = [server.served_name, *server.loras]
+        print(f"serving {', '.join(names)} at {server.base_url} (pid {server.process.pid if server.process else '?'}); "
+              "Ctrl-C stops it", flush=True)
+        print(f"ground with: medvlm ask IMAGE \"where is the heart?\" --grounder openai --llm-url {server.base_url} "
+              f"--llm-model {names[-1]}{' --llm-answer tokens' if server.loras else ''}", flush=True)
+        code = server.process.wait() if server.process else 0
+        return 1 if code else 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        server.stop()

@@ -80,21 +80,29 @@ class OpenAIChatClient:
         self.close()
 
     def chat(self, messages: list[dict[str, Any]], *, response_format: dict[str, Any] | None = None,
-             max_tokens: int = 512, temperature: float = 0.0) -> str:
+             structured_outputs: dict[str, Any] | None = None, max_tokens: int = 512,
+             temperature: float = 0.0) -> str:
         """Send ``messages`` (OpenAI chat format) and return the first choice's message content (``""`` when the
-        server gives none). A server that rejects ``response_format`` (HTTP 400 naming it) is asked once more
-        without it, and :attr:`response_format_rejected` is set. Raises :class:`LLMError` on connection failures,
-        timeouts, HTTP errors (with the status and the server's message) and replies without choices."""
+        server gives none).
+
+        ``response_format``: OpenAI's (e.g. a JSON schema); ``structured_outputs``: vLLM's constrained decoding
+        field (e.g. ``{"regex": ...}``), sent as an extra body field. A server that rejects either (HTTP 400/422
+        naming it) is asked once more without it, and :attr:`response_format_rejected` is set. Raises
+        :class:`LLMError` on connection failures, timeouts, HTTP errors (with the status and the server's message)
+        and replies without choices."""
         payload: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": int(max_tokens),
                                    "temperature": float(temperature)}
-        structured = response_format is not None and not self.response_format_rejected
+        constraint = {k: v for k, v in (("response_format", response_format),
+                                        ("structured_outputs", structured_outputs)) if v is not None}
+        structured = bool(constraint) and not self.response_format_rejected
         if structured:
-            payload["response_format"] = response_format
+            payload.update(constraint)
         response = self._post(payload)
         if structured and response.status_code in (400, 422) and _REJECTED_FORMAT_RE.search(_error_text(response)):
             self.response_format_rejected = True
             structured = False
-            del payload["response_format"]
+            for key in constraint:
+                del payload[key]
             response = self._post(payload)
         message = self._first_choice(response)
         self.last_structured = structured

@@ -15,6 +15,8 @@ qwen25vl   JSON with ``"bbox_2d": [x1,y1,x2,y2]`` / ``"point_2d": [x,y]`` absolu
                                                                        (``sent_size``, else
                                                                        :func:`qwen25vl_input_size` of the image)
 paligemma  ``<locY0><locX0><locY1><locX1> label ; ...``                1024 bins per axis, order y x y x
+medvlm     ``label: <box><locX0><locY0><locX1><locY1></box>; ...``    1024 bins per axis, order x y x y
+           (:mod:`medvlm.tokens`, what ``medvlm train mllm`` teaches)
 gemini     JSON with ``"box_2d": [ymin,xmin,ymax,xmax]``,               0-1000 per axis, order y x
            ``"point": [y, x]``
 generic    any other JSON: keys box/bbox/bounding_box/coordinates,     pixels of the SENT image
@@ -43,6 +45,7 @@ import numpy as np
 
 from medvlm.coords import Frame, from_loc_tokens, normalized_frame, per_mille_frame, resized_frame
 from medvlm.errors import InputError, input_error
+from medvlm.tokens import decode_box
 from medvlm.types import Box
 
 __all__ = [
@@ -55,7 +58,7 @@ __all__ = [
     "response_format",
 ]
 
-FORMATS: tuple[str, ...] = ("auto", "json", "qwen2vl", "qwen25vl", "paligemma", "gemini", "generic")
+FORMATS: tuple[str, ...] = ("auto", "json", "qwen2vl", "qwen25vl", "paligemma", "medvlm", "gemini", "generic")
 """Values of ``fmt`` accepted by :func:`parse_grounding`."""
 
 GROUNDING_SCHEMA: dict[str, Any] = {
@@ -95,6 +98,7 @@ _LABEL_KEYS = ("label", "name")
 _SCORE_KEYS = ("score", "confidence")
 _LIST_KEYS = ("regions", "boxes", "objects", "detections")
 
+_MEDVLM_RE = re.compile(r"(?:([^;:<>\n]*):\s*)?<box>\s*((?:<loc\d{4}>\s*){4})</box>")
 _LOC_RE = re.compile(r"((?:<loc\d{4}>\s*){4})(?:<seg\d{3}>\s*)*([^;<]*)")
 _QWEN_TOKENS = ("<|box_start|>", "<|object_ref_start|>")
 _QWEN_RE = re.compile(
@@ -136,7 +140,7 @@ class ParsedRegion:
 class ParseResult:
     """What :func:`parse_grounding` found.
 
-    ``format``: one of ``json qwen2vl qwen25vl paligemma gemini generic`` when geometry (or an explicit empty
+    ``format``: one of ``json qwen2vl qwen25vl paligemma medvlm gemini generic`` when geometry (or an explicit empty
     answer such as ``{"regions": []}``) was parsed; ``"empty"`` for a blank reply, ``"none"`` for a "no finding"
     reply, ``"unparsed"`` when nothing could be read (then ``warnings`` starts with ``"reply not parseable:"``).
     """
@@ -255,6 +259,10 @@ def _check_size(size: object, name: str) -> tuple[int, int]:
 def _extract(text: str, fmt: str, warnings: list[str]) -> tuple[str, list[_Raw]] | None:
     """``(format, raw regions)``, or None when nothing in ``text`` reads as geometry or an explicit empty answer."""
     auto = fmt == "auto"
+    if fmt == "medvlm" or (auto and "<box>" in text and "<loc" in text):
+        raws = _medvlm(text, warnings)
+        if raws or not auto:
+            return ("medvlm", raws) if raws else None
     if fmt == "paligemma" or (auto and "<loc" in text):
         raws = _paligemma(text, warnings)
         if raws or not auto:
@@ -285,6 +293,17 @@ def _paligemma(text: str, warnings: list[str]) -> list[_Raw]:
     leftover = len(re.findall(r"<loc\d{4}>", text)) - 4 * len(raws)
     if leftover:
         warnings.append(f"{leftover} <loc> token(s) not in groups of four ignored")
+    return raws
+
+
+def _medvlm(text: str, warnings: list[str]) -> list[_Raw]:
+    raws = []
+    for match in _MEDVLM_RE.finditer(text):
+        bins = [float(b) for b in re.findall(r"<loc(\d{4})>", match.group(2))]
+        raws.append(_Raw(bins, [], (match.group(1) or "").strip() or None, None))
+    leftover = text.count("<box>") - len(raws)
+    if leftover:
+        warnings.append(f"{leftover} <box> group(s) without 4 <loc> tokens ignored")
     return raws
 
 
@@ -523,6 +542,9 @@ def _convert(raws: list[_Raw], fmt: str, height: int, width: int, sent: tuple[in
         index = raw.index or position
         if fmt == "paligemma":
             box = _loc_box(raw.box, index, height, width, warnings) if raw.box is not None else None
+        elif fmt == "medvlm" and raw.box is not None:
+            # medvlm.tokens' own inverse, exact to the bin for boxes it encoded
+            box = decode_box("<box>" + "".join(f"<loc{int(b):04d}>" for b in raw.box) + "</box>", height, width)
         elif raw.box is not None:
             values = [raw.box[1], raw.box[0], raw.box[3], raw.box[2]] if yx_order else list(raw.box)
             box = _frame_box(values, frame, frame_name, index, height, width, warnings)

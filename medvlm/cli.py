@@ -21,12 +21,16 @@ medvlm: find what a medical phrase refers to in a medical image, as a box, point
 Commands:
   segment     segment structures from box/point prompts (LiteMedSAM, SAM2) or from text (--text: Med-VLM)
   demo        segment the heart and both lungs in the bundled NIH chest X-ray and draw the overlay
-  train       train a model from a YAML recipe (train medvlm CONFIG.yaml: the text-guided segmenter)
+  train       train a model from a YAML recipe (train medvlm CONFIG.yaml: the text-guided segmenter;
+              train mllm CONFIG.yaml: LoRA fine-tuning of a multimodal LLM on the grounding tasks)
+  export      export mllm ADAPTER OUT: merge a fine-tuned adapter into a model folder vLLM serves
+  serve-llm   serve a multimodal LLM (+ LoRA adapters) with vLLM's OpenAI-compatible API on 127.0.0.1
   eval        benchmark suites on annotated data (oracle-box, text-seg: Med-VLM, grounding: phrase -> box)
   ask         answer "where is ...?" on an image: box, points and mask, with anatomy checks
   link-report link every sentence of a radiology report to image regions (grounded / negated / not groundable)
   batch       ground phrases on a folder of images: JSONL + masks, resumable
-  bench       speed and memory benchmarks (bench segment [--text]; bench ask: seconds per question)
+  bench       speed and memory benchmarks (bench segment [--text]; bench ask: seconds per question;
+              bench llm: adapter training samples/s, vLLM vs transformers requests/s)
   models      list every model preset, where its weights come from and whether they are present
 
 Run `medvlm COMMAND --help` for the options of one command.
@@ -166,6 +170,40 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     m.add_argument("--out", default=None, dest="out_dir", help="override the run folder")
     m.add_argument("--cache", default=None, dest="cache_dir", help="override the feature-cache folder")
     m.add_argument("--no-resume", action="store_true", help="start from scratch even when OUT/last exists")
+    t = sub.add_parser("mllm", help="LoRA fine-tune a multimodal LLM (trl SFT + peft) on the grounding tasks",
+                       description="Fine-tune a Qwen2-VL-class model on anatomy grounding / findings / mask tokens "
+                       "/ reference pairs; resumes from OUT/checkpoints. Example: medvlm train mllm "
+                       "finetune/configs/mllm_qwen25vl.yaml")
+    t.add_argument("config", help="YAML config (see finetune/configs/mllm_qwen25vl.yaml)")
+    t.add_argument("--steps", type=int, default=None, help="override the number of optimizer steps")
+    t.add_argument("--out", default=None, dest="out_dir", help="override the run folder")
+    t.add_argument("--base-model", default=None, help="override the base model (hub id or folder)")
+    t.add_argument("--no-resume", action="store_true", help="start from scratch even when checkpoints exist")
+
+
+def _add_export(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="model", metavar="MODEL")
+    sub.required = True
+    m = sub.add_parser("mllm", help="merge a fine-tuned adapter (LoRA + added tokens) into a standalone model",
+                       description="Merge RUN/adapter into its base and save a model folder that vLLM serves: "
+                       "medvlm export mllm runs/mllm/adapter runs/mllm/merged")
+    m.add_argument("adapter", help="adapter folder written by medvlm train mllm (RUN/adapter)")
+    m.add_argument("out", help="output folder for the merged model and processor")
+    m.add_argument("--base-model", default=None, help="base model (default: the one the adapter was trained on)")
+
+
+def _add_serve_llm(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="hub id or folder of the model to serve (base or merged)")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                   help="serve a LoRA adapter under NAME (repeatable); requests for model NAME use it")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--served-name", default=None, help="model name for requests (default: --model)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length cap (tokens)")
+    p.add_argument("--log", default=None, help="write the server's output to this file (default: the terminal)")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for readiness (default 900)")
+    p.add_argument("vllm_args", nargs=argparse.REMAINDER,
+                   help="after --: further vLLM server options, passed through")
 
 
 def _add_grounding(p: argparse.ArgumentParser) -> None:
@@ -177,6 +215,9 @@ def _add_grounding(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llm-url", default=None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1; with "
                    "--llm-model it also extracts the phrase from the question and drives the chat tools")
     p.add_argument("--llm-model", default=None, help="model name at --llm-url, or a local path for transformers")
+    p.add_argument("--llm-answer", choices=("json", "tokens"), default="json",
+                   help="json: any instruction-following VLM answers JSON boxes; tokens: a model fine-tuned by "
+                   "medvlm train mllm answers <box><loc..> tokens (its chat is not used for phrase extraction)")
     p.add_argument("--checkpoint", default=None, help="Med-VLM checkpoint folder (default: the shipped one)")
     p.add_argument("--refine", default="auto", help="auto: LiteMedSAM turns mask-less regions (LLM boxes) into masks; "
                    "none; or a promptable segmenter (litemedsam, sam2) that refines every region")
@@ -232,6 +273,15 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     a.add_argument("--image", default=None, help="image (default: the bundled NIH chest X-ray)")
     a.add_argument("--questions", type=int, default=6, help="number of questions (default 6)")
     a.add_argument("--json", default=None, dest="json_out", help="also write the table as JSON")
+    m = sub.add_parser("llm", help="tiny-model LoRA training samples/s; vLLM vs in-process transformers req/s",
+                       description="On a tiny random Qwen2-VL built offline: adapter training throughput, then the "
+                       "same grounding requests through vLLM's server and through transformers generate, at "
+                       "concurrency 1 and 8.")
+    m.add_argument("--requests", type=int, default=32, help="requests per concurrency level (default 32)")
+    m.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request (default 64)")
+    m.add_argument("--train-steps", type=int, default=20, help="training steps timed (default 20)")
+    m.add_argument("--work", default="runs/bench_llm", help="folder for the tiny model and adapter")
+    m.add_argument("--json", default=None, dest="json_out", help="also write the table as JSON")
 
 
 # name -> (help, add_arguments, "module:function")
@@ -239,6 +289,9 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] 
     "segment": ("segment structures from box/point prompts", _add_segment, "medvlm.commands:run_segment"),
     "demo": ("segment heart and lungs in the bundled chest X-ray", _add_demo, "medvlm.commands:run_demo"),
     "train": ("train a model from a YAML recipe", _add_train, "finetune.recipes:run_train"),
+    "export": ("merge a fine-tuned adapter into a standalone model", _add_export, "finetune.recipes:run_export"),
+    "serve-llm": ("serve a (fine-tuned) multimodal LLM with vLLM's OpenAI-compatible API", _add_serve_llm,
+                  "agents.commands:run_serve_llm"),
     "eval": ("benchmark suites on annotated data", _add_eval, "eval.suites:run_eval"),
     "ask": ("answer where a phrase is in an image", _add_ask, "agents.commands:run_ask"),
     "link-report": ("link report sentences to image regions", _add_link_report, "agents.commands:run_link_report"),

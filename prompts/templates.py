@@ -6,6 +6,9 @@ they work from an installed wheel), so that a result can name the exact prompt t
 - ``"grounding"`` (fields ``phrase``, ``width``, ``height``): locate one phrase; the model must answer only with
   :data:`agents.parsing.GROUNDING_SCHEMA` JSON, boxes in pixels of the image it sees (``width`` x ``height``), and is
   told that the patient's right is on the image left on radiographs and axial CT/MR.
+- ``"grounding_tokens"`` (field ``phrase``): the question a model fine-tuned by ``medvlm train mllm`` was trained
+  on (no system message); it answers ``phrase: <box><locX0><locY0><locX1><locY1></box>`` (:mod:`medvlm.tokens`).
+  :func:`finetune.tasks.anatomy_grounding` builds its examples from this template, so the two never drift apart.
 - ``"extract_target"`` (field ``question``): turn a user question into the phrase to ground; answer
   ``{"phrase": ...}``.
 
@@ -50,8 +53,9 @@ class Template:
 
     def render(self, **fields: Any) -> list[dict[str, Any]]:
         """OpenAI chat messages ``[{"role": "system", ...}, {"role": "user", "content": str}]`` with every field
-        filled (values through ``str``). The caller adds the image part to the user message. Missing or unknown
-        fields raise :class:`~medvlm.errors.InputError`."""
+        filled (values through ``str``); a template with an empty ``system`` gives the user message only. The
+        caller adds the image part to the user message. Missing or unknown fields raise
+        :class:`~medvlm.errors.InputError`."""
         missing = self.fields - fields.keys()
         unknown = fields.keys() - self.fields
         if missing or unknown:
@@ -63,7 +67,8 @@ class Template:
             # one pass, so braces inside a value (a user's phrase) are never substituted again
             return _FIELD_RE.sub(lambda m: str(fields[m.group(1)]), text)
 
-        return [{"role": "system", "content": fill(self.system)}, {"role": "user", "content": fill(self.user)}]
+        user = {"role": "user", "content": fill(self.user)}
+        return [{"role": "system", "content": fill(self.system)}, user] if self.system else [user]
 
 
 def available_versions() -> tuple[str, ...]:
@@ -98,9 +103,10 @@ def _load_cached(version: str) -> dict[str, Template]:
                           received=repr(data)[:120], fix=fix)
     templates = {}
     for name, entry in data["templates"].items():
-        if not (isinstance(entry, dict) and all(isinstance(entry.get(k), str) and entry[k].strip()
-                                                for k in ("system", "user"))):
-            raise input_error(f"{origin} template {name!r}", expected='"system" and "user" non-empty strings',
+        if not (isinstance(entry, dict) and isinstance(entry.get("system"), str)
+                and isinstance(entry.get("user"), str) and entry["user"].strip()):
+            raise input_error(f"{origin} template {name!r}", expected='"system" (may be empty) and "user" (non-empty) '
+                              'strings',
                               received=repr(entry)[:120], fix=fix)
         templates[name] = Template(name=name, system=entry["system"], user=entry["user"])
     absent = [n for n in REQUIRED_TEMPLATES if n not in templates]

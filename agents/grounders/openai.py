@@ -23,7 +23,14 @@ from prompts.templates import load_templates
 if TYPE_CHECKING:
     from medvlm.io import MedicalImage
 
-__all__ = ["QWEN25VL_MAX_PIXELS", "OpenAIGrounder", "check_phrases", "grounding_result"]
+__all__ = ["ANSWER_FORMATS", "QWEN25VL_MAX_PIXELS", "TOKEN_ANSWER_REGEX", "OpenAIGrounder", "check_phrases",
+           "grounding_result"]
+
+ANSWER_FORMATS = ("json", "tokens")
+
+_TOKEN_BOX = r"<box>(<loc[0-9]{4}>){4}</box>"
+TOKEN_ANSWER_REGEX = rf"[^;:<>\n]{{1,60}}: {_TOKEN_BOX}(; [^;:<>\n]{{1,60}}: {_TOKEN_BOX}){{0,7}}"
+"""The syntax a ``medvlm train mllm`` model answers grounding questions in (1 to 8 labelled boxes)."""
 
 QWEN25VL_MAX_PIXELS = 12845056
 """``max_pixels`` in the preprocessor config that Qwen2.5-VL checkpoints ship, hence what vLLM uses by default."""
@@ -41,13 +48,17 @@ class OpenAIGrounder:
         max_tokens: reply length limit.
         qwen25vl_max_pixels: ``max_pixels`` of the server's Qwen2.5-VL processor; used only to map replies in
             Qwen2.5-VL's absolute-pixel format (the server resizes the sent image with ``smart_resize``).
+        answer: ``"json"`` (any instruction-following VLM: the v1 ``grounding`` template, answers in
+            :data:`~agents.parsing.GROUNDING_SCHEMA`) or ``"tokens"`` (a model fine-tuned by ``medvlm train mllm``:
+            the ``grounding_tokens`` template it was trained on, answers ``label: <box>4 x <locNNNN></box>``; with
+            ``structured`` the server is held to that syntax by vLLM's ``structured_outputs`` regex).
     """
 
     name = "openai"
 
     def __init__(self, base_url: str | None = None, model: str | None = None, *, structured: bool = True,
                  max_side: int = 1024, api_key: str | None = None, timeout_s: float = 60.0, max_tokens: int = 512,
-                 qwen25vl_max_pixels: int = QWEN25VL_MAX_PIXELS) -> None:
+                 qwen25vl_max_pixels: int = QWEN25VL_MAX_PIXELS, answer: str = "json") -> None:
         if not base_url:
             raise input_error("openai grounder", expected="the server URL (--llm-url), e.g. http://localhost:8000/v1",
                               received=repr(base_url), fix="pass --llm-url URL (start one with `vllm serve MODEL`)")
@@ -57,13 +68,17 @@ class OpenAIGrounder:
         if not isinstance(max_side, int) or max_side <= 0:
             raise input_error("openai grounder max_side", expected="a positive number of pixels",
                               received=repr(max_side), fix="pass e.g. max_side=1024")
+        if answer not in ANSWER_FORMATS:
+            raise input_error("openai grounder answer", expected=f"one of {ANSWER_FORMATS}", received=repr(answer),
+                              fix="use 'tokens' for models fine-tuned by `medvlm train mllm`, else 'json'")
+        self.answer = answer
         self.client = OpenAIChatClient(base_url, model, api_key=api_key, timeout_s=timeout_s)
         self.model = model
         self.structured = bool(structured)
         self.max_side = max_side
         self.max_tokens = max_tokens
         self.qwen25vl_max_pixels = qwen25vl_max_pixels
-        self.template = load_templates("1")["grounding"]
+        self.template = load_templates("1")["grounding" if answer == "json" else "grounding_tokens"]
 
     def ground_many(self, image: MedicalImage, phrases: Sequence[str]) -> list[GroundingResult]:
         """One request per phrase, all with the same data URL; geometry in pixels of ``image``. Server and
@@ -72,17 +87,23 @@ class OpenAIGrounder:
         url, sent = image_data_url(image.to_rgb_uint8(), max_side=self.max_side)
         results = []
         for phrase in checked:
-            messages = with_image(self.template.render(phrase=phrase, width=sent[1], height=sent[0]), url)
-            reply = self.client.chat(messages, response_format=response_format() if self.structured else None,
-                                     max_tokens=self.max_tokens)
-            parsed = parse_grounding(reply, image_size=image.shape, sent_size=sent)
+            if self.answer == "json":
+                fields = {"phrase": phrase, "width": sent[1], "height": sent[0]}
+                constraint: dict[str, Any] = {"response_format": response_format()} if self.structured else {}
+            else:
+                fields = {"phrase": phrase}
+                constraint = {"structured_outputs": {"regex": TOKEN_ANSWER_REGEX}} if self.structured else {}
+            messages = with_image(self.template.render(**fields), url)
+            reply = self.client.chat(messages, max_tokens=self.max_tokens, **constraint)
+            parsed = parse_grounding(reply, image_size=image.shape, sent_size=sent,
+                                     fmt="auto" if self.answer == "json" else "medvlm")
             frame_size = sent
             if parsed.format == "qwen25vl":  # absolute pixels of the server's own resize of what we sent
                 frame_size = qwen25vl_input_size(*sent, max_pixels=self.qwen25vl_max_pixels)
                 parsed = parse_grounding(reply, image_size=image.shape, sent_size=frame_size, fmt="qwen25vl")
             provenance = {"grounder": self.name, "model": self.model,
                           "structured_output": self.client.last_structured, "sent_size": list(sent),
-                          "frame_size": list(frame_size), "template": "grounding/v1"}
+                          "frame_size": list(frame_size), "template": f"{self.template.name}/v1"}
             results.append(grounding_result(phrase, reply, parsed, provenance))
         return results
 

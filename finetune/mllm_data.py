@@ -1,0 +1,150 @@
+"""SFT data for the multimodal LLM: the task builders (:mod:`finetune.tasks`) run over dataset folders, with every
+image rendered once to a PNG that any processor reads.
+
+The readers give DICOM, NIfTI slices and volumes as well as PNGs; a VLM processor takes RGB pictures. Each image is
+rendered with its own windowing (``MedicalImage.to_rgb_uint8``), downscaled so that its longer side is at most
+``image_max_side`` (aspect kept; answers are location tokens, i.e. fractions of the image, so they stay valid),
+and written to ``<out_dir>/images/<dataset>/<id>.png``. The examples go to ``<out_dir>/data/train.jsonl``: a rerun
+with the same config reuses both.
+
+JSRT/SCR is split as the Med-VLM recipe splits it (``split_ids(val_fraction, split_seed)`` by patient group), and
+its val ids are never turned into examples, so the two models share one held-out set.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medvlm.errors import input_error
+
+__all__ = ["TASKS", "MLLMDataSource", "build_examples", "render_image"]
+
+TASKS: tuple[str, ...] = ("anatomy_grounding", "finding_grounding", "anatomy_segmentation", "relative_position",
+                          "reference_pair", "drr")
+"""Task builders a data source may ask for (names of :mod:`finetune.tasks` functions; ``drr``: synthetic
+radiographs projected from the CT volumes of a TotalSegmentator-style folder, with grounding and mask examples)."""
+
+JSRT = "cxr_jsrt_scr"
+
+
+@dataclass
+class MLLMDataSource:
+    """One data folder: ``name`` (a :func:`medvlm.datasets.open_dataset` name or path), the ``tasks`` built from
+    each of its samples, ``limit`` (first N ids, for quick runs), and ``reference_pairs`` (number of
+    reference-pair examples drawn among its samples, when ``"reference_pair"`` is in ``tasks``)."""
+
+    name: str
+    tasks: list[str] = field(default_factory=lambda: ["anatomy_grounding", "finding_grounding"])
+    limit: int | None = None
+    reference_pairs: int = 0
+
+    def validate(self) -> None:
+        bad = [t for t in self.tasks if t not in TASKS]
+        if bad or not self.tasks:
+            raise input_error(f"data source {self.name!r} tasks", expected=f"a non-empty list among {TASKS}",
+                              received=repr(self.tasks), fix="e.g. tasks: [anatomy_grounding, finding_grounding]")
+
+
+def render_image(sample: Any, path: Path, max_side: int) -> Path:
+    """Write ``sample.image`` as an RGB PNG whose longer side is at most ``max_side`` pixels; kept if present."""
+    from PIL import Image
+
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img = Image.fromarray(sample.image.to_rgb_uint8())
+        scale = max_side / max(img.size)
+        if scale < 1:
+            img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                             Image.Resampling.LANCZOS)
+        tmp = path.with_suffix(".tmp.png")
+        img.save(tmp)
+        tmp.replace(path)  # a killed run never leaves a half-written PNG under the final name
+    return path
+
+
+def build_examples(sources: Sequence[MLLMDataSource], out_dir: str | Path, *, data_root: str | None = None,
+                   image_max_side: int = 512, val_fraction: float = 0.2, split_seed: int = 0,
+                   seed: int = 0) -> tuple[list[dict[str, Any]], list[str]]:
+    """Examples of every source (images rendered under ``out_dir/images``), and the held-out JSRT ids.
+
+    Returns ``(examples, val_ids)``; each example is TRL prompt-completion with ``images`` = PNG paths. Also
+    writes ``out_dir/data/train.jsonl`` (one example per line) and ``out_dir/data/val_ids.txt``.
+    """
+    from finetune import tasks
+    from medvlm.datasets import open_dataset, split_ids
+
+    rng = random.Random(seed)
+    out = Path(out_dir)
+    examples: list[dict[str, Any]] = []
+    val_all: list[str] = []
+    for src in sources:
+        src.validate()
+        ds = open_dataset(src.name, root=data_root)
+        ids = ds.ids()[: src.limit] if src.limit else ds.ids()
+        if Path(src.name).name == JSRT:
+            ids, val = split_ids(ids, val_fraction, split_seed, group=ds.group)
+            val_all += val
+        samples = []
+        per_sample = [t for t in src.tasks if t not in ("reference_pair", "drr")]
+        for sid in ids if per_sample or "reference_pair" in src.tasks else []:
+            sample = ds.load(sid)
+            png = render_image(sample, out / "images" / Path(src.name).name / f"{sid}.png", image_max_side)
+            sample.source = str(png)  # the builders name the image by ``source``
+            samples.append(sample)
+            for task in per_sample:
+                if task == "anatomy_grounding" and sample.masks:
+                    examples += tasks.anatomy_grounding(sample, rng)
+                elif task == "anatomy_segmentation" and sample.masks:
+                    examples += tasks.anatomy_segmentation(sample, rng)
+                elif task == "finding_grounding":
+                    examples += tasks.finding_grounding(sample)
+                elif task == "relative_position" and sample.masks:
+                    examples += tasks.relative_position(sample, rng)
+        if "reference_pair" in src.tasks:
+            examples += _reference_pairs(samples, src.reference_pairs, rng)
+        if "drr" in src.tasks:
+            examples += _drr(ds, out / "images" / Path(src.name).name / "drr", rng)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    with open(out / "data" / "train.jsonl", "w") as f:
+        for example in examples:
+            f.write(json.dumps(example) + "\n")
+    (out / "data" / "val_ids.txt").write_text("".join(f"{v}\n" for v in val_all))
+    return examples, val_all
+
+
+def _reference_pairs(samples: Sequence[Any], n: int, rng: random.Random) -> list[dict[str, Any]]:
+    """``n`` pairs of distinct samples sharing a structure, each asked for one shared structure."""
+    from finetune.tasks import reference_pair
+
+    with_masks = [s for s in samples if s.masks]
+    out: list[dict[str, Any]] = []
+    for _ in range(n if len(with_masks) >= 2 else 0):
+        ref, tgt = rng.sample(with_masks, 2)
+        shared = sorted(set(ref.masks) & set(tgt.masks))
+        if shared:
+            out.append(reference_pair(ref, tgt, rng.choice(shared)))
+    return out
+
+
+def _drr(ds: Any, out: Path, rng: random.Random) -> list[dict[str, Any]]:
+    """DRR grounding + segmentation examples of every CT volume (with its label volume) of a TotalSegmentator-style
+    dataset (``PAIRS`` of image/label files and ``labels()`` naming the label values)."""
+    from finetune.tasks import drr_examples, write_drr_sample
+
+    pairs = getattr(ds, "_pairs", None)
+    if pairs is None:
+        raise input_error("task drr", expected="a TotalSegmentator-style folder (CT + label volumes)",
+                          received=type(ds).__name__, fix="use drr with ct_totalsegmentator_example-like data")
+    examples: list[dict[str, Any]] = []
+    for image_file, seg_file, task, modality in pairs():
+        if modality != "CT":  # Beer-Lambert needs Hounsfield units
+            continue
+        names = {int(k): v for k, v in ds.labels().get(task, {}).get("label_names", {}).items()}
+        drr, png = write_drr_sample(ds.root / image_file, ds.root / seg_file, out, names)
+        examples += drr_examples(drr, png, rng)
+    return examples

@@ -1,0 +1,262 @@
+"""LoRA fine-tuning of a multimodal LLM on the grounding tasks (library code; the recipe is
+``medvlm train mllm CONFIG.yaml``, the export ``medvlm export mllm RUN_DIR OUT_DIR``).
+
+Model: any ``AutoModelForImageTextToText`` checkpoint with an ``AutoProcessor`` (hub id or local folder; the
+documented GPU default is Qwen2.5-VL-3B-Instruct). With ``add_location_tokens`` the 1024 ``<locNNNN>`` tokens and
+``<box>``/``<poly>`` markers of :mod:`medvlm.tokens` join the vocabulary as ordinary (not special) tokens, so
+servers do not strip them from replies; their embedding and output rows start at the mean of the existing rows
+(``resize_token_embeddings(mean_resizing=True)``) and are trained through peft's ``trainable_token_indices``. All
+other base weights stay frozen; LoRA adapters go on the language model's attention and MLP projections only
+(``target_modules`` is a regex that leaves the vision tower out).
+
+Training is TRL's ``SFTTrainer`` on prompt-completion examples (loss on the answer only), with checkpoints every
+``save_steps`` in ``out_dir/checkpoints``; a rerun resumes from the newest. The result ``out_dir/adapter`` is a
+PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``), the processor with its added tokens, and
+``medvlm_mllm.json`` (base model, added tokens, answer format). vLLM serves LoRA weights only, not new token rows:
+an adapter trained without new tokens is served as ``--lora NAME=out_dir/adapter``; one with new tokens is merged
+first (:func:`export_merged`) and the merged folder is served as the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from finetune.mllm_data import MLLMDataSource, build_examples
+from medvlm.errors import input_error
+
+__all__ = ["LANGUAGE_MODEL_LORA_TARGETS", "MLLMTrainConfig", "export_merged", "load_finetuned",
+           "load_mllm_config", "prepare_model", "train_mllm"]
+
+log = logging.getLogger(__name__)
+
+LANGUAGE_MODEL_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+"""LoRA targets: every attention and MLP projection of the language model; Qwen2.5-VL's vision blocks also have
+``gate_proj``/``up_proj``/``down_proj``, so the regex anchors on ``language_model``."""
+
+META_FILE = "medvlm_mllm.json"
+
+
+@dataclass
+class MLLMTrainConfig:
+    """Everything one fine-tuning run depends on; written to ``out_dir/train_config.json``."""
+
+    base_model: str = "Qwen/Qwen2.5-VL-3B-Instruct"
+    out_dir: str = "runs/mllm"
+    data: list[MLLMDataSource] = field(default_factory=lambda: [MLLMDataSource("cxr_jsrt_scr")])
+    data_root: str | None = None
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    image_max_side: int = 512
+    add_location_tokens: bool = True
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: str | list[str] = LANGUAGE_MODEL_LORA_TARGETS
+    steps: int = 1000
+    batch_size: int = 4
+    grad_accum: int = 4
+    lr: float = 2e-4
+    warmup_steps: int = 30
+    save_steps: int = 100
+    logging_steps: int = 10
+    max_length: int | None = None
+    bf16: bool | None = None  # None: bf16 when CUDA is available
+    gradient_checkpointing: bool = False
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not isinstance(self.base_model, str) or not self.base_model.strip():
+            raise input_error("base_model", expected="a hub id or a local model folder", received=repr(self.base_model),
+                              fix="e.g. base_model: Qwen/Qwen2.5-VL-3B-Instruct")
+        ints = {"steps": self.steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                "lora_rank": self.lora_rank, "save_steps": self.save_steps, "logging_steps": self.logging_steps,
+                "image_max_side": self.image_max_side}
+        bad = {k: v for k, v in ints.items() if not isinstance(v, int) or v < 1}
+        if bad:
+            raise input_error("mllm train config", expected="positive integers", received=repr(bad),
+                              fix="e.g. steps: 1000, batch_size: 4, grad_accum: 4, lora_rank: 16")
+        if not self.lr > 0 or not 0 <= self.lora_dropout < 1:
+            raise input_error("mllm train config", expected="lr > 0 and 0 <= lora_dropout < 1",
+                              received=f"lr={self.lr}, lora_dropout={self.lora_dropout}", fix="e.g. lr: 2e-4")
+        if not self.data:
+            raise input_error("data", expected="at least one data source", received="[]",
+                              fix="add e.g. - name: cxr_jsrt_scr")
+        for src in self.data:
+            src.validate()
+
+
+def load_mllm_config(path: str | Path) -> MLLMTrainConfig:
+    """Read a YAML (or JSON) config; unknown keys are an error."""
+    import yaml
+
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    known = {f.name for f in fields(MLLMTrainConfig)}
+    unknown = set(raw) - known
+    if unknown:
+        raise input_error(f"mllm train config {path}", expected=f"keys among {sorted(known)}",
+                          received=str(sorted(unknown)), fix="remove or rename them")
+    if "data" in raw:
+        raw["data"] = [MLLMDataSource(**d) if isinstance(d, dict) else MLLMDataSource(str(d)) for d in raw["data"]]
+    cfg = MLLMTrainConfig(**raw)
+    cfg.validate()
+    return cfg
+
+
+def _load_base(base_model: str, dtype: Any = None) -> tuple[Any, Any]:
+    """(processor, model) of a hub id or folder; InputError naming the fix when it cannot be loaded."""
+    import transformers
+
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(base_model)
+        model = transformers.AutoModelForImageTextToText.from_pretrained(base_model, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise input_error("base model", expected="a multimodal model loadable by AutoModelForImageTextToText",
+                          received=f"{base_model!r} ({type(exc).__name__}: {str(exc)[:200]})",
+                          fix="pass a local folder or a hub id cached on this machine (HF_HUB_OFFLINE=1 needs the "
+                              "cache)") from exc
+    return processor, model
+
+
+def _add_tokens(processor: Any, model: Any) -> list[int]:
+    """Add the location/marker tokens (ordinary tokens); returns their ids. Rows start at the mean row."""
+    from medvlm.tokens import mask_tokens
+
+    tokenizer = processor.tokenizer
+    tokenizer.add_tokens(mask_tokens(), special_tokens=False)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    return [int(i) for i in tokenizer.convert_tokens_to_ids(mask_tokens())]
+
+
+def prepare_model(cfg: MLLMTrainConfig) -> tuple[Any, Any, list[int]]:
+    """(processor, peft model, added token ids): base loaded, tokens added, LoRA attached (only LoRA and the new
+    token rows require grad)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    dtype = torch.bfloat16 if _use_bf16(cfg) else torch.float32
+    processor, model = _load_base(cfg.base_model, dtype)
+    new_ids = _add_tokens(processor, model) if cfg.add_location_tokens else []
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.target_modules, task_type="CAUSAL_LM",
+                      trainable_token_indices={"embed_tokens": new_ids, "lm_head": new_ids} if new_ids else None)
+    return processor, get_peft_model(model, lora), new_ids
+
+
+def _use_bf16(cfg: MLLMTrainConfig) -> bool:
+    import torch
+
+    return bool(cfg.bf16) if cfg.bf16 is not None else torch.cuda.is_available()
+
+
+def _hf_dataset(examples: list[dict[str, Any]]) -> Any:
+    """A datasets.Dataset of prompt/completion/images whose images decode lazily from their PNG paths."""
+    import datasets
+
+    rows = [{"prompt": e["prompt"], "completion": e["completion"], "images": e["images"]} for e in examples]
+    ds = datasets.Dataset.from_list(rows)
+    return ds.cast_column("images", datasets.Sequence(datasets.Image()))
+
+
+def _full_logits_trainer() -> Any:
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    class FullLogitsSFTTrainer(SFTTrainer):
+        """SFTTrainer whose loss is the model's own (full logits). TRL's fused LM head multiplies by
+        ``lm_head.weight`` directly, which skips peft's trainable new-token rows of ``lm_head``."""
+
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+    return FullLogitsSFTTrainer
+
+
+def train_mllm(cfg: MLLMTrainConfig, *, resume: bool = True, examples: list[dict[str, Any]] | None = None
+               ) -> dict[str, Any]:
+    """Run the recipe; returns a summary (steps, first/last logged loss, train samples/s, paths).
+
+    ``examples``: pre-built TRL examples (images as file paths) instead of building them from ``cfg.data``.
+    """
+    from trl import SFTConfig, SFTTrainer
+
+    cfg.validate()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+    val_ids: list[str] = []
+    if examples is None:
+        examples, val_ids = build_examples(cfg.data, out, data_root=cfg.data_root, image_max_side=cfg.image_max_side,
+                                           val_fraction=cfg.val_fraction, split_seed=cfg.split_seed, seed=cfg.seed)
+    if not examples:
+        raise input_error("mllm training data", expected="at least one example", received="none",
+                          fix="check the data sources' names and tasks")
+    processor, model, new_ids = prepare_model(cfg)
+    args = SFTConfig(output_dir=str(out / "checkpoints"), max_steps=cfg.steps,
+                     per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+                     learning_rate=cfg.lr, lr_scheduler_type="cosine", warmup_steps=cfg.warmup_steps,
+                     logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, save_total_limit=2,
+                     seed=cfg.seed, bf16=_use_bf16(cfg), gradient_checkpointing=cfg.gradient_checkpointing,
+                     max_length=cfg.max_length, report_to="none", dataloader_num_workers=0,
+                     remove_unused_columns=False, disable_tqdm=True)
+    trainer_cls = _full_logits_trainer() if new_ids else SFTTrainer
+    trainer = trainer_cls(model=model, args=args, train_dataset=_hf_dataset(examples), processing_class=processor)
+    checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if resume and checkpoints else None)
+    wall = time.perf_counter() - start
+    adapter = out / "adapter"
+    trainer.save_model(str(adapter))
+    processor.save_pretrained(str(adapter))
+    meta = {"base_model": cfg.base_model, "added_tokens": bool(new_ids), "answer_format": "tokens",
+            "servable_as_lora": not new_ids, "val_ids": val_ids}
+    (adapter / META_FILE).write_text(json.dumps(meta, indent=2))
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    summary = {"steps": trainer.state.global_step, "examples": len(examples), "first_loss": losses[0] if losses
+               else None, "last_loss": losses[-1] if losses else None,
+               "train_samples_per_second": result.metrics.get("train_samples_per_second"), "wall_s": round(wall, 2),
+               "adapter": str(adapter), "servable_as_lora": not new_ids}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def load_finetuned(adapter_dir: str | Path, *, base_model: str | None = None) -> tuple[Any, Any]:
+    """(processor, PeftModel) of a recipe's ``adapter`` folder: the base (from ``medvlm_mllm.json`` unless given)
+    with the added tokens restored, then the adapter loaded strictly."""
+    from peft import PeftModel
+
+    folder = Path(adapter_dir)
+    meta_path = folder / META_FILE
+    if not meta_path.exists():
+        raise input_error("fine-tuned adapter", expected=f"a folder written by `medvlm train mllm` (with {META_FILE})",
+                          received=str(folder), fix="pass RUN_DIR/adapter of a finished run")
+    meta = json.loads(meta_path.read_text())
+    processor, model = _load_base(base_model or meta["base_model"])
+    if meta.get("added_tokens"):
+        _add_tokens(processor, model)
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(folder))  # the adapter's copy has the added tokens
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(processor.tokenizer) != rows:
+        raise input_error("fine-tuned adapter", expected="a tokenizer as large as the model's embedding",
+                          received=f"{len(processor.tokenizer)} tokens vs {rows} rows",
+                          fix="load it with the base model it was trained from")
+    return processor, PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+
+
+def export_merged(adapter_dir: str | Path, out_dir: str | Path, *, base_model: str | None = None) -> Path:
+    """Merge LoRA (and new token rows) into the base and save a standalone model + processor to ``out_dir``,
+    servable by vLLM (``medvlm serve-llm --model OUT_DIR``) or transformers."""
+    processor, model = load_finetuned(adapter_dir, base_model=base_model)
+    merged = model.merge_and_unload()
+    out = Path(out_dir)
+    merged.save_pretrained(str(out))
+    processor.save_pretrained(str(out))
+    return out
