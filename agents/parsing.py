@@ -259,10 +259,14 @@ def _check_size(size: object, name: str) -> tuple[int, int]:
 def _extract(text: str, fmt: str, warnings: list[str]) -> tuple[str, list[_Raw]] | None:
     """``(format, raw regions)``, or None when nothing in ``text`` reads as geometry or an explicit empty answer."""
     auto = fmt == "auto"
+    deferred: list[str] = []
     if fmt == "medvlm" or (auto and "<box>" in text and "<loc" in text):
-        raws = _medvlm(text, warnings)
+        own: list[str] = []  # dropped when another format reads the reply after all
+        raws = _medvlm(text, own)
         if raws or not auto:
+            warnings += own
             return ("medvlm", raws) if raws else None
+        deferred = own
     if fmt == "paligemma" or (auto and "<loc" in text):
         raws = _paligemma(text, warnings)
         if raws or not auto:
@@ -282,6 +286,7 @@ def _extract(text: str, fmt: str, warnings: list[str]) -> tuple[str, list[_Raw]]
         raws = _qwen2vl(text)
         if raws:
             return "qwen2vl", raws
+    warnings += deferred
     return None
 
 
@@ -543,8 +548,7 @@ def _convert(raws: list[_Raw], fmt: str, height: int, width: int, sent: tuple[in
         if fmt == "paligemma":
             box = _loc_box(raw.box, index, height, width, warnings) if raw.box is not None else None
         elif fmt == "medvlm" and raw.box is not None:
-            # medvlm.tokens' own inverse, exact to the bin for boxes it encoded
-            box = decode_box("<box>" + "".join(f"<loc{int(b):04d}>" for b in raw.box) + "</box>", height, width)
+            box = _medvlm_box(raw.box, index, height, width, warnings)
         elif raw.box is not None:
             values = [raw.box[1], raw.box[0], raw.box[3], raw.box[2]] if yx_order else list(raw.box)
             box = _frame_box(values, frame, frame_name, index, height, width, warnings)
@@ -615,6 +619,21 @@ def _loc_box(bins: list[float], index: int, height: int, width: int, warnings: l
     if y0 > y1 or x0 > x1:
         warnings.append(f"region {index}: inverted <loc> corners {[int(b) for b in bins]}; swapped")
     return from_loc_tokens([min(y0, y1), min(x0, x1), max(y0, y1), max(x0, x1)], height, width)
+
+
+def _medvlm_box(bins: list[float], index: int, height: int, width: int, warnings: list[str]) -> Box:
+    """medvlm bins ``(x0, y0, x1, y1)`` -> Box through :func:`medvlm.tokens.decode_box` (its exact inverse);
+    bins above 1023 are clipped and inverted corners swapped, each with a warning."""
+    if any(b > 1023 for b in bins):
+        warnings.append(f"region {index}: <loc> bins {[int(b) for b in bins]} above 1023; clipped")
+        bins = [min(b, 1023.0) for b in bins]
+    x0, y0, x1, y1 = bins
+    if x0 > x1 or y0 > y1:
+        warnings.append(f"region {index}: inverted <loc> corners {[int(b) for b in bins]}; swapped")
+    ordered = [min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)]
+    box = decode_box("<box>" + "".join(f"<loc{int(b):04d}>" for b in ordered) + "</box>", height, width)
+    assert box is not None  # four bins in [0, 1023] always decode
+    return box
 
 
 def _score(value: Any, index: int, warnings: list[str]) -> float | None:

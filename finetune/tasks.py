@@ -72,6 +72,14 @@ def _target_masks(sample: Any) -> dict[str, Any]:
     return out
 
 
+def _grounding_question(phrase: str) -> str:
+    """The question of the ``grounding_tokens`` template, which the ``openai`` grounder (``answer="tokens"``) asks
+    a fine-tuned model at inference: one source, so training and serving never drift apart."""
+    from prompts.templates import load_templates
+
+    return str(load_templates("1")["grounding_tokens"].render(phrase=phrase)[-1]["content"])
+
+
 def _targets(sample: Any) -> dict[str, Any]:
     """name -> Box of every structure mask and every chest region its masks define (pixels of the sample)."""
     return {name: box for name, mask in _target_masks(sample).items() if (box := Mask(mask).to_box()) is not None}
@@ -93,7 +101,7 @@ def anatomy_grounding(sample: Any, rng: random.Random) -> list[dict[str, Any]]:
     out = []
     for name, box in sorted(_targets(sample).items()):
         phrase = rng.choice(_phrases(name))
-        out.append(_example("anatomy_grounding", [sample.source], f"Locate the {phrase} in this image.",
+        out.append(_example("anatomy_grounding", [sample.source], _grounding_question(phrase),
                             f"{phrase}: {encode_box(box, h, w)}", target=name, sample_id=sample.id))
     return out
 
@@ -304,7 +312,7 @@ def drr_examples(drr: DRR, source_png: str, rng: random.Random, max_points: int 
         phrase = rng.choice(_phrases(name))
         box = Mask(mask).to_box()
         assert box is not None  # kept masks are non-empty
-        out.append(_example("drr_grounding", [source_png], f"Locate the {phrase} in this image.",
+        out.append(_example("drr_grounding", [source_png], _grounding_question(phrase),
                             f"{phrase}: {encode_box(box, h, w)}", target=name, mask=raw, sample_id=source_png))
     for name, raw, mask in kept:
         phrase = rng.choice(_phrases(name))

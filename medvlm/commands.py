@@ -189,6 +189,10 @@ def _format_bench_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if args.bench == "llm":
+        from eval.bench_llm import run_bench_llm
+
+        return run_bench_llm(args)
     if args.bench == "ask":
         from agents.commands import run_bench_ask
 

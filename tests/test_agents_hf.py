@@ -1,4 +1,5 @@
-"""TransformersGrounder with a tiny RANDOM Qwen2-VL built offline in the test (no download).
+"""TransformersGrounder with a tiny RANDOM Qwen2-VL built offline (no download) by
+:func:`finetune.tiny_mllm.build_tiny_qwen2vl`.
 
 The model folder is complete: a byte-level BPE tokenizer with Qwen2-VL's special tokens, a Qwen2VLImageProcessor
 (small max_pixels so the vision tower sees few patches), a Qwen2-VL-style chat template and random weights, all
@@ -21,49 +22,15 @@ from agents.grounders.hf import TransformersGrounder
 from medvlm.errors import InputError, MissingDependencyError
 from medvlm.io import MedicalImage
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-            "<|box_start|>", "<|box_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
-    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
 
 @pytest.fixture(scope="module")
 def tiny_qwen2vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from finetune.tiny_mllm import build_tiny_qwen2vl
 
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(SPECIALS)
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
-                                                     pad_token="<|endoftext|>")
-    processor = transformers.Qwen2VLProcessor(
-        image_processor=transformers.Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16),
-        tokenizer=tokenizer, video_processor=transformers.Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
-    ids = {s: tokenizer.convert_tokens_to_ids(s) for s in SPECIALS}
-    config = transformers.Qwen2VLConfig(
-        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "num_key_value_heads": 1,
-                     "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
-                     "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
-                     "pad_token_id": ids["<|endoftext|>"]},
-        vision_config={"depth": 1, "embed_dim": 32, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2,
-                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    torch.manual_seed(0)
-    model = transformers.Qwen2VLForConditionalGeneration(config)
-    folder = tmp_path_factory.mktemp("tiny_qwen2vl")
-    processor.save_pretrained(folder)
-    model.save_pretrained(folder)
-    return folder
+    # the defaults (min_pixels 28*28*4, max_pixels 28*28*16) give the H=56 x W=140 model input asserted below
+    return build_tiny_qwen2vl(tmp_path_factory.mktemp("tiny_qwen2vl"))
 
 
 @pytest.fixture

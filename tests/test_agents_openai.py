@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -19,11 +20,13 @@ import pytest
 from PIL import Image
 
 from agents.grounders.base import build_grounder
-from agents.grounders.openai import OpenAIGrounder
+from agents.grounders.openai import TOKEN_ANSWER_REGEX, OpenAIGrounder
 from agents.llm import LLMError, OpenAIChatClient, image_data_url, with_image
 from agents.parsing import response_format
 from medvlm.errors import InputError
 from medvlm.io import MedicalImage
+from medvlm.tokens import decode_box, encode_box
+from medvlm.types import Box
 from tests.fake_http import serve_json
 
 S = 2000 / 1024  # original pixels per sent pixel
@@ -133,6 +136,89 @@ def test_unstructured_grounder_sends_no_response_format(server: FakeServer, imag
     (result,) = grounder(server, structured=False).ground_many(image, ["heart"])
     assert "response_format" not in server.requests[0]["body"]
     assert result.regions[0].provenance["structured_output"] is False
+
+
+def test_unstructured_grounder_sends_neither_constraint(server: FakeServer, image: MedicalImage) -> None:
+    server.reply("(100,200),(300,400)")
+    server.reply("heart: <box><loc0000><loc0000><loc0511><loc0511></box>")
+    grounder(server, structured=False).ground_many(image, ["heart"])
+    grounder(server, structured=False, answer="tokens").ground_many(image, ["heart"])
+    for request in server.requests:
+        assert "response_format" not in request["body"] and "structured_outputs" not in request["body"]
+
+
+# ------------------------------------------------------------------------------------------------ token answers
+
+
+def test_token_answer_request_and_reply_in_original_pixels(server: FakeServer, image: MedicalImage) -> None:
+    truth = Box(500.0, 250.0, 1000.0, 500.0)
+    reply = f"heart: {encode_box(truth, 1000, 2000)}"  # bins of the ORIGINAL image, whatever size was sent
+    server.reply(reply)
+    (result,) = grounder(server, answer="tokens").ground_many(image, ["heart"])
+
+    body = server.requests[0]["body"]
+    assert body["structured_outputs"] == {"regex": TOKEN_ANSWER_REGEX} and "response_format" not in body
+    (user,) = body["messages"]  # no system message: the fine-tuned model was trained without one
+    assert user["role"] == "user"
+    image_part, text_part = user["content"]
+    assert image_part["type"] == "image_url" and image_part["image_url"]["url"].startswith("data:image/png;base64,")
+    assert text_part == {"type": "text", "text": "Locate the heart in this image."}
+
+    assert result.note == "" and len(result.regions) == 1
+    region = result.regions[0]
+    assert region.box == decode_box(reply, 1000, 2000) and region.label == "heart"
+    assert all(abs(a - b) <= 2000 / 1024 for a, b in zip(region.box.to_list(), truth.to_list()))  # one bin
+    assert result.meta["format"] == "medvlm" and result.meta["template"] == "grounding_tokens/v1"
+    assert result.meta["structured_output"] is True and result.meta["sent_size"] == [512, 1024]
+    assert result.meta["raw"] == reply and result.meta["warnings"] == []
+
+
+def test_token_answer_regex_accepts_the_trained_syntax_only() -> None:
+    box = "<box><loc0012><loc0345><loc0678><loc1023></box>"
+    for good in (f"heart: {box}", f"left lung: {box}; right lung: {box}", f"right upper lobe nodule: {box}"):
+        assert re.fullmatch(TOKEN_ANSWER_REGEX, good), good
+    for bad in ('{"regions": [{"label": "heart", "box": [1, 2, 3, 4]}]}', box,  # JSON; no label
+                "heart: <box><loc0012><loc0345><loc0678></box>",  # 3 bins
+                "heart: <box><loc12><loc345><loc678><loc1023></box>",  # not 4 digits
+                f"heart: {box} ", f"heart:{box}", f"heart: {box};right lung: {box}", "",
+                "; ".join([f"rib {k}: {box}" for k in range(9)])):  # at most 8 boxes
+        assert re.fullmatch(TOKEN_ANSWER_REGEX, bad) is None, bad
+    assert re.fullmatch(TOKEN_ANSWER_REGEX, "; ".join([f"rib {k}: {box}" for k in range(8)]))
+
+
+def test_token_answer_several_boxes_keep_their_labels(server: FakeServer, image: MedicalImage) -> None:
+    server.reply("left lung: <box><loc0000><loc0000><loc0511><loc0511></box>; "
+                 "right lung: <box><loc0512><loc0000><loc1023><loc1023></box>")
+    (result,) = grounder(server, answer="tokens").ground_many(image, ["lungs"])
+    assert [r.label for r in result.regions] == ["left lung", "right lung"]
+    assert result.regions[0].box.x1 < result.regions[1].box.x0 < 1001.0
+
+
+def test_token_answer_without_a_box_is_not_read_in_another_format(server: FakeServer, image: MedicalImage) -> None:
+    server.reply('{"regions": [{"label": "heart", "box": [100, 50, 300, 250]}]}')  # not what a token model says
+    (result,) = grounder(server, answer="tokens", structured=False).ground_many(image, ["heart"])
+    assert result.regions == [] and result.meta["format"] == "unparsed"
+
+
+def test_rejected_structured_outputs_is_retried_without_it(server: FakeServer, image: MedicalImage) -> None:
+    server.replies.append((400, {"object": "error", "message": "Unknown field: structured_outputs", "code": 400}))
+    server.reply("heart: <box><loc0000><loc0000><loc0511><loc0511></box>")
+    server.reply("liver: <box><loc0512><loc0512><loc1023><loc1023></box>")
+    g = grounder(server, answer="tokens")
+    results = g.ground_many(image, ["heart", "liver"])
+    assert len(server.requests) == 3  # 1 refused + 1 retry, then the second phrase goes straight without it
+    assert server.requests[0]["body"]["structured_outputs"] == {"regex": TOKEN_ANSWER_REGEX}
+    assert all("structured_outputs" not in r["body"] and "response_format" not in r["body"]
+               for r in server.requests[1:])
+    assert server.requests[1]["body"]["messages"] == server.requests[0]["body"]["messages"]
+    assert g.client.response_format_rejected is True
+    assert [r.meta["structured_output"] for r in results] == [False, False]
+    assert [r.regions[0].label for r in results] == ["heart", "liver"]
+
+
+def test_unknown_answer_format_raises() -> None:
+    with pytest.raises(InputError, match="answer"):
+        OpenAIGrounder("http://localhost:8000/v1", "m", answer="bogus")
 
 
 # ------------------------------------------------------------------------------------------------ reply formats

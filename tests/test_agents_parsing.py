@@ -19,6 +19,8 @@ from agents.parsing import (
     response_format,
 )
 from medvlm.errors import InputError
+from medvlm.tokens import decode_box, encode_box
+from medvlm.types import Box
 
 IMAGE = (1000, 2000)  # (H, W) original
 SENT = (500, 1000)  # (H, W) as sent
@@ -108,6 +110,104 @@ def test_paligemma_out_of_range_and_inverted_bins() -> None:
     assert boxes(result) == [[1998.0469, 250.0, 2000.0, 750.0]]  # x bins 1023..1023 after clipping 2000 -> 1023
     assert any("above 1023" in w for w in result.warnings)
     assert any("inverted" in w for w in result.warnings)
+
+
+def _iou(a: Box, b: Box) -> float:
+    inter = max(0.0, min(a.x1, b.x1) - max(a.x0, b.x0)) * max(0.0, min(a.y1, b.y1) - max(a.y0, b.y0))
+    return inter / (a.area + b.area - inter)
+
+
+@pytest.mark.parametrize(("size", "box"), [
+    ((300, 700), Box(100.0, 50.0, 400.0, 250.0)),  # smaller than 1024: a bin is 700/1024 x 300/1024 pixels
+    ((2000, 3000), Box(123.0, 456.0, 2345.0, 1789.0)),  # larger: a bin is ~2.93 x ~1.95 pixels
+    ((1000, 2000), Box(0.0, 0.0, 2000.0, 1000.0)),  # the whole image
+])
+def test_medvlm_tokens_round_trip_encode_box_on_a_non_square_image(size: tuple[int, int], box: Box) -> None:
+    height, width = size
+    reply = f"heart: {encode_box(box, height, width)}"
+    # the bins are fractions of the ORIGINAL image: the sent size plays no part
+    for sent in (None, (height // 3, width // 3)):
+        result = parse_grounding(reply, image_size=size, sent_size=sent)
+        assert result.format == "medvlm" and result.warnings == []
+        (region,) = result.regions
+        assert region.label == "heart" and region.points == [] and region.score is None
+        assert region.box is not None and region.box == decode_box(reply, height, width)  # the codec's inverse
+        got = region.box.to_list()
+        bin_x, bin_y = width / 1024, height / 1024
+        assert all(abs(g - e) <= b for g, e, b in zip(got, box.to_list(), (bin_x, bin_y, bin_x, bin_y)))
+        assert _iou(region.box, box) > 0.99
+        assert 0 <= got[0] < got[2] <= width and 0 <= got[1] < got[3] <= height
+
+
+def _loc_box(x0: int, y0: int, x1: int, y1: int, height: int = 1000, width: int = 2000) -> list[float]:
+    """Hand formula of medvlm.tokens: bin b is the pixel (b + 0.5) * size / 1024 - 0.5; x1/y1 are the last pixel
+    + 1; clipped to the image."""
+    def px(b: int, size: int) -> float:
+        return (b + 0.5) * size / 1024 - 0.5
+
+    box = [max(0.0, px(x0, width)), max(0.0, px(y0, height)), min(width, px(x1, width) + 1),
+           min(height, px(y1, height) + 1)]
+    return [round(v, 4) for v in box]
+
+
+def test_medvlm_tokens_several_boxes_labels_and_bin_frame() -> None:
+    reply = ("left lung: <box><loc0000><loc0000><loc0511><loc0511></box>; "
+             "right lung : <box> <loc0512> <loc0256> <loc1023> <loc0767> </box>;<box><loc0000><loc0000><loc1023>"
+             "<loc1023></box>")
+    result = parse(reply)
+    assert result.format == "medvlm" and result.warnings == []
+    # x first, fractions of the ORIGINAL 2000 x 1000 image (sent_size plays no part)
+    assert boxes(result) == [_loc_box(0, 0, 511, 511), _loc_box(512, 256, 1023, 767), _loc_box(0, 0, 1023, 1023)]
+    assert boxes(result)[0] == [0.4766, 0.0, 999.5234, 500.0117]  # by hand: y0 = -0.0117 clipped to 0
+    assert [r.label for r in result.regions] == ["left lung", "right lung", None]
+    assert parse(reply, fmt="medvlm").regions == result.regions
+
+
+def test_medvlm_is_detected_only_with_box_markup_else_paligemma() -> None:
+    bins = "<loc0256><loc0512><loc0767><loc1023>"
+    medvlm = parse(f"heart: <box>{bins}</box>")
+    paligemma = parse(f"{bins} heart")  # <loc> without <box>: PaliGemma, y x y x
+    assert medvlm.format == "medvlm" and paligemma.format == "paligemma"
+    assert boxes(medvlm) == [_loc_box(256, 512, 767, 1023)]  # x0 y0 x1 y1
+    assert boxes(paligemma) == [[1000.0, 250.0, 2000.0, 750.0]]  # y0 = 256, x0 = 512, y1 = 767, x1 = 1023
+    # a forced format reads only its own syntax
+    assert parse(f"{bins} heart", fmt="medvlm").format == "unparsed"
+    assert parse(f"heart: <box>{bins}</box>", fmt="paligemma").format == "paligemma"  # same bins read y first
+    # <box> text without a medvlm group falls back to PaliGemma
+    assert parse(f"{bins} heart <box>").format == "paligemma"
+
+
+def test_medvlm_malformed_group_warns_and_gives_no_region() -> None:
+    three = "heart: <box><loc0001><loc0002><loc0003></box>"
+    for fmt in ("auto", "medvlm"):
+        result = parse(three, fmt=fmt)
+        assert result.regions == [] and result.format == "unparsed"
+        assert any("without 4 <loc> tokens" in w for w in result.warnings)
+    five = "heart: <box><loc0001><loc0002><loc0003><loc0004><loc0005></box>"
+    assert parse(five, fmt="medvlm").regions == []
+    result = parse(f"{three}; lung: <box><loc0000><loc0000><loc0511><loc0511></box>")
+    assert result.format == "medvlm" and boxes(result) == [_loc_box(0, 0, 511, 511)]
+    assert [r.label for r in result.regions] == ["lung"]
+    assert result.warnings == ["1 <box> group(s) without 4 <loc> tokens ignored"]
+
+
+OVER_1023 = ["<loc2000><loc0100><loc3000><loc0200>", "<loc0100><loc0100><loc2000><loc0200>",
+             "<loc9999><loc9999><loc9999><loc9999>", "<loc1024><loc0000><loc1023><loc1023>"]
+
+
+@pytest.mark.parametrize("bins", OVER_1023)
+def test_medvlm_bins_above_1023_never_raise(bins: str) -> None:
+    result = parse(f"heart: <box>{bins}</box>")  # any 4-digit bin matches the syntax (and TOKEN_ANSWER_REGEX)
+    assert isinstance(result, ParseResult)
+    for region in result.regions:
+        assert region.box is not None
+        assert 0 <= region.box.x0 < region.box.x1 <= 2000 and 0 <= region.box.y0 < region.box.y1 <= 1000
+
+
+@pytest.mark.parametrize("bins", OVER_1023)
+def test_medvlm_bins_above_1023_are_clipped_or_dropped_with_a_warning(bins: str) -> None:
+    result = parse(f"heart: <box>{bins}</box>")
+    assert any("1023" in w for w in result.warnings)  # as for PaliGemma's <loc> bins
 
 
 def test_gemini_box_2d_is_y_first_per_mille() -> None:

@@ -184,3 +184,33 @@ def test_segment_text_refined_by_litemedsam_with_shipped_checkpoint(tmp_path: Pa
     heart, rlung = payload["regions"]
     assert (rlung["box"][0] + rlung["box"][2]) / 2 < 512  # patient's right lung on the image left
     assert 300 < (heart["box"][0] + heart["box"][2]) / 2 < 750
+
+
+@pytest.mark.parametrize("answer", ["tokens", "json"])
+def test_llm_answer_option_reaches_the_openai_grounder(answer: str) -> None:
+    from agents.commands import build_agent
+    from agents.grounders.openai import OpenAIGrounder
+    from agents.llm import OpenAIChatClient
+    from medvlm.cli import build_parser
+
+    url = "http://127.0.0.1:9/v1"  # never contacted: building the agent sends no request
+    args = build_parser().parse_args(["ask", "x.png", "where is the heart?", "--grounder", "openai", "--llm-url", url,
+                                      "--llm-model", "tuned", "--llm-answer", answer])
+    assert args.llm_answer == answer
+    agent = build_agent(args)
+    assert isinstance(agent.grounder, OpenAIGrounder)
+    assert agent.grounder.answer == answer and agent.grounder.model == "tuned"
+    assert agent.grounder.template.name == ("grounding_tokens" if answer == "tokens" else "grounding")
+    if answer == "tokens":
+        assert agent.llm is None  # a token model is no chat model: phrases come from the rule-based extractor
+    else:
+        assert isinstance(agent.llm, OpenAIChatClient) and agent.llm.base_url == url and agent.llm.model == "tuned"
+
+
+def test_llm_answer_defaults_to_json_and_rejects_other_values(capsys: pytest.CaptureFixture[str]) -> None:
+    from medvlm.cli import build_parser
+
+    assert build_parser().parse_args(["ask", "x.png", "q"]).llm_answer == "json"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["ask", "x.png", "q", "--llm-answer", "xml"])
+    assert "--llm-answer" in capsys.readouterr().err

@@ -297,3 +297,34 @@ def test_invalid_data_is_rejected():
         broken["structures"]["heart"][key] = bad
         with pytest.raises(InputError):
             Vocabulary.from_mapping(broken)
+
+
+# ------------------------------------------------------------------------------------------------ chat templates
+
+
+def test_grounding_tokens_template_renders_only_a_user_message():
+    from prompts.templates import load_templates
+
+    template = load_templates("1")["grounding_tokens"]
+    assert template.system == "" and template.fields == {"phrase"}
+    assert template.render(phrase="heart") == [{"role": "user", "content": "Locate the heart in this image."}]
+    # braces in a phrase are kept as written, never filled again
+    assert template.render(phrase="{phrase} lung")[0]["content"] == "Locate the {phrase} lung in this image."
+    with pytest.raises(InputError, match="fields"):
+        template.render(phrase="heart", width=3)
+
+
+def test_templates_with_a_system_text_render_system_then_user():
+    from prompts.templates import REQUIRED_TEMPLATES, load_templates
+
+    templates = load_templates("1")
+    fields: dict[str, dict[str, object]] = {"grounding": {"phrase": "left lung", "width": 640, "height": 480},
+              "extract_target": {"question": "Is the heart enlarged?"}}
+    assert set(fields) == set(REQUIRED_TEMPLATES)
+    for name, values in fields.items():
+        system, user = templates[name].render(**values)
+        assert system == {"role": "system", "content": templates[name].system} and system["content"].strip()
+        assert user["role"] == "user"
+    assert "left lung" in templates["grounding"].render(**fields["grounding"])[1]["content"]
+    assert "640x480 pixels" in templates["grounding"].render(**fields["grounding"])[1]["content"]
+    assert templates["extract_target"].render(question="Q?")[1] == {"role": "user", "content": "Question: Q?"}

@@ -28,7 +28,7 @@ __all__ = ["ANSWER_FORMATS", "QWEN25VL_MAX_PIXELS", "TOKEN_ANSWER_REGEX", "OpenA
 
 ANSWER_FORMATS = ("json", "tokens")
 
-_TOKEN_BOX = r"<box>(<loc[0-9]{4}>){4}</box>"
+_TOKEN_BOX = r"<box>(<loc(0[0-9]{3}|10[01][0-9]|102[0-3])>){4}</box>"  # bins 0000-1023 only
 TOKEN_ANSWER_REGEX = rf"[^;:<>\n]{{1,60}}: {_TOKEN_BOX}(; [^;:<>\n]{{1,60}}: {_TOKEN_BOX}){{0,7}}"
 """The syntax a ``medvlm train mllm`` model answers grounding questions in (1 to 8 labelled boxes)."""
 
