@@ -610,27 +610,27 @@ def _frame_box(values: list[float], frame: Frame, frame_name: str, index: int, h
     return Box(*clipped)
 
 
-def _loc_box(bins: list[float], index: int, height: int, width: int, warnings: list[str]) -> Box:
-    """PaliGemma bins ``(y0, x0, y1, x1)`` -> Box; bins above 1023 are clipped, inverted corners swapped."""
+def _sorted_bins(bins: list[float], index: int, warnings: list[str]) -> list[float]:
+    """Four location bins, two per corner (either axis order): clipped to 1023 and each axis ordered, with a
+    warning for either repair."""
     if any(b > 1023 for b in bins):
         warnings.append(f"region {index}: <loc> bins {[int(b) for b in bins]} above 1023; clipped")
         bins = [min(b, 1023.0) for b in bins]
-    y0, x0, y1, x1 = bins
-    if y0 > y1 or x0 > x1:
+    a0, b0, a1, b1 = bins
+    if a0 > a1 or b0 > b1:
         warnings.append(f"region {index}: inverted <loc> corners {[int(b) for b in bins]}; swapped")
-    return from_loc_tokens([min(y0, y1), min(x0, x1), max(y0, y1), max(x0, x1)], height, width)
+    return [min(a0, a1), min(b0, b1), max(a0, a1), max(b0, b1)]
+
+
+def _loc_box(bins: list[float], index: int, height: int, width: int, warnings: list[str]) -> Box:
+    """PaliGemma bins ``(y0, x0, y1, x1)`` -> Box; bins above 1023 are clipped, inverted corners swapped."""
+    return from_loc_tokens(_sorted_bins(bins, index, warnings), height, width)
 
 
 def _medvlm_box(bins: list[float], index: int, height: int, width: int, warnings: list[str]) -> Box:
     """medvlm bins ``(x0, y0, x1, y1)`` -> Box through :func:`medvlm.tokens.decode_box` (its exact inverse);
     bins above 1023 are clipped and inverted corners swapped, each with a warning."""
-    if any(b > 1023 for b in bins):
-        warnings.append(f"region {index}: <loc> bins {[int(b) for b in bins]} above 1023; clipped")
-        bins = [min(b, 1023.0) for b in bins]
-    x0, y0, x1, y1 = bins
-    if x0 > x1 or y0 > y1:
-        warnings.append(f"region {index}: inverted <loc> corners {[int(b) for b in bins]}; swapped")
-    ordered = [min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)]
+    ordered = _sorted_bins(bins, index, warnings)
     box = decode_box("<box>" + "".join(f"<loc{int(b):04d}>" for b in ordered) + "</box>", height, width)
     assert box is not None  # four bins in [0, 1023] always decode
     return box
