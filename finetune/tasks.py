@@ -37,6 +37,7 @@ import numpy as np
 from medvlm.errors import input_error
 from medvlm.tokens import encode_box, encode_mask
 from medvlm.types import Box, Mask
+from prompts.templates import load_templates
 
 if TYPE_CHECKING:
     from finetune.drr import DRR
@@ -130,8 +131,9 @@ def reference_pair(reference: Any, target: Any, name: str) -> dict[str, Any]:
     ref_box, tgt_box = _targets(reference)[name], _targets(target)[name]
     rh, rw = reference.image.shape
     th, tw = target.image.shape
-    question = (f"The first image is a reference in which the {name} is at {encode_box(ref_box, rh, rw)}. "
-                f"Find the same structure in the second image.")
+    # the template the refseg MLLM path asks at inference, so training and serving share one wording
+    question = str(load_templates("1")["reference_pair"].render(name=name, box=encode_box(ref_box, rh, rw))[-1]
+                   ["content"])
     return _example("reference_pair", [reference.source, target.source], question,
                     f"{name}: {encode_box(tgt_box, th, tw)}", target=name, reference_id=reference.id,
                     sample_id=target.id)
