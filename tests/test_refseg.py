@@ -18,7 +18,7 @@ from medvlm.errors import InputError
 from medvlm.io import MedicalImage
 from medvlm.types import Box, Mask
 from segmentation.base import ImageEmbedding, Prompt, SegmentationResult, SegmenterBase
-from segmentation.refseg import RefSegConfig, ReferenceSegmenter
+from segmentation.refseg import ReferenceSegmenter, RefSegConfig
 from tests.conftest import data_dir
 
 torch = pytest.importorskip("torch")
@@ -50,7 +50,7 @@ class GridSegmenter(SegmenterBase):
         for p in prompts:
             assert p.box is not None
             mask = np.zeros(embedding.original_size, bool)
-            x0, y0, x1, y1 = (int(round(v)) for v in p.box.to_list())
+            x0, y0, x1, y1 = (round(v) for v in p.box.to_list())
             mask[y0:y1, x0:x1] = embedding.extra["pixels"][y0:y1, x0:x1] > 0.5
             out.append(SegmentationResult(mask=Mask(mask), score=1.0, logits=None, prompt=p))
         return out
