@@ -225,6 +225,20 @@ def run_eval(args: argparse.Namespace) -> int:
 
         result = link_report_suite(args.data, split=args.split, limit=args.limit, ids_file=args.ids, seed=args.seed)
         return _emit(result, format_link_report_table(result), args.json_out)
+    elif args.suite == "refseg":
+        from eval.refseg import format_refseg_table, refseg_suite
+
+        result = refseg_suite(args.data, args.references, ks=tuple(args.ks or (1, 5)), seeds=tuple(range(args.seeds)),
+                              limit=args.limit, compare=not args.no_compare)
+        return _emit(result, format_refseg_table(result), args.json_out)
+    elif args.suite == "weakloc":
+        from agents.heatmap import HeatmapConfig
+        from eval.weakloc import DEFAULT_DATASETS, format_weakloc_table, weakloc_suite
+
+        result = weakloc_suite(args.datasets or DEFAULT_DATASETS, sources=args.sources or ("medvlm", "gradcam"),
+                               split=args.split, limit=args.limit, checkpoint=args.checkpoint,
+                               config=HeatmapConfig(box_fraction=args.box_fraction))
+        return _emit(result, format_weakloc_table(result), args.json_out)
     elif args.suite == "text-seg":
         payload, worst = text_seg(args.data, checkpoint=args.checkpoint, split=args.split, level=args.level,
                                   limit=args.limit, ids_file=args.ids)

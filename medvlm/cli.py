@@ -29,6 +29,8 @@ Commands:
   ask         answer "where is ...?" on an image: box, points and mask, with anatomy checks
   link-report link every sentence of a radiology report to image regions (grounded / negated / not groundable)
   batch       ground phrases on a folder of images: JSONL + masks, resumable
+  refseg      segment in new images the structure a reference image shows (mask or box), training-free
+  heatmap     weak localization of a finding: heatmap (Med-VLM or Grad-CAM), anatomy-gated, box + peak
   bench       speed and memory benchmarks (bench segment [--text]; bench ask: seconds per question;
               bench llm: adapter training samples/s, vLLM vs transformers requests/s)
   models      list every model preset, where its weights come from and whether they are present
@@ -111,6 +113,8 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     _add_eval_grounding(sub)
     _add_eval_codec(sub)
     _add_eval_link_report(sub)
+    _add_eval_weakloc(sub)
+    _add_eval_refseg(sub)
 
 
 def _add_eval_grounding(sub: Any) -> None:
@@ -146,6 +150,58 @@ def _add_eval_link_report(sub: Any) -> None:
     r.add_argument("--split", choices=("auto", "val", "all"), default="auto",
                    help="auto: the Med-VLM checkpoint's val ids when they are in this folder, else all")
     r.add_argument("--seed", type=int, default=0, help="seed of the report templates (default 0)")
+
+
+def _add_eval_refseg(sub: Any) -> None:
+    r = sub.add_parser("refseg", help="reference-guided segmentation with k references vs oracle box and text",
+                       description="Segment every target image with k reference images drawn per seed; Dice, HD95, "
+                       "ASD per structure beside LiteMedSAM with the perfect box and the text-guided Med-VLM on the "
+                       "same targets. With one folder, its Med-VLM val split is the targets and its train split the "
+                       "reference pool.")
+    r.add_argument("--data", default="../shared/data/cxr_jsrt_scr", help="target folder (default: %(default)s)")
+    r.add_argument("--references", default=None, help="reference folder (default: the train split of --data)")
+    r.add_argument("--k", type=int, action="append", default=None, dest="ks",
+                   help="references per run; repeatable (default: 1 and 5)")
+    r.add_argument("--seeds", type=int, default=3, help="reference draws per k, averaged (default 3)")
+    r.add_argument("--limit", type=int, default=None, help="only the first N targets")
+    r.add_argument("--no-compare", action="store_true", help="skip the oracle-box and text-guided columns")
+    r.add_argument("--json", default=None, dest="json_out", help="write the results as JSON to this path")
+
+
+def _add_refseg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reference", required=True, help="reference image file (PNG/JPEG/DICOM/NIfTI slice)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--reference-mask", help="mask of the structure on the reference (PNG, white = structure)")
+    g.add_argument("--reference-box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"),
+                   help="box of the structure on the reference, pixels of the original image")
+    p.add_argument("--target", action="append", required=True, help="target image; repeatable (one reference "
+                   "encoding serves all)")
+    p.add_argument("--label", default="structure", help="name of the structure (e.g. heart; default %(default)s)")
+    p.add_argument("--mask-source", choices=("vote", "segmenter"), default="vote",
+                   help="vote: the label-transfer map (default); segmenter: LiteMedSAM from the map's box")
+    p.add_argument("--llm-url", default=None, help="with --llm-model: ask a fine-tuned MLLM (reference pair task) "
+                   "for the target box instead; LiteMedSAM turns it into the mask")
+    p.add_argument("--llm-model", default=None, help="served name of that model")
+    p.add_argument("--out", required=True, help="output folder: per target <stem>.json, overlay and mask")
+
+
+def _add_eval_weakloc(sub: Any) -> None:
+    w = sub.add_parser("weakloc", help="finding heatmaps: pointing game and box IoU, with and without anatomy "
+                       "gating", description="Localize every finding box label (NIH ChestX-ray14 boxes, JSRT nodules) "
+                       "with heatmaps (Med-VLM mask probability, Seg-Grad-CAM of Med-VLM), ungated and gated by the "
+                       "finding's expected regions; report the pointing game (peak in a box) and box IoU per dataset "
+                       "and finding, beside a random point and the anatomy prior alone.")
+    w.add_argument("--data", action="append", default=None, dest="datasets",
+                   help="dataset folder or name; repeatable (default: cxr_nih_bbox and cxr_jsrt_scr)")
+    w.add_argument("--source", action="append", default=None, dest="sources", choices=("medvlm", "gradcam"),
+                   help="heatmap source; repeatable (default: both)")
+    w.add_argument("--limit", type=int, default=None, help="at most N images with boxes per dataset")
+    w.add_argument("--split", choices=("auto", "val", "all"), default="auto",
+                   help="auto: the Med-VLM checkpoint's val ids when they are in a folder, else all")
+    w.add_argument("--box-fraction", type=float, default=0.5,
+                   help="the box is read where the map exceeds this fraction of its maximum (default 0.5)")
+    w.add_argument("--checkpoint", default=None, help="Med-VLM checkpoint folder (default: the shipped one)")
+    w.add_argument("--json", default=None, dest="json_out", help="write the results as JSON to this path")
 
 
 def _add_eval_codec(sub: Any) -> None:
@@ -254,6 +310,25 @@ def _add_batch(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_heatmap(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image", help="image file (PNG/JPEG/DICOM; a frontal chest X-ray for anatomy gating)")
+    p.add_argument("finding", help='the finding, e.g. "cardiomegaly", "left pleural effusion", "nodule"')
+    p.add_argument("--gate", choices=("anatomy", "none"), default="anatomy",
+                   help="anatomy: multiply the map by a soft mask of the regions the finding is expected in "
+                   "(Med-VLM anatomy; not applied to unknown findings or non-chest images, and the output says "
+                   "so); none: the raw map")
+    p.add_argument("--source", choices=("medvlm", "gradcam"), default="medvlm",
+                   help="medvlm: Med-VLM's mask probability for the finding text; gradcam: Seg-Grad-CAM of Med-VLM")
+    p.add_argument("--layer", default=None, help="with --source gradcam: Med-VLM module to differentiate at "
+                   "(default image_proj; e.g. image_encoder.stages.9 re-runs the image encoder)")
+    p.add_argument("--box-fraction", type=float, default=0.5,
+                   help="box = largest connected part of the map above this fraction of its maximum (default 0.5)")
+    p.add_argument("--checkpoint", default=None, help="Med-VLM checkpoint folder (default: the shipped one)")
+    p.add_argument("--slice", type=int, default=None, dest="slice_index", help="slice index for a 3D image")
+    p.add_argument("--out", default="out", help="output directory (default: out): <stem>.heatmap.overlay.png, "
+                   "<stem>.heatmap.png, <stem>.heatmap.json")
+
+
 def _add_bench(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="bench", metavar="BENCH")
     sub.required = True
@@ -292,10 +367,13 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] 
     "export": ("merge a fine-tuned adapter into a standalone model", _add_export, "finetune.recipes:run_export"),
     "serve-llm": ("serve a (fine-tuned) multimodal LLM with vLLM's OpenAI-compatible API", _add_serve_llm,
                   "agents.commands:run_serve_llm"),
+    "refseg": ("segment in targets what a reference image shows", _add_refseg, "agents.commands:run_refseg"),
     "eval": ("benchmark suites on annotated data", _add_eval, "eval.suites:run_eval"),
     "ask": ("answer where a phrase is in an image", _add_ask, "agents.commands:run_ask"),
     "link-report": ("link report sentences to image regions", _add_link_report, "agents.commands:run_link_report"),
     "batch": ("ground phrases on many images, resumable", _add_batch, "agents.commands:run_batch_cli"),
+    "heatmap": ("weak localization of a finding as an (anatomy-gated) heatmap, box and peak", _add_heatmap,
+                "agents.heatmap:run_heatmap"),
     "bench": ("speed and memory benchmarks", _add_bench, "medvlm.commands:run_bench"),
     "models": ("list model presets and whether their weights are present", _add_models,
                "medvlm.registry:run_models"),
