@@ -237,7 +237,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
         result = weakloc_suite(args.datasets or DEFAULT_DATASETS, sources=args.sources or ("medvlm", "gradcam"),
                                split=args.split, limit=args.limit, checkpoint=args.checkpoint,
-                               config=HeatmapConfig(box_fraction=args.box_fraction))
+                               config=HeatmapConfig(box_fraction=args.box_fraction),
+                               learned=args.learned)
         return _emit(result, format_weakloc_table(result), args.json_out)
     elif args.suite == "text-seg":
         payload, worst = text_seg(args.data, checkpoint=args.checkpoint, split=args.split, level=args.level,

@@ -16,6 +16,10 @@ of a uniformly random point (area of the label's boxes / image area), and ``prio
 (peak = their most interior point, box = their largest connected part; the whole image when ungated), which
 shows what the anatomy knows without any heatmap.
 
+Learned gating: with ``learned`` (a Med-VLM checkpoint trained with the prior-mass loss, ``prior_weight`` > 0 in
+its training config), every heatmap source is also run with that model (methods ``L:<source>``), ungated and
+gated; the gate's anatomy always comes from the base model, so the gated columns use the same regions.
+
 Scores: the pointing game (peak inside a ground-truth box of the label; Zhang et al. 2018) and the box IoU
 (heatmap box vs the best-matching ground-truth box of the label; no box = 0).
 """
@@ -93,7 +97,7 @@ def _pick_ids(dataset: Any, meta: dict[str, Any], split: str, limit: int | None)
 
 def weakloc_suite(datasets: Sequence[str] = DEFAULT_DATASETS, *, sources: Sequence[str] = ("medvlm", "gradcam"),
                   split: str = "auto", limit: int | None = None, checkpoint: str | None = None,
-                  config: Any = None) -> dict[str, Any]:
+                  config: Any = None, learned: str | None = None) -> dict[str, Any]:
     """Run the benchmark (see the module docstring) on each dataset folder (name or path).
 
     ``limit``: at most this many images with boxes per dataset. ``config``: an
@@ -115,7 +119,10 @@ def weakloc_suite(datasets: Sequence[str] = DEFAULT_DATASETS, *, sources: Sequen
                           fix="e.g. --source medvlm --source gradcam")
     cfg = config or HeatmapConfig()
     segmenter = MedVLMSegmenter(checkpoint)
-    methods = [f"{s}{g}" for s in sources for g in ("", "+anatomy")] + ["prior"]
+    models: list[tuple[str, Any]] = [("", segmenter)]
+    if learned is not None:
+        models.append(("L:", MedVLMSegmenter(learned)))
+    methods = [f"{t}{s}{g}" for t, _ in models for s in sources for g in ("", "+anatomy")] + ["prior"]
     cases: list[dict[str, Any]] = []
     used_sets: list[dict[str, Any]] = []
     t0 = time.perf_counter()
@@ -127,8 +134,8 @@ def weakloc_suite(datasets: Sequence[str] = DEFAULT_DATASETS, *, sources: Sequen
         for sid in ids:
             sample = dataset.load(sid)
             image = sample.image
-            emb = segmenter.encode(image)
-            anatomy = segment_chest_anatomy(segmenter, image, emb)
+            embs = {tag: model.encode(image) for tag, model in models}
+            anatomy = segment_chest_anatomy(segmenter, image, embs[""])
             by_label: dict[str, list[Box]] = defaultdict(list)
             for ann in sample.boxes:
                 by_label[ann.label].append(ann.box)
@@ -138,9 +145,9 @@ def weakloc_suite(datasets: Sequence[str] = DEFAULT_DATASETS, *, sources: Sequen
                                         "gt_boxes": [[round(v, 1) for v in b.to_list()] for b in gt],
                                         "random": _union_fraction(gt, image.height, image.width),
                                         "is_chest": anatomy.is_chest, "regions": list(plan.regions)}
-                for source in sources:
-                    heat = finding_heatmap(segmenter, emb, label, source=source, image=image, config=cfg)
-                    for gate, key in (("none", source), ("anatomy", f"{source}+anatomy")):
+                for (tag, model), source in ((m, s) for m in models for s in sources):
+                    heat = finding_heatmap(model, embs[tag], label, source=source, image=image, config=cfg)
+                    for gate, key in (("none", f"{tag}{source}"), ("anatomy", f"{tag}{source}+anatomy")):
                         res = read_heatmap(heat, plan, anatomy, gate=gate, source=source, config=cfg)
                         hit, iou = _score(res.peak, res.box, gt)
                         case[key] = {"point": hit, "iou": round(iou, 4), "gated": res.gate_used == "anatomy",
@@ -154,7 +161,9 @@ def weakloc_suite(datasets: Sequence[str] = DEFAULT_DATASETS, *, sources: Sequen
                                  "box": None if box is None else [round(v, 1) for v in box.to_list()]}
                 cases.append(case)
     rows = _rows(cases, methods, [d["name"] for d in used_sets])
-    return {"suite": "weakloc", "checkpoint": segmenter.checkpoint, "box_fraction": cfg.box_fraction,
+    return {"suite": "weakloc", "checkpoint": segmenter.checkpoint,
+            "learned_checkpoint": None if learned is None else models[1][1].checkpoint,
+            "box_fraction": cfg.box_fraction,
             "gate": {"grow": cfg.gate.grow, "soft": cfg.gate.soft}, "cam": {"layer": cfg.cam_layer,
                                                                              "method": cfg.cam_method},
             "datasets": used_sets, "methods": methods, "seconds": round(time.perf_counter() - t0, 1),
@@ -183,7 +192,8 @@ def _rows(cases: Sequence[dict[str, Any]], methods: Sequence[str], names: Sequen
     return rows
 
 
-_SHORT = {"medvlm": "mv", "gradcam": "gc", "medvlm+anatomy": "mv+A", "gradcam+anatomy": "gc+A", "prior": "prior"}
+_SHORT = {"medvlm": "mv", "gradcam": "gc", "medvlm+anatomy": "mv+A", "gradcam+anatomy": "gc+A", "prior": "prior",
+          "L:medvlm": "mvL", "L:gradcam": "gcL", "L:medvlm+anatomy": "mvL+A", "L:gradcam+anatomy": "gcL+A"}
 
 
 def format_weakloc_table(payload: dict[str, Any]) -> str:
@@ -208,7 +218,9 @@ def format_weakloc_table(payload: dict[str, Any]) -> str:
     lines.append(f"pt = pointing game (peak inside a ground-truth box of the finding); IoU = heatmap box vs best "
                  f"ground-truth box; random = expected pt of a uniformly random point; mv = Med-VLM mask "
                  f"probability, gc = Seg-Grad-CAM of Med-VLM ({payload['cam']['layer']}), +A = gated by the "
-                 f"finding's expected regions; prior = those regions alone (interior point, region box)")
+                 f"finding's expected regions; prior = those regions alone (interior point, region box)"
+                 + (f"; L = Med-VLM with learned gating ({Path(payload['learned_checkpoint']).name}), the gate's "
+                    "anatomy from the base model" if payload.get("learned_checkpoint") else ""))
     if gated:
         lines.append("gated cases: " + ", ".join(f"{_SHORT.get(m, m)} {k}/{n_all}" for m, k in gated.items())
                      + " (the others: not a chest film by Med-VLM's lungs, or no region; read ungated)")

@@ -11,6 +11,14 @@ Each step draws ``batch_images`` cached image variants (datasets weighted by ``w
 description level drawn with ``level_weights`` (and a synonym for simple/complex); with probability
 ``negative_prob`` one text names a structure the dataset annotates but this image lacks (target: empty mask).
 
+Learned anatomy gating (``prior_weight`` > 0): each chest radiograph of a batch also gets
+``prior_texts_per_image`` finding phrases ("cardiomegaly", "left pleural effusion", "nodule", ... from
+``prompts.findings``), whose target is no mask but the soft gate of the regions the finding is expected in, built
+from the image's ground-truth anatomy masks (:mod:`finetune.textseg_prior`); the loss adds ``prior_weight`` x the
+share of each finding heatmap's mass outside that gate (:func:`~segmentation.textseg.losses.prior_mass_loss`), so
+the model learns to keep finding maps where the finding can be and no gate is needed at inference.
+``init_from``: a checkpoint folder whose weights start the run (fine-tuning, e.g. the shipped default).
+
 Run folder ``out_dir``: ``last/`` (weights + optimizer + step, for resume), ``best/`` (best val Dice),
 ``log.jsonl`` (one line per eval), ``val_ids.txt``, ``train_config.json``.
 """
@@ -33,7 +41,7 @@ import torch
 from finetune.textseg_cache import CacheEntry, FeatureCache, build_cache
 from medvlm.errors import input_error
 from segmentation.textseg.config import MedVLMConfig
-from segmentation.textseg.losses import bce_dice_loss
+from segmentation.textseg.losses import bce_dice_loss, prior_mass_loss
 from segmentation.textseg.model import MedVLM, build_medvlm
 
 __all__ = ["DataSource", "TrainConfig", "load_train_config", "train_medvlm"]
@@ -75,6 +83,9 @@ class TrainConfig:
     checkpoint_every: int = 100
     eval_limit: int | None = None
     seed: int = 0
+    init_from: str | None = None
+    prior_weight: float = 0.0
+    prior_texts_per_image: int = 2
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_images < 1 or self.texts_per_image < 1:
@@ -85,6 +96,14 @@ class TrainConfig:
         if bad or not self.level_weights or sum(self.level_weights.values()) <= 0:
             raise input_error("level_weights", expected="weights for 'none', 'simple' and/or 'complex'",
                               received=repr(self.level_weights), fix="use {complex: 0.6, simple: 0.4}")
+        if self.prior_weight < 0 or self.prior_texts_per_image < 0:
+            raise input_error("prior_weight / prior_texts_per_image", expected=">= 0 (0 = no learned gating)",
+                              received=f"{self.prior_weight}, {self.prior_texts_per_image}",
+                              fix="use e.g. prior_weight: 0.5, prior_texts_per_image: 2")
+        if self.init_from is not None and not (Path(self.init_from) / "config.json").is_file():
+            raise input_error("init_from", expected="a Med-VLM checkpoint folder (config.json + model.safetensors)",
+                              received=repr(self.init_from),
+                              fix="e.g. init_from: segmentation/textseg/weights/default, or remove the key")
         if not self.data:
             raise input_error("data", expected="at least one data source", received="[]",
                               fix=f"add e.g. - name: {JSRT}")
@@ -135,14 +154,19 @@ def _split(cfg: TrainConfig) -> tuple[list[tuple[str, Any, int, Sequence[str]]],
 
 def _sample_batch(entries: Sequence[CacheEntry], weights: np.ndarray, cache: FeatureCache, cfg: TrainConfig,
                   rng: random.Random, nrng: np.random.Generator) -> tuple[torch.Tensor, list[int], list[str],
-                                                                            torch.Tensor]:
-    """(prefixes (B, ...), row -> image index, texts, targets (R, 1, S, S))."""
+                                                                            torch.Tensor, torch.Tensor]:
+    """(prefixes (B, ...), row -> image index, texts, targets (R, 1, S, S), is_prior (R,) bool).
+
+    Rows with ``is_prior`` are finding phrases whose target is the soft anatomical prior in [0, 1] (learned
+    gating), the others structure texts with a binary mask target."""
+    from finetune.textseg_prior import sample_finding_prior
     from prompts.anatomy import sample_text
 
     picks = nrng.choice(len(entries), size=cfg.batch_images, replace=False, p=weights)
     levels = list(cfg.level_weights)
     lw = [cfg.level_weights[k] for k in levels]
     prefixes, rows, texts, targets = [], [], [], []
+    flags: list[bool] = []
     for bi, idx in enumerate(picks):
         e = entries[int(idx)]
         prefixes.append(cache.prefix[e.key].float())
@@ -161,7 +185,17 @@ def _sample_batch(entries: Sequence[CacheEntry], weights: np.ndarray, cache: Fea
             rows.append(bi)
             tgt = cache.masks[e.key][name] if present else torch.zeros(size, size, dtype=torch.bool)
             targets.append(tgt[None].float())
-    return torch.stack(prefixes), rows, texts, torch.stack(targets)
+            flags.append(False)
+        if cfg.prior_weight > 0:
+            for _ in range(cfg.prior_texts_per_image):
+                found = sample_finding_prior(cache.masks[e.key], rng)
+                if found is None:  # not a chest radiograph with lungs (CT, MR): no prior to learn from
+                    break
+                texts.append(found[0])
+                rows.append(bi)
+                targets.append(torch.from_numpy(found[1])[None])
+                flags.append(True)
+    return torch.stack(prefixes), rows, texts, torch.stack(targets), torch.tensor(flags, dtype=torch.bool)
 
 
 def _forward(model: MedVLM, prefixes: torch.Tensor, rows: list[int], texts: list[str]) -> torch.Tensor:
@@ -209,6 +243,20 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+def _init_from(model: MedVLM, model_cfg: MedVLMConfig, directory: str) -> None:
+    """Copy the trained weights of checkpoint ``directory`` into ``model``, whose config must be the same (a
+    resumed run overwrites them with its own ``last/``)."""
+    from segmentation.textseg.checkpoint import load_medvlm, read_checkpoint_config
+
+    theirs, _ = read_checkpoint_config(directory)
+    if theirs.to_json() != model_cfg.to_json():
+        raise input_error("init_from", expected="a checkpoint built by the same model config as this run",
+                          received=f"{directory} with config {theirs.to_json()}",
+                          fix="set `model:` to that checkpoint's config (its config.json), or drop init_from")
+    source, _ = load_medvlm(directory)
+    model.load_state_dict(source.trainable_state_dict(), strict=False)
+
+
 def _save_state(model: MedVLM, optimizer: torch.optim.Optimizer, step: int, directory: Path,
                 meta: dict[str, Any]) -> None:
     from medvlm.io import atomic_open
@@ -235,8 +283,17 @@ def train_medvlm(cfg: TrainConfig, *, progress: bool = True, resume: bool = True
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    model_cfg = MedVLMConfig.from_json(cfg.model) if cfg.model else MedVLMConfig()
+    if cfg.model:
+        model_cfg = MedVLMConfig.from_json(cfg.model)
+    elif cfg.init_from is not None:  # fine-tuning with no model section: the checkpoint's own architecture
+        from segmentation.textseg.checkpoint import read_checkpoint_config
+
+        model_cfg = read_checkpoint_config(cfg.init_from)[0]
+    else:
+        model_cfg = MedVLMConfig()
     model = build_medvlm(model_cfg)
+    if cfg.init_from is not None:
+        _init_from(model, model_cfg, cfg.init_from)
     trainable, total = model.parameter_counts()
     log.info("Med-VLM parameters: %d trainable / %d total", trainable, total)
     if progress:
@@ -290,9 +347,12 @@ def train_medvlm(cfg: TrainConfig, *, progress: bool = True, resume: bool = True
         raw_model.train()
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, cfg)
-        prefixes, rows, texts, targets = _sample_batch(entries, weights, cache, cfg, rng, nrng)
+        prefixes, rows, texts, targets, is_prior = _sample_batch(entries, weights, cache, cfg, rng, nrng)
         logits = _forward(raw_model, prefixes.to(accelerator.device), rows, texts)
-        loss = bce_dice_loss(logits, targets.to(logits.device))
+        targets, is_prior = targets.to(logits.device), is_prior.to(logits.device)
+        loss = bce_dice_loss(logits[~is_prior], targets[~is_prior])
+        if bool(is_prior.any()):
+            loss = loss + cfg.prior_weight * prior_mass_loss(logits[is_prior], targets[is_prior])
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

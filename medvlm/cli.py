@@ -201,6 +201,8 @@ def _add_eval_weakloc(sub: Any) -> None:
     w.add_argument("--box-fraction", type=float, default=0.5,
                    help="the box is read where the map exceeds this fraction of its maximum (default 0.5)")
     w.add_argument("--checkpoint", default=None, help="Med-VLM checkpoint folder (default: the shipped one)")
+    w.add_argument("--learned", default=None, help="also a Med-VLM checkpoint trained with learned gating "
+                   "(prior_weight > 0, e.g. runs/medvlm_prior/best): columns L:<source>, ungated and gated")
     w.add_argument("--json", default=None, dest="json_out", help="write the results as JSON to this path")
 
 

@@ -318,12 +318,17 @@ def test_eval_weakloc_runs_and_reports_rates(tmp_path: Path, capsys: pytest.Capt
     data_dir("cxr_nih_bbox")
     data_dir("cxr_jsrt_scr")
     out = tmp_path / "weakloc.json"
-    assert main(["eval", "weakloc", "--limit", "1", "--json", str(out)]) == 0
+    # the shipped checkpoint also stands in as the "learned gating" model: its columns must equal the base ones
+    shipped = Path(__file__).resolve().parents[1] / "segmentation" / "textseg" / "weights" / "default"
+    assert main(["eval", "weakloc", "--limit", "1", "--source", "medvlm", "--learned", str(shipped),
+                 "--json", str(out)]) == 0
     payload = json.loads(out.read_text())
     assert [d["n_images"] for d in payload["datasets"]] == [1, 1]
     jsrt = payload["datasets"][1]
     assert jsrt["split"] == "val" and jsrt["n_trained_on"] == 0
-    assert payload["methods"] == ["medvlm", "medvlm+anatomy", "gradcam", "gradcam+anatomy", "prior"]
+    assert payload["methods"] == ["medvlm", "medvlm+anatomy", "L:medvlm", "L:medvlm+anatomy", "prior"]
+    for case in payload["per_case"]:
+        assert case["L:medvlm"] == case["medvlm"] and case["L:medvlm+anatomy"] == case["medvlm+anatomy"]
     for row in payload["rows"]:
         assert 0.0 <= row["random"] <= 1.0
         for m in payload["methods"]:
@@ -332,4 +337,4 @@ def test_eval_weakloc_runs_and_reports_rates(tmp_path: Path, capsys: pytest.Capt
     assert overall["dataset"] == "all" and overall["n"] == 2
     assert 0.0 < overall["random"] < 0.5
     table = capsys.readouterr().out
-    assert "mv+A pt" in table and "cxr_jsrt_scr images (val): " + jsrt["ids"][0] in table
+    assert "mv+A pt" in table and "mvL+A pt" in table and "cxr_jsrt_scr images (val): " + jsrt["ids"][0] in table

@@ -1,4 +1,5 @@
-"""Segmentation loss of Med-VLM: the unweighted sum of binary cross-entropy and soft Dice."""
+"""Losses of Med-VLM: segmentation = the unweighted sum of binary cross-entropy and soft Dice; learned anatomy
+gating = the share of a finding heatmap's mass outside the finding's anatomical prior."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["bce_dice_loss", "soft_dice_loss"]
+__all__ = ["bce_dice_loss", "prior_mass_loss", "soft_dice_loss"]
 
 
 def soft_dice_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
@@ -24,3 +25,17 @@ def soft_dice_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
 def bce_dice_loss(logits: Tensor, target: Tensor) -> Tensor:
     """``BCE(logits, target) + soft Dice`` (both means over the batch); shapes ``(B, 1, H, W)``."""
     return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype)) + soft_dice_loss(logits, target)
+
+
+def prior_mass_loss(logits: Tensor, prior: Tensor) -> Tensor:
+    """Mean over the batch of the heatmap mass outside the anatomical prior: ``sum(q * (1 - prior))`` with
+    ``q = softmax(logits)`` over the pixels of each map.
+
+    ``logits``: ``(B, 1, H, W)`` mask logits for finding phrases; ``prior``: ``(B, 1, H, W)`` in [0, 1], the soft
+    gate of the regions each finding is expected in (1 inside, falling to 0 away from them). In [0, 1]; 0 when all
+    mass lies where the prior is 1. The softmax (not the sigmoid) makes the loss blind to the map's overall scale,
+    so it cannot be lowered by switching the map off; it moves the map's hot part (peak and box) into the prior.
+    """
+    q = torch.softmax(logits.flatten(1).float(), dim=1)
+    outside = 1.0 - prior.flatten(1).to(q.dtype).clamp(0.0, 1.0)
+    return (q * outside).sum(1).mean()
