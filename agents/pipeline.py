@@ -97,12 +97,14 @@ class GroundingAgent:
     for medvlm). ``refine``: "auto" (refine regions that have no mask with LiteMedSAM), "none", or a promptable
     segmenter preset that refines every region ("litemedsam", "sam2"). ``check``: "repair" (default), "flag" or
     "off". ``llm``: an :class:`agents.llm.OpenAIChatClient` used to extract the target phrase from a question;
-    without it the rule-based extractor runs.
+    without it the rule-based extractor runs. ``refiner``: an already built promptable segmenter to refine with
+    (the server shares its LiteMedSAM instead of loading a second copy); default: built on first use from
+    ``refine``.
     """
 
     def __init__(self, grounder: str | Grounder = "medvlm", *, grounder_options: dict[str, Any] | None = None,
                  refine: str = "auto", check: CheckMode = "repair", llm: Any = None,
-                 medvlm_checkpoint: str | None = None) -> None:
+                 medvlm_checkpoint: str | None = None, refiner: Any = None) -> None:
         if check not in ("repair", "flag", "off"):
             raise input_error("--check", expected="repair, flag or off", received=repr(check),
                               fix="use --check repair (default) to fix regions that contradict the phrase")
@@ -117,7 +119,7 @@ class GroundingAgent:
         self.llm = llm
         self._medvlm_checkpoint = medvlm_checkpoint
         self._anatomy_grounder: Any = None
-        self._refiner: Any = None
+        self._refiner: Any = refiner
 
     # ------------------------------------------------------------------------------------------ pieces
 

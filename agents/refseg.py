@@ -32,21 +32,22 @@ __all__ = ["laterality_check", "llm_reference_box", "reference_mask_from_file"]
 _SIDE = re.compile(r"\b(left|right)\b", re.I)
 
 
-def reference_mask_from_file(path: str, shape: tuple[int, int]) -> npt.NDArray[np.bool_]:
-    """A mask image (PNG/JPEG/...: structure brighter than half the maximum) as bool ``(H, W)``; it must have the
-    reference's ``shape``."""
+def reference_mask_from_file(path: str | bytes, shape: tuple[int, int]) -> npt.NDArray[np.bool_]:
+    """A mask image (PNG/JPEG/...: structure brighter than half the maximum), given as a path or the file's bytes
+    (an upload), as bool ``(H, W)``; it must have the reference's ``shape``."""
     from medvlm.io import load_image
 
+    source = "the uploaded mask" if isinstance(path, (bytes, bytearray)) else str(path)
     pixels = load_image(path).pixels
     if pixels.shape != tuple(shape):
         raise input_error("--reference-mask", expected=f"a mask of the reference's size {shape[0]}x{shape[1]} (HxW)",
-                          received=f"{pixels.shape[0]}x{pixels.shape[1]} from {path}",
+                          received=f"{pixels.shape[0]}x{pixels.shape[1]} from {source}",
                           fix="pass the mask drawn on this very reference image")
     top = float(pixels.max())
     mask = pixels > top / 2 if top > 0 else np.zeros(pixels.shape, bool)
     if not mask.any():
         raise input_error("--reference-mask", expected="a mask with the structure in white", received=f"an empty "
-                          f"mask ({path})", fix="check the file: structure pixels must be bright (e.g. 255)")
+                          f"mask ({source})", fix="check the file: structure pixels must be bright (e.g. 255)")
     return np.asarray(mask, bool)
 
 

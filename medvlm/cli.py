@@ -24,6 +24,7 @@ Commands:
   train       train a model from a YAML recipe (train medvlm CONFIG.yaml: the text-guided segmenter;
               train mllm CONFIG.yaml: LoRA fine-tuning of a multimodal LLM on the grounding tasks)
   export      export mllm ADAPTER OUT: merge a fine-tuned adapter into a model folder vLLM serves
+  serve       the HTTP API (segment, ground, link-report, reference-segment, OpenAI chat, batch jobs) and web page
   serve-llm   serve a multimodal LLM (+ LoRA adapters) with vLLM's OpenAI-compatible API on 127.0.0.1
   eval        benchmark suites on annotated data (oracle-box, text-seg: Med-VLM, grounding: phrase -> box)
   ask         answer "where is ...?" on an image: box, points and mask, with anatomy checks
@@ -32,7 +33,8 @@ Commands:
   refseg      segment in new images the structure a reference image shows (mask or box), training-free
   heatmap     weak localization of a finding: heatmap (Med-VLM or Grad-CAM), anatomy-gated, box + peak
   bench       speed and memory benchmarks (bench segment [--text]; bench ask: seconds per question;
-              bench llm: adapter training samples/s, vLLM vs transformers requests/s)
+              bench llm: adapter training samples/s, vLLM vs transformers requests/s;
+              bench serve: HTTP API requests/s and latency under load)
   models      list every model preset, where its weights come from and whether they are present
 
 Run `medvlm COMMAND --help` for the options of one command.
@@ -264,6 +266,29 @@ def _add_serve_llm(p: argparse.ArgumentParser) -> None:
                    help="after --: further vLLM server options, passed through")
 
 
+def _add_serve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only; the API "
+                   "has no authentication)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 = any free port, printed)")
+    p.add_argument("--max-upload-mb", type=float, default=32.0, help="largest request body, MiB (default 32)")
+    p.add_argument("--max-pixels", type=int, default=60_000_000,
+                   help="largest image, rows x columns per slice (default 60000000)")
+    p.add_argument("--workers-threads", "--worker-threads", type=int, default=2, dest="worker_threads",
+                   help="requests running models at once (default 2; the others wait)")
+    p.add_argument("--torch-threads", type=int, default=0, help="torch threads per request (default 0: the CPU "
+                   "count divided by --workers-threads, so concurrent requests do not oversubscribe the cores)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds of model work per request before 504 "
+                   "(default 120)")
+    p.add_argument("--data-dir", default="runs/serve", help="results, exports and batch jobs (default runs/serve; "
+                   "unfinished jobs there resume at start)")
+    p.add_argument("--max-results", type=int, default=256, help="results kept for download, oldest evicted "
+                   "(default 256)")
+    p.add_argument("--cache-size", type=int, default=8, help="image encodings cached per model (default 8)")
+    p.add_argument("--checkpoint", default=None, help="Med-VLM checkpoint folder (default: the shipped one)")
+    p.add_argument("--preload", action="store_true", help="load every model before listening (default: on first "
+                   "use)")
+
+
 def _add_grounding(p: argparse.ArgumentParser) -> None:
     """Options of every command that grounds phrases (ask, link-report, batch)."""
     p.add_argument("--grounder", choices=("medvlm", "openai", "transformers"), default="medvlm",
@@ -350,6 +375,19 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     a.add_argument("--image", default=None, help="image (default: the bundled NIH chest X-ray)")
     a.add_argument("--questions", type=int, default=6, help="number of questions (default 6)")
     a.add_argument("--json", default=None, dest="json_out", help="also write the table as JSON")
+    v = sub.add_parser("serve", help="HTTP API under load: requests/s, p50/p95 latency, errors, server RSS",
+                       description="Start medvlm serve on 127.0.0.1 (ephemeral port) in a subprocess and send a "
+                       "bounded load to /v1/ground (a question) and /v1/segment (a box) on one image at each "
+                       "concurrency; print requests/s, p50 and p95 latency, errors and the server's peak RSS.")
+    v.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16],
+                   help="requests in flight, one row each (default 1 4 16)")
+    v.add_argument("--requests", type=int, default=32, help="requests per row (default 32)")
+    v.add_argument("--endpoint", action="append", choices=("ground", "segment"), default=None,
+                   help="endpoints to load; repeatable (default both)")
+    v.add_argument("--image", default=None, help="image sent (default: the bundled NIH chest X-ray)")
+    v.add_argument("--worker-threads", type=int, default=2, help="the server's --worker-threads (default 2)")
+    v.add_argument("--start-timeout", type=float, default=180.0, help="seconds to wait for the server")
+    v.add_argument("--json", default=None, dest="json_out", help="also write the table as JSON")
     m = sub.add_parser("llm", help="tiny-model LoRA training samples/s; vLLM vs in-process transformers req/s",
                        description="On a tiny random Qwen2-VL built offline: adapter training throughput, then the "
                        "same grounding requests through vLLM's server and through transformers generate, at "
@@ -367,6 +405,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] 
     "demo": ("segment heart and lungs in the bundled chest X-ray", _add_demo, "medvlm.commands:run_demo"),
     "train": ("train a model from a YAML recipe", _add_train, "finetune.recipes:run_train"),
     "export": ("merge a fine-tuned adapter into a standalone model", _add_export, "finetune.recipes:run_export"),
+    "serve": ("the HTTP API (and web page) over the segmenters and the grounding agent", _add_serve,
+              "medvlm.server.run:run_serve"),
     "serve-llm": ("serve a (fine-tuned) multimodal LLM with vLLM's OpenAI-compatible API", _add_serve_llm,
                   "agents.commands:run_serve_llm"),
     "refseg": ("segment in targets what a reference image shows", _add_refseg, "agents.commands:run_refseg"),

@@ -197,6 +197,10 @@ def run_bench(args: argparse.Namespace) -> int:
         from agents.commands import run_bench_ask
 
         return run_bench_ask(args)
+    if args.bench == "serve":
+        from medvlm.server.bench import run_bench_serve
+
+        return run_bench_serve(args)
     from medvlm.io import load_image
     from medvlm.outputs import write_json_atomic
     from segmentation.base import Prompt

@@ -1,0 +1,30 @@
+"""``medvlm serve``: the HTTP API over the grounding agent and the segmenters (FastAPI + uvicorn).
+
+Endpoints (all answer JSON unless a file is asked for; ``GET /openapi.json`` and ``/docs`` describe every field):
+
+- ``GET /healthz``: ``{"status": "ok", "version", "models": {name: loaded}}`` (models load on first use).
+- ``POST /v1/segment``: image + ``box`` (one ``[x0, y0, x1, y1]`` or a list) / ``points``
+  (``{"positive": [[x, y]], "negative": [...]}``) -> LiteMedSAM, and/or ``text`` -> Med-VLM.
+- ``POST /v1/ground``: image + ``text`` (a phrase or a question) -> the grounding agent's answer and regions.
+- ``POST /v1/link-report``: image + ``report`` -> one status per sentence, with its region ids.
+- ``POST /v1/reference-segment``: ``reference`` + ``reference_mask`` (PNG) or ``reference_box``, one or more
+  ``target`` images, ``label`` -> the structure in every target.
+- ``POST /v1/chat/completions``: OpenAI-compatible (the image as a data URL content part); the reply's
+  ``choices[0].message.content`` answers and ``choices[0].message.regions`` / ``regions`` carry the regions.
+- ``GET /v1/results/{result_id}.json``, ``GET /v1/results/{result_id}/masks.{png,zip,nii.gz,dcm}``,
+  ``GET /v1/results/{result_id}/image.png``: a result kept on the server (:mod:`medvlm.server.results`).
+- ``POST /v1/jobs``, ``GET /v1/jobs/{id}``, ``GET /v1/jobs/{id}/results`` (JSONL), ``.../results.zip``:
+  resumable batch grounding (:mod:`medvlm.server.jobs`).
+
+Task endpoints take multipart/form-data (an ``image`` file part, JSON-valued fields as JSON text) or
+application/json (images as base64 or data URLs). Geometry is pixels of the ORIGINAL image (x = column,
+y = row); masks are row-major RLE (:mod:`medvlm.server.rle`). Every error is
+``{"error": {"type", "message", "expected", "fix"}}`` with its HTTP status (400 malformed, 404 unknown id,
+409 export impossible, 413 too large, 415 not an image, 422 invalid, 504 timeout).
+
+Importing this package is cheap: FastAPI and the models load in :mod:`medvlm.server.app` and on first use.
+"""
+
+from medvlm.server.config import ServerConfig
+
+__all__ = ["ServerConfig"]

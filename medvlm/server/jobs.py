@@ -1,0 +1,195 @@
+"""Batch jobs: many images x a few phrases, run in one background thread with :func:`agents.batch.run_batch`.
+
+A job lives in ``DATA_DIR/jobs/<job_id>/``: ``job.json`` (status, phrases, counts), ``inputs/<k>.<format>``
+(the uploaded images, named by their position in the request: client file names are never used) and
+``out/`` (run_batch's ``results.jsonl`` and ``masks/``). The worker runs one job at a time, one image at a
+time (each under the grounding agent's lock, so requests and jobs share the model fairly), and updates
+``job.json`` after each image. run_batch appends a line per (image, phrase) with fsync and skips what is
+already in ``results.jsonl``, so a server stopped mid-job picks the job up again at start and finishes it
+with every item exactly once.
+
+Statuses: ``queued`` -> ``running`` -> ``done`` | ``failed`` (``error`` says why; an unreadable image is not a
+job failure: its lines say ``"status": "error"``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+import time
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from queue import Empty, Queue
+from typing import Any
+
+from medvlm.outputs import write_json_atomic
+from medvlm.server.errors import ApiError
+from medvlm.server.results import check_id, new_id
+
+__all__ = ["JobManager"]
+
+log = logging.getLogger(__name__)
+
+_SUFFIX = {"png": "png", "jpeg": "jpg", "dicom": "dcm", "nifti": "nii", "gzip": "nii.gz"}
+
+
+class JobManager:
+    """Creates jobs, runs them in a worker thread and answers their status and results.
+
+    ``services``: the :class:`~medvlm.server.services.Services` whose grounding agent runs the jobs;
+    ``torch_threads``: torch intra-op threads of the worker thread.
+    :meth:`start` re-queues every job found ``queued`` or ``running`` under ``root`` (a restart resumes them).
+    """
+
+    def __init__(self, root: Path, services: Any, torch_threads: int = 1) -> None:
+        self.root = Path(root)
+        self.torch_threads = torch_threads
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.services = services
+        self._queue: Queue[str] = Queue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        """Start the worker and queue the unfinished jobs of an earlier run, oldest first."""
+        if self._thread is not None:
+            return
+        pending = []
+        for folder in self.root.iterdir():
+            state = self._read(folder.name) if (folder / "job.json").exists() else None
+            if state and state["status"] in ("queued", "running"):
+                pending.append((state.get("created", 0.0), folder.name))
+        for _, job_id in sorted(pending):
+            self._queue.put(job_id)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._work, name="medvlm-jobs", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Ask the worker to stop after the current image (an unfinished job resumes at the next start)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        self._thread = None
+
+    # ------------------------------------------------------------------------------------------------- public
+
+    def create(self, images: Sequence[tuple[bytes, str]], phrases: Sequence[str]) -> dict[str, Any]:
+        """Store a job (``images``: (bytes, format) in request order) and queue it; returns its status."""
+        phrases = [p.strip() for p in phrases]
+        if not phrases or not all(phrases):
+            raise ApiError(422, "invalid_input", "phrases must be non-empty strings",
+                           expected="a JSON list of phrases, e.g. [\"left lung\", \"heart\"]", fix="drop empty phrases")
+        if not images:
+            raise ApiError(422, "missing_image", "a job needs at least one image",
+                           expected="one or more 'images' (file parts or base64)", fix="add the images")
+        job_id = new_id()
+        folder = self.root / job_id
+        (folder / "inputs").mkdir(parents=True)
+        for k, (data, fmt) in enumerate(images):
+            (folder / "inputs" / f"{k:05d}.{_SUFFIX.get(fmt, 'bin')}").write_bytes(data)
+        state = {"id": job_id, "status": "queued", "phrases": phrases, "images": len(images),
+                 "progress": {"done": 0, "total": len(images) * len(phrases)}, "error": None,
+                 "created": time.time()}
+        self._write(job_id, state)
+        self._queue.put(job_id)
+        return state
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        state = self._read(check_id(job_id, "job"))
+        if state is None:
+            raise ApiError(404, "not_found", "no job with this id", expected="the id returned by POST /v1/jobs",
+                           fix="check the id")
+        return state
+
+    def results_jsonl(self, job_id: str) -> bytes:
+        """The job's result lines so far, with the server's file paths replaced by the image's position."""
+        state = self.status(job_id)
+        path = self.root / state["id"] / "out" / "results.jsonl"
+        if not path.exists():
+            return b""
+        lines = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line being written right now
+            rec.pop("key", None)
+            rec["image_index"] = int(Path(str(rec.pop("image", "0"))).name.split(".")[0])
+            lines.append(json.dumps(rec))
+        return ("\n".join(lines) + ("\n" if lines else "")).encode("utf-8")
+
+    def results_zip(self, job_id: str) -> bytes:
+        """A zip with ``results.jsonl`` (as :meth:`results_jsonl`) and ``masks/`` (0/255 PNGs)."""
+        body = self.results_jsonl(job_id)
+        masks = self.root / job_id / "out" / "masks"
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr("results.jsonl", body)
+            if masks.is_dir():
+                for mask in sorted(masks.iterdir()):
+                    zf.write(mask, f"masks/{mask.name}")
+        return buf.getvalue()
+
+    # ------------------------------------------------------------------------------------------------ worker
+
+    def _read(self, job_id: str) -> dict[str, Any] | None:
+        path = self.root / job_id / "job.json"
+        with self._lock:
+            try:
+                return dict(json.loads(path.read_text()))
+            except (FileNotFoundError, json.JSONDecodeError):
+                return None
+
+    def _write(self, job_id: str, state: dict[str, Any]) -> None:
+        with self._lock:
+            write_json_atomic(state, self.root / job_id / "job.json")
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job_id = self._queue.get(timeout=0.2)
+            except Empty:
+                continue
+            try:
+                self._run(job_id)
+            except Exception as exc:  # a job must never kill the worker; its status says what happened
+                log.error("job %s failed: %s", job_id, type(exc).__name__)
+                state = self._read(job_id) or {"id": job_id, "progress": {"done": 0, "total": 0}}
+                state.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:500])
+                self._write(job_id, state)
+
+    def _run(self, job_id: str) -> None:
+        from agents.batch import read_done, run_batch
+
+        state = self._read(job_id)
+        if state is None or state["status"] in ("done", "failed"):
+            return
+        folder = self.root / job_id
+        out = folder / "out"
+        inputs = sorted((folder / "inputs").iterdir())
+        state["status"] = "running"
+        self._write(job_id, state)
+        log.info("job %s: running (%d images x %d phrases)", job_id, len(inputs), len(state["phrases"]))
+        from medvlm.server.services import limit_torch_threads
+
+        limit_torch_threads(self.torch_threads)
+        agent = self.services.agent()
+        for path in inputs:
+            if self._stop.is_set():
+                return  # stays "running": the next start resumes it
+            with self.services.lock("grounding_agent"):
+                run_batch(agent, [path], state["phrases"], out, progress=False)
+            state["progress"]["done"] = len(read_done(out / "results.jsonl"))
+            self._write(job_id, state)
+        state["status"] = "done"
+        self._write(job_id, state)
+        log.info("job %s: done", job_id)
