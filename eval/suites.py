@@ -61,6 +61,21 @@ def n_trained_on(meta: dict[str, Any], dataset_name: str, ids: Sequence[str]) ->
     return 0 if dataset_name not in trained_sources else sum(1 for i in ids if i not in val_ids)
 
 
+def checkpoint_split_ids(meta: dict[str, Any], all_ids: Sequence[str], split: str,
+                         where: object) -> tuple[list[str], str]:
+    """``(ids, used)``: the Med-VLM checkpoint's val ids (its ``meta``) among ``all_ids`` when ``split`` is "val",
+    or "auto" and some are there, with ``used = "val"``; else every id with ``used = "all"``. "val" with none of
+    them in the folder (``where``, for the message) is an input error."""
+    val_ids = set(meta.get("val_ids", []))
+    in_val = [i for i in all_ids if i in val_ids]
+    if split == "val" and not in_val:
+        raise input_error("--split val", expected="a folder holding the checkpoint's val ids",
+                          received=f"none of its {len(val_ids)} val ids in {where}",
+                          fix="use --split auto (the val split where it exists, else every image) or --split all "
+                          "(and read n_trained_on in the result)")
+    return (in_val, "val") if split == "val" or (split == "auto" and in_val) else (list(all_ids), "all")
+
+
 def _score(dataset: Any, ids: Sequence[str], segmenter: Any, make_prompts: Any, *, keep_worst: int,
            structures: Sequence[str] | None, label: str) -> tuple[dict[str, Any], list[WorstCase], float]:
     """Segment every ground-truth structure of every image (one encoding per image) and accumulate metrics.
@@ -141,16 +156,10 @@ def text_seg(data: str | Path, *, checkpoint: str | None = None, split: str = "a
     dataset = open_dataset(data)
     segmenter = MedVLMSegmenter(checkpoint, text_level=level)
     meta = segmenter.meta
-    val_ids = set(meta.get("val_ids", []))
     all_ids = dataset.ids()
-    in_val = [i for i in all_ids if i in val_ids]
-    if split == "val" and not in_val:
-        raise input_error("--split val", expected="a folder holding the checkpoint's val ids",
-                          received=f"none of its {len(val_ids)} val ids in {data}",
-                          fix="use --split all (and read n_trained_on in the result)")
-    used = "val" if split == "val" or (split == "auto" and in_val) else "all"
+    chosen, used = checkpoint_split_ids(meta, all_ids, split, data)
     # an --ids file picks from the whole folder; n_trained_on below still counts any training image in it
-    ids = _select_ids(all_ids if ids_file or used == "all" else in_val, ids_file, limit)
+    ids = _select_ids(all_ids if ids_file else chosen, ids_file, limit)
     trained_on = n_trained_on(meta, dataset.name, ids)
 
     def make_prompts(names: Sequence[str], masks: dict[str, Any]) -> tuple[list[Any], list[list[float]]]:

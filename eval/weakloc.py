@@ -78,16 +78,11 @@ def _prior(plan: Any, anatomy: Any, shape: tuple[int, int]) -> tuple[tuple[float
 def _pick_ids(dataset: Any, meta: dict[str, Any], split: str, limit: int | None) -> tuple[list[str], str]:
     """Ids of the images with boxes, of the checkpoint's val split when it is in this folder (``auto``/``val``)
     else all; the first ``limit`` of them."""
-    val_ids = set(meta.get("val_ids", []))
-    all_ids = dataset.ids()
-    in_val = [i for i in all_ids if i in val_ids]
-    if split == "val" and not in_val:
-        raise input_error("--split val", expected="a folder holding the checkpoint's val ids",
-                          received=f"none of its {len(val_ids)} val ids in {dataset.root}",
-                          fix="use --split auto (the val split where it exists, else every image)")
-    used = "val" if split == "val" or (split == "auto" and in_val) else "all"
+    from eval.suites import checkpoint_split_ids
+
+    candidates, used = checkpoint_split_ids(meta, dataset.ids(), split, dataset.root)
     chosen: list[str] = []
-    for sid in in_val if used == "val" else all_ids:
+    for sid in candidates:
         if limit is not None and len(chosen) >= limit:
             break
         if dataset.load(sid).boxes:

@@ -48,6 +48,7 @@ __all__ = [
     "load_volume",
     "save_mask_png",
     "save_png",
+    "sniff_format",
 ]
 
 MAX_PIXELS_DEFAULT = 60_000_000
@@ -342,14 +343,9 @@ def _opened(source: str | os.PathLike[str] | bytes) -> Iterator[_Source]:
     yield _Source(str(path), path, None, head)
 
 
-def _resolve_format(src: _Source, format: str | None) -> str:
-    if format is not None:
-        fmt = _FORMAT_ALIASES.get(format.strip().lower().lstrip("."))
-        if fmt is None:
-            raise input_error("load_image format", expected=f"one of {sorted(set(_FORMAT_ALIASES.values()))}",
-                              received=repr(format), fix="leave format=None to detect it from the file's bytes")
-        return fmt
-    head = src.head
+def sniff_format(head: bytes) -> str | None:
+    """The container a file's leading bytes (at least 348 of them for NIfTI-1) announce: "png", "jpeg", "dicom"
+    (Part 10: "DICM" at offset 128), "nifti" (NIfTI-1/2 magic), "gzip" (maybe a .nii.gz; look inside), or None."""
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
         return "png"
     if head.startswith(b"\xff\xd8\xff"):
@@ -359,10 +355,25 @@ def _resolve_format(src: _Source, format: str | None) -> str:
     if head[344:348] in (b"n+1\x00", b"ni1\x00") or head[4:8] == b"n+2\x00":
         return "nifti"
     if head.startswith(b"\x1f\x8b"):
-        inner = _gunzip_head(src)
-        if inner[344:348] in (b"n+1\x00", b"ni1\x00") or inner[4:8] == b"n+2\x00":
+        return "gzip"
+    return None
+
+
+def _resolve_format(src: _Source, format: str | None) -> str:
+    if format is not None:
+        fmt = _FORMAT_ALIASES.get(format.strip().lower().lstrip("."))
+        if fmt is None:
+            raise input_error("load_image format", expected=f"one of {sorted(set(_FORMAT_ALIASES.values()))}",
+                              received=repr(format), fix="leave format=None to detect it from the file's bytes")
+        return fmt
+    head = src.head
+    sniffed = sniff_format(head)
+    if sniffed == "gzip":
+        if sniff_format(_gunzip_head(src)) == "nifti":
             return "nifti"
         raise _unsupported(src, "a gzip-compressed file that is not NIfTI")
+    if sniffed is not None:
+        return sniffed
     if src.suffix == ".dcm":
         return "dicom"  # DICOM without the 128-byte preamble has no magic number; the name is all we have
     for magic, name in _KNOWN_UNSUPPORTED:

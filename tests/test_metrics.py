@@ -442,3 +442,15 @@ def test_bad_masks_and_parameters():
         hausdorff(target_mask(), target_mask(), percentile=101)
     with pytest.raises(InputError):
         NSDAccumulator(float("inf"))
+
+
+def test_checkpoint_split_ids_picks_the_val_ids_in_folder_order() -> None:
+    from eval.suites import checkpoint_split_ids
+    from medvlm.errors import InputError
+
+    meta = {"val_ids": ["c", "a", "z"]}
+    assert checkpoint_split_ids(meta, ["a", "b", "c"], "auto", "f") == (["a", "c"], "val")
+    assert checkpoint_split_ids(meta, ["a", "b", "c"], "all", "f") == (["a", "b", "c"], "all")
+    assert checkpoint_split_ids(meta, ["x", "y"], "auto", "f") == (["x", "y"], "all")
+    with pytest.raises(InputError, match="none of its 3 val ids in f"):
+        checkpoint_split_ids(meta, ["x", "y"], "val", "f")

@@ -73,18 +73,11 @@ class Form:
 
 
 def detect_format(data: bytes) -> str | None:
-    """"png", "jpeg", "dicom", "nifti" or "gzip" from the leading bytes; None for anything else."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if data[128:132] == b"DICM":
-        return "dicom"
-    if data[344:348] in (b"n+1\x00", b"ni1\x00") or data[4:8] == b"n+2\x00":
-        return "nifti"
-    if data.startswith(b"\x1f\x8b"):
-        return "gzip"  # a .nii.gz; the loader looks inside and says so when it is another gzip file
-    return None
+    """"png", "jpeg", "dicom", "nifti" or "gzip" (a .nii.gz; the loader looks inside and says so when it is
+    another gzip file) from the leading bytes; None for anything else."""
+    from medvlm.io import sniff_format
+
+    return sniff_format(data)
 
 
 def check_upload(data: bytes, declared: str, name: str) -> Upload:
