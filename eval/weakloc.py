@@ -21,7 +21,9 @@ its training config), every heatmap source is also run with that model (methods 
 gated; the gate's anatomy always comes from the base model, so the gated columns use the same regions.
 
 Scores: the pointing game (peak inside a ground-truth box of the label; Zhang et al. 2018) and the box IoU
-(heatmap box vs the best-matching ground-truth box of the label; no box = 0).
+(heatmap box vs the best-matching ground-truth box of the label; no box = 0); per ungated source also
+``inside``, the share of the map's mass inside the soft gate of the expected regions (what learned gating
+optimises; chest films only).
 """
 
 from __future__ import annotations
@@ -59,6 +61,15 @@ def _score(point: tuple[float, float], box: Box | None, gt: Sequence[Box]) -> tu
     hit = any(pointing_game(point, g) for g in gt)
     iou = max((box_iou(box, g) for g in gt), default=0.0) if box is not None else 0.0
     return hit, float(iou)
+
+
+def _inside_share(heat: Any, region: Any, cfg: Any) -> float:
+    """Share of the (ungated) map's mass inside the soft gate of ``region``: sum(heat x gate) / sum(heat), in
+    [0, 1]; 0 for an all-zero map."""
+    from segmentation.heatmap import gate_weights
+
+    total = float(np.sum(heat))
+    return float(np.sum(heat * gate_weights(region, cfg.gate))) / total if total > 0 else 0.0
 
 
 def _prior(plan: Any, anatomy: Any, shape: tuple[int, int]) -> tuple[tuple[float, float], Box | None, bool]:
@@ -150,6 +161,9 @@ def weakloc_suite(datasets: Sequence[str] = DEFAULT_DATASETS, *, sources: Sequen
                                      "box": None if res.box is None else [round(v, 1) for v in res.box.to_list()]}
                         if gate == "anatomy" and res.gate_reason:
                             case["not_gated"] = res.gate_reason
+                        if gate == "anatomy" and res.gate_mask is not None:
+                            # what learned gating optimises: the raw map's share inside the soft gate
+                            case[f"{tag}{source}"]["inside"] = round(_inside_share(heat, res.gate_mask, cfg), 4)
                 pt, box, gated = _prior(plan, anatomy, image.shape)
                 hit, iou = _score(pt, box, gt)
                 case["prior"] = {"point": hit, "iou": round(iou, 4), "gated": gated, "peak": [round(v, 1) for v in pt],
@@ -173,6 +187,9 @@ def _rows(cases: Sequence[dict[str, Any]], methods: Sequence[str], names: Sequen
             row[m] = {"point": float(np.mean([c[m]["point"] for c in chosen])),
                       "iou": float(np.mean([c[m]["iou"] for c in chosen])),
                       "n_gated": int(sum(c[m]["gated"] for c in chosen))}
+            inside = [c[m]["inside"] for c in chosen if "inside" in c[m]]
+            if inside:
+                row[m]["inside"] = float(np.mean(inside))
         return row
 
     rows = []
@@ -208,6 +225,12 @@ def format_weakloc_table(payload: dict[str, Any]) -> str:
         for m in methods:
             line += f" {row[m]['point']:>9.3f} {row[m]['iou']:>9.3f}"
         lines.append(line)
+    raw = [m for m in methods if "+" not in m and m != "prior"]
+    overall = next((r for r in payload["rows"] if r["dataset"] == "all"), None)
+    if overall is not None and any("inside" in overall[m] for m in raw):
+        lines.append("share of the ungated map's mass inside the finding's (soft) expected regions, over "
+                     "everything: " + ", ".join(f"{_SHORT.get(m, m)} {overall[m]['inside']:.3f}" for m in raw
+                                                if "inside" in overall[m]))
     gated = {m: sum(r[m]["n_gated"] for r in payload["rows"] if r["dataset"] == "all") for m in methods if "+" in m}
     n_all = next((r["n"] for r in payload["rows"] if r["dataset"] == "all"), 0)
     lines.append(f"pt = pointing game (peak inside a ground-truth box of the finding); IoU = heatmap box vs best "

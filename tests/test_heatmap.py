@@ -329,6 +329,7 @@ def test_eval_weakloc_runs_and_reports_rates(tmp_path: Path, capsys: pytest.Capt
     assert payload["methods"] == ["medvlm", "medvlm+anatomy", "L:medvlm", "L:medvlm+anatomy", "prior"]
     for case in payload["per_case"]:
         assert case["L:medvlm"] == case["medvlm"] and case["L:medvlm+anatomy"] == case["medvlm+anatomy"]
+        assert 0.0 <= case["medvlm"]["inside"] <= 1.0  # both images are chest films with a gate
     for row in payload["rows"]:
         assert 0.0 <= row["random"] <= 1.0
         for m in payload["methods"]:
