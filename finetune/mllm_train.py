@@ -57,6 +57,9 @@ class MLLMTrainConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     target_modules: str | list[str] = LANGUAGE_MODEL_LORA_TARGETS
+    #: base modules trained in full and saved with the adapter (peft ``modules_to_save``), e.g.
+    #: ``[multi_modal_projector]`` to align a fresh projector (medvlm-mini stage 1)
+    modules_to_save: list[str] = field(default_factory=list)
     steps: int = 1000
     batch_size: int = 4
     grad_accum: int = 4
@@ -109,8 +112,11 @@ def load_mllm_config(path: str | Path) -> MLLMTrainConfig:
 
 def _load_base(base_model: str, dtype: Any = None) -> tuple[Any, Any]:
     """(processor, model) of a hub id or folder; InputError naming the fix when it cannot be loaded."""
+    import os
+
     import transformers
 
+    base_model = os.path.expanduser(base_model)  # configs may name ~/.cache/medvlm/mini/model
     try:
         processor = transformers.AutoProcessor.from_pretrained(base_model)
         model = transformers.AutoModelForImageTextToText.from_pretrained(base_model, dtype=dtype)
@@ -143,7 +149,8 @@ def prepare_model(cfg: MLLMTrainConfig) -> tuple[Any, Any, list[int]]:
     new_ids = _add_tokens(processor, model) if cfg.add_location_tokens else []
     lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=cfg.target_modules, task_type="CAUSAL_LM",
-                      trainable_token_indices={"embed_tokens": new_ids, "lm_head": new_ids} if new_ids else None)
+                      trainable_token_indices={"embed_tokens": new_ids, "lm_head": new_ids} if new_ids else None,
+                      modules_to_save=list(cfg.modules_to_save) or None)
     return processor, get_peft_model(model, lora), new_ids
 
 
@@ -215,13 +222,13 @@ def train_mllm(cfg: MLLMTrainConfig, *, resume: bool = True, examples: list[dict
     trainer.save_model(str(adapter))
     processor.save_pretrained(str(adapter))
     meta = {"base_model": cfg.base_model, "added_tokens": bool(new_ids), "answer_format": "tokens",
-            "servable_as_lora": not new_ids, "val_ids": val_ids}
+            "servable_as_lora": not new_ids and not cfg.modules_to_save, "val_ids": val_ids}
     (adapter / META_FILE).write_text(json.dumps(meta, indent=2))
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     summary = {"steps": trainer.state.global_step, "examples": len(examples), "first_loss": losses[0] if losses
                else None, "last_loss": losses[-1] if losses else None,
                "train_samples_per_second": result.metrics.get("train_samples_per_second"), "wall_s": round(wall, 2),
-               "adapter": str(adapter), "servable_as_lora": not new_ids}
+               "adapter": str(adapter), "servable_as_lora": not new_ids and not cfg.modules_to_save}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

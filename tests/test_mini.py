@@ -250,3 +250,36 @@ def test_vllm_serves_the_assembled_model(mini_dir: Path, loaded: tuple[Any, Any]
     assert "Paris" in replies[0]["choices"][0]["message"]["content"]
     assert replies[1]["usage"]["prompt_tokens"] == local["input_ids"].shape[1]
     assert replies[1]["choices"][0]["message"]["content"].strip()
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_recipe_trains_the_projector_and_lora_of_the_assembled_model(mini_dir: Path, tmp_path: Path) -> None:
+    """Stage 1 of medvlm-mini through the MLLM recipe: 3 steps on JSRT anatomy grounding with the projector in
+    ``modules_to_save``: the projector and the LoRA weights change, the vision tower does not, and the adapter
+    is marked as not servable as a plain vLLM LoRA (it carries a full module and token rows)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from finetune.mllm_train import MLLMDataSource, MLLMTrainConfig, train_mllm
+    from tests.conftest import data_dir
+
+    folder = data_dir("cxr_jsrt_scr")
+    cfg = MLLMTrainConfig(base_model=str(mini_dir), out_dir=str(tmp_path / "run"), image_max_side=224,
+                          data=[MLLMDataSource(str(folder), ["anatomy_grounding"], limit=2)],
+                          modules_to_save=["multi_modal_projector"], lora_rank=4, lora_alpha=8, lora_dropout=0.0,
+                          steps=3, batch_size=2, grad_accum=1, lr=1e-3, warmup_steps=1, save_steps=3,
+                          logging_steps=1)
+    summary = train_mllm(cfg)
+    assert summary["steps"] == 3 and np.isfinite(summary["last_loss"]) and summary["servable_as_lora"] is False
+    saved = load_file(str(Path(summary["adapter"]) / "adapter_model.safetensors"))
+    base = load_file(str(mini_dir / "model.safetensors"))
+    projector = {k: v for k, v in saved.items() if "multi_modal_projector" in k}
+    assert projector, sorted(saved)[:10]
+    changed = 0
+    for key, value in projector.items():
+        name = key.split("multi_modal_projector.")[-1].replace("modules_to_save.default.", "")
+        original = next(v for k, v in base.items() if k.endswith(f"multi_modal_projector.{name}"))
+        changed += int(not torch.equal(original.to(value.dtype), value))
+    assert changed > 0
+    assert any("lora_" in k for k in saved) and not any("vision_tower" in k for k in saved)
