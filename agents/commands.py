@@ -33,7 +33,7 @@ def build_agent(args: argparse.Namespace) -> Any:
         if not model:
             raise input_error("--grounder transformers", expected="--llm-model PATH (a local HF model folder or id)",
                               received="no --llm-model", fix="pass the model path with --llm-model")
-        options = {"model": model}
+        options = {"model": model, "answer": getattr(args, "llm_answer", "json")}
     llm = None
     # a model fine-tuned to answer location tokens is no chat model: phrases then come from the rule path
     if url and model and getattr(args, "llm_answer", "json") == "json":

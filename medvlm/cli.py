@@ -311,7 +311,8 @@ def _add_grounding(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llm-model", default=None, help="model name at --llm-url, or a local path for transformers")
     p.add_argument("--llm-answer", choices=("json", "tokens"), default="json",
                    help="json: any instruction-following VLM answers JSON boxes; tokens: a model fine-tuned by "
-                   "medvlm train mllm answers <box><loc..> tokens (its chat is not used for phrase extraction)")
+                   "medvlm train mllm answers <box><loc..> tokens (its chat is not used for phrase extraction); "
+                   "for the openai and transformers grounders")
     p.add_argument("--checkpoint", default=None, help="Med-VLM checkpoint folder (default: the shipped one)")
     p.add_argument("--refine", default="auto", help="auto: LiteMedSAM turns mask-less regions (LLM boxes) into masks; "
                    "none; or a promptable segmenter (litemedsam, sam2) that refines every region")

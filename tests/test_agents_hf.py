@@ -97,6 +97,21 @@ def test_qwen25vl_reply_uses_the_processors_input_size(tiny_qwen2vl: Path, image
     assert result.meta["format"] == "qwen25vl" and result.meta["model_input_size"] == [56, 140]
 
 
+def test_token_answer_uses_the_trained_template_and_maps_bins_to_pixels(tiny_qwen2vl: Path, image: MedicalImage,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    grounder = TransformersGrounder(str(tiny_qwen2vl), max_side=200, answer="tokens")
+    calls = fake_generate(grounder, "heart: <box><loc0256><loc0512><loc0768><loc1023></box>", monkeypatch)
+    (result,) = grounder.ground_many(image, ["heart"])
+    # bins of 1024 over the original 600 x 300 image (bin b covers [b, b+1) / 1024 of the side)
+    box = result.regions[0].box.to_list()
+    assert box == pytest.approx([256 / 1024 * 600, 512 / 1024 * 300, 769 / 1024 * 600, 300.0], abs=0.6)
+    assert result.meta["format"] == "medvlm" and result.meta["template"] == "grounding_tokens/v1"
+    prompt = grounder._load()[0].tokenizer.decode(calls[0]["input_ids"][0])
+    assert "Locate the heart in this image." in prompt and "pixels" not in prompt
+    with pytest.raises(InputError, match="answer"):
+        TransformersGrounder(str(tiny_qwen2vl), answer="xml")
+
+
 def test_missing_model_names_the_cli_option() -> None:
     with pytest.raises(InputError, match="--llm-model"):
         TransformersGrounder(None)

@@ -207,6 +207,16 @@ def test_llm_answer_option_reaches_the_openai_grounder(answer: str) -> None:
         assert isinstance(agent.llm, OpenAIChatClient) and agent.llm.base_url == url and agent.llm.model == "tuned"
 
 
+def test_llm_answer_option_reaches_the_transformers_grounder() -> None:
+    from agents.commands import build_agent
+    from medvlm.cli import build_parser
+
+    args = build_parser().parse_args(["ask", "x.png", "q", "--grounder", "transformers", "--llm-model", "/m",
+                                      "--llm-answer", "tokens"])
+    agent = build_agent(args)  # the model loads on first use, not here
+    assert agent.grounder.answer == "tokens" and agent.grounder.template.name == "grounding_tokens"
+
+
 def test_llm_answer_defaults_to_json_and_rejects_other_values(capsys: pytest.CaptureFixture[str]) -> None:
     from medvlm.cli import build_parser
 

@@ -33,12 +33,22 @@ class TransformersGrounder:
         device: torch device string.
         max_new_tokens: reply length limit.
         max_side: longer side, pixels, of the image given to the processor (never enlarged).
+        answer: ``"json"`` (any instruction-following VLM, the v1 ``grounding`` template) or ``"tokens"`` (a model
+            fine-tuned by ``medvlm train mllm``, e.g. a merged medvlm-mini: the ``grounding_tokens`` template it
+            was trained on, replies ``label: <box>4 x <locNNNN></box>``, bins of the image sent). Without vLLM's
+            regex constraint a malformed reply is reported as not parseable.
     """
 
     name = "transformers"
 
     def __init__(self, model: str | None = None, *, device: str = "cpu", max_new_tokens: int = 256,
-                 max_side: int = 1024) -> None:
+                 max_side: int = 1024, answer: str = "json") -> None:
+        from agents.grounders.openai import ANSWER_FORMATS
+
+        if answer not in ANSWER_FORMATS:
+            raise input_error("transformers grounder answer", expected=f"one of {ANSWER_FORMATS}",
+                              received=repr(answer), fix="use 'tokens' for models fine-tuned by `medvlm train mllm`, "
+                              "else 'json'")
         if not isinstance(model, str) or not model.strip():
             raise input_error("transformers grounder", expected="a model folder or hub id (--llm-model)",
                               received=repr(model), fix="pass --llm-model PATH, e.g. a local Qwen2-VL checkpoint")
@@ -46,7 +56,8 @@ class TransformersGrounder:
         self.device = device
         self.max_new_tokens = max_new_tokens
         self.max_side = max_side
-        self.template = load_templates("1")["grounding"]
+        self.answer = answer
+        self.template = load_templates("1")["grounding" if answer == "json" else "grounding_tokens"]
         self._processor: Any = None
         self._model: Any = None
 
@@ -76,20 +87,24 @@ class TransformersGrounder:
         sent = (picture.height, picture.width)
         results = []
         for phrase in checked:
-            messages = self.template.render(phrase=phrase, width=sent[1], height=sent[0])
+            fields = {"phrase": phrase, "width": sent[1], "height": sent[0]} if self.answer == "json" else {
+                "phrase": phrase}
+            messages = self.template.render(**fields)
             messages[-1]["content"] = [{"type": "image"}, {"type": "text", "text": messages[-1]["content"]}]
             prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             inputs = processor(text=[prompt], images=[picture], return_tensors="pt").to(self.device)
             with torch.inference_mode():
                 output = model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
             reply = _decode(processor, output[0, inputs["input_ids"].shape[1]:])
-            parsed = parse_grounding(reply, image_size=image.shape, sent_size=sent)
+            parsed = parse_grounding(reply, image_size=image.shape, sent_size=sent,
+                                     fmt="auto" if self.answer == "json" else "medvlm")
             model_input = _model_input_size(processor, inputs)
             if parsed.format == "qwen25vl":
                 frame = model_input or qwen25vl_input_size(*sent)
                 parsed = parse_grounding(reply, image_size=image.shape, sent_size=frame, fmt="qwen25vl")
             provenance = {"grounder": self.name, "model": self.model_id, "sent_size": list(sent),
-                          "model_input_size": list(model_input) if model_input else None, "template": "grounding/v1"}
+                          "model_input_size": list(model_input) if model_input else None,
+                          "template": f"{self.template.name}/v1"}
             results.append(grounding_result(phrase, reply, parsed, provenance))
         return results
 
