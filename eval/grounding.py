@@ -110,17 +110,22 @@ def grounding_suite(data: str | Path, *, agent: Any = None, split: str = "auto",
     from agents.anatomy import anatomy_from_masks
     from agents.pipeline import GroundingAgent
     from eval.metrics import BoxAccumulator, PointingGameAccumulator
-    from eval.suites import _select_ids, n_trained_on
+    from eval.suites import _select_ids, checkpoint_split_ids, n_trained_on
     from medvlm.datasets import open_dataset
 
     dataset = open_dataset(data)
     agent = agent or GroundingAgent("medvlm", check="off")
     meta = getattr(getattr(agent.grounder, "segmenter", None), "meta", {}) or {}
-    val_ids = set(meta.get("val_ids", []))
+    if not meta:
+        # an LLM grounder has no Med-VLM checkpoint: the held-out split is still the shipped Med-VLM one, which the
+        # MLLM recipe also never trains on
+        from segmentation.textseg.checkpoint import read_checkpoint_config
+        from segmentation.textseg.predictor import default_checkpoint_dir
+
+        meta = read_checkpoint_config(default_checkpoint_dir())[1]
     all_ids = dataset.ids()
-    in_val = [i for i in all_ids if i in val_ids]
-    used = "val" if split == "val" or (split == "auto" and in_val) else "all"
-    ids = _select_ids(in_val if used == "val" and not ids_file else all_ids, ids_file, limit)
+    chosen, used = checkpoint_split_ids(meta, all_ids, split, data)
+    ids = _select_ids(all_ids if ids_file else chosen, ids_file, limit)
     box_acc: dict[str, Any] = defaultdict(lambda: BoxAccumulator((0.5,)))
     box_acc_checked: dict[str, Any] = defaultdict(lambda: BoxAccumulator((0.5,)))
     per_key: dict[str, Any] = defaultdict(lambda: BoxAccumulator((0.5,)))

@@ -219,10 +219,12 @@ def run_eval(args: argparse.Namespace) -> int:
         result = run_ablation(args.ablation, load_train_config(args.config), args.ablation_steps, args.ablation_out)
         return _emit(result, format_ablation(result), args.json_out)
     elif args.suite == "grounding":
+        from agents.commands import build_agent
         from eval.grounding import format_grounding_table, grounding_suite
 
-        result = grounding_suite(args.data, split=args.split, limit=args.limit, ids_file=args.ids, types=args.types,
-                                 mirror=args.mirror)
+        args.check = "off"  # the suite scores the raw regions and applies the anatomy check itself
+        result = grounding_suite(args.data, agent=build_agent(args), split=args.split, limit=args.limit,
+                                 ids_file=args.ids, types=args.types, mirror=args.mirror)
         return _emit(result, format_grounding_table(result), args.json_out)
     elif args.suite == "mask-codec":
         from eval.codec import codec_suite, format_codec_table

@@ -135,6 +135,7 @@ def _add_eval_grounding(sub: Any) -> None:
                    help="auto: the Med-VLM checkpoint's val ids when they are in this folder, else all")
     g.add_argument("--type", action="append", default=None, dest="types",
                    help="only these phrase types (structure, region, nodule, cardiomegaly, ...); repeatable")
+    _add_grounding(g, check=False)
     g.add_argument("--mirror", action="store_true",
                    help="stress test of the anatomy check: flip every region left-right (a grounder that confuses "
                    "the patient's and the image's left) and report what the check recovers")
@@ -300,8 +301,9 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
                    "use)")
 
 
-def _add_grounding(p: argparse.ArgumentParser) -> None:
-    """Options of every command that grounds phrases (ask, link-report, batch)."""
+def _add_grounding(p: argparse.ArgumentParser, *, check: bool = True) -> None:
+    """Options of every command that grounds phrases (ask, link-report, batch; eval grounding without --check,
+    which scores raw and checked regions itself)."""
     p.add_argument("--grounder", choices=("medvlm", "openai", "transformers"), default="medvlm",
                    help="medvlm: embedded offline default (Med-VLM + anatomy regions); openai: an OpenAI-compatible "
                    "multimodal endpoint (vLLM), needs --llm-url and --llm-model; transformers: an in-process HF "
@@ -316,9 +318,10 @@ def _add_grounding(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help="Med-VLM checkpoint folder (default: the shipped one)")
     p.add_argument("--refine", default="auto", help="auto: LiteMedSAM turns mask-less regions (LLM boxes) into masks; "
                    "none; or a promptable segmenter (litemedsam, sam2) that refines every region")
-    p.add_argument("--check", choices=("repair", "flag", "off"), default="repair",
-                   help="anatomy consistency check (laterality, zone): repair (intersect with the named zone), "
-                   "flag, or off")
+    if check:
+        p.add_argument("--check", choices=("repair", "flag", "off"), default="repair",
+                       help="anatomy consistency check (laterality, zone): repair (intersect with the named zone), "
+                       "flag, or off")
 
 
 def _add_ask(p: argparse.ArgumentParser) -> None:

@@ -136,3 +136,23 @@ def test_without_transformers_says_what_to_install(monkeypatch: pytest.MonkeyPat
 def test_build_grounder_preset(tiny_qwen2vl: Path) -> None:
     grounder = build_grounder("transformers", model=str(tiny_qwen2vl))
     assert isinstance(grounder, TransformersGrounder) and grounder.name == "transformers"
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_eval_grounding_runs_an_llm_grounder_on_the_held_out_split(tiny_qwen2vl: Path, tmp_path: Path) -> None:
+    """`medvlm eval grounding --grounder transformers --llm-answer tokens`: the held-out split is the shipped
+    Med-VLM one although the LLM has no Med-VLM checkpoint; a random model finds nothing, and says so per phrase."""
+    import json
+
+    from medvlm.cli import main
+    from tests.conftest import data_dir
+
+    out = tmp_path / "g.json"
+    assert main(["eval", "grounding", "--data", str(data_dir("cxr_jsrt_scr")), "--limit", "1", "--type", "structure",
+                 "--grounder", "transformers", "--llm-model", str(tiny_qwen2vl), "--llm-answer", "tokens",
+                 "--json", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert payload["grounder"] == "transformers" and payload["split"] == "val" and payload["n_trained_on"] == 0
+    structure = payload["per_type"]["structure"]
+    assert structure["n"] == 30 and structure["n_missing"] == 30 and structure["miou"] == 0.0
