@@ -205,7 +205,14 @@ def run_serve_llm(args: argparse.Namespace) -> int:
 
 def run_refseg(args: argparse.Namespace) -> int:
     """``medvlm refseg``: the reference's structure in every target (mask, box, overlay, JSON per target)."""
-    from agents.refseg import as_region, laterality_check, llm_reference_box, reference_mask_from_file
+    from agents.refseg import (
+        add_reference,
+        as_region,
+        laterality_check,
+        llm_reference_box,
+        reference_mask_from_file,
+        transfer_region,
+    )
     from medvlm.io import load_image
     from medvlm.outputs import write_regions
     from medvlm.types import Box, Mask
@@ -220,39 +227,30 @@ def run_refseg(args: argparse.Namespace) -> int:
     name = args.label.strip() or "structure"
     reference = load_image(args.reference)
     sam = build_segmenter("litemedsam")
-    if args.reference_mask:
-        ref_mask = reference_mask_from_file(args.reference_mask, reference.shape)
-    else:
-        box = Box(*args.reference_box)
-        ref_mask = sam.segment(reference, [Prompt(box=box)])[0].mask.data
+    # the label-transfer segmenter also turns a reference box into the reference mask, on the one encoding it keeps
+    rs = ReferenceSegmenter(sam, RefSegConfig(mask_source=args.mask_source))
+    ref_mask = add_reference(rs, reference, name, box=Box(*args.reference_box) if args.reference_box else None,
+                             mask=reference_mask_from_file(args.reference_mask, reference.shape)
+                             if args.reference_mask else None)
     ref_box = Mask(ref_mask).to_box()
-    if ref_box is None:
-        raise input_error("reference", expected="a structure on the reference", received="an empty mask from the "
-                          "reference box", fix="draw the box around the structure")
-    rs = None
+    assert ref_box is not None  # add_reference refuses empty masks
     client = None
     if args.llm_url:
         from agents.llm import OpenAIChatClient
 
         client = OpenAIChatClient(args.llm_url, args.llm_model)
-    else:
-        rs = ReferenceSegmenter(sam, RefSegConfig(mask_source=args.mask_source))
-        rs.add_reference(reference, {name: ref_mask})
     for path in args.target:
         target = load_image(path)
         if client is not None:
             found_box, prov = llm_reference_box(client, reference, ref_box, target, name)
             mask = sam.segment(target, [Prompt(box=found_box)])[0].mask if found_box is not None else None
             region = as_region(name, mask, found_box, None, {**prov, "refined_by": sam.name})
+            if region is not None:
+                region.checks.update(laterality_check(name, ref_mask, region))
         else:
-            assert rs is not None
-            result = rs.segment(target)[name]
-            region = as_region(name, result.mask, result.box, result.score,
-                               {"method": "label transfer", **result.meta})
+            region = transfer_region(rs, target, name, ref_mask)
         stem = Path(path).name.split(".")[0]
         regions = [] if region is None else [region]
-        if region is not None:
-            region.checks.update(laterality_check(name, ref_mask, region))
         written = write_regions(args.out, stem, target, regions,
                                 extra={"model": "refseg", "reference": str(args.reference), "structure": name})
         found = (f"box {' '.join(f'{v:.0f}' for v in region.box.to_list())}" if region is not None

@@ -27,7 +27,7 @@ from medvlm.tokens import encode_box
 from medvlm.types import Box, Mask, Region
 from prompts.templates import load_templates
 
-__all__ = ["laterality_check", "llm_reference_box", "reference_mask_from_file"]
+__all__ = ["add_reference", "laterality_check", "llm_reference_box", "reference_mask_from_file", "transfer_region"]
 
 _SIDE = re.compile(r"\b(left|right)\b", re.I)
 
@@ -93,3 +93,29 @@ def as_region(name: str, mask: Mask | None, box: Box | None, score: float | None
     if box is None:
         return None
     return Region(box=box, label=name, mask=mask, score=score, provenance=provenance)
+
+
+def add_reference(rs: Any, reference: Any, name: str, *, mask: npt.NDArray[np.bool_] | None = None,
+                  box: Box | None = None) -> npt.NDArray[np.bool_]:
+    """Give ``rs`` (a :class:`segmentation.refseg.ReferenceSegmenter`) the structure ``name`` of ``reference``,
+    as a bool mask ``(H, W)`` or a box (pixel xyxy of the reference, segmented by ``rs``'s LiteMedSAM on the same
+    encoding); returns the reference mask used. Exactly one of ``mask`` / ``box``; an empty result is an InputError.
+    """
+    if (mask is None) == (box is None):
+        raise input_error("reference", expected="a reference mask or a reference box (exactly one)",
+                          received=f"mask {'given' if mask is not None else 'missing'}, box "
+                          f"{'given' if box is not None else 'missing'}",
+                          fix="pass --reference-mask MASK or --reference-box X0 Y0 X1 Y1")
+    used = rs.add_reference(reference, {name: mask} if mask is not None else None,
+                            boxes={name: box} if box is not None else None)
+    return np.asarray(used[name], dtype=bool)
+
+
+def transfer_region(rs: Any, target: Any, name: str, reference_mask: npt.NDArray[np.bool_]) -> Region | None:
+    """The structure ``name`` found by ``rs`` in ``target`` as a Region in pixels of the original target (None
+    when not found), with the laterality check against ``reference_mask``."""
+    result = rs.segment(target)[name]
+    region = as_region(name, result.mask, result.box, result.score, {"method": "label transfer", **result.meta})
+    if region is not None:
+        region.checks.update(laterality_check(name, reference_mask, region))
+    return region

@@ -399,9 +399,8 @@ class _App:
         return self.keep(payload, image, upload)
 
     def reference_segment(self, form: Form) -> dict[str, Any]:
-        from agents.refseg import as_region, laterality_check, reference_mask_from_file
-        from medvlm.types import Box, Mask
-        from segmentation.base import Prompt
+        from agents.refseg import add_reference, reference_mask_from_file, transfer_region
+        from medvlm.types import Box
         from segmentation.refseg import ReferenceSegmenter, RefSegConfig
 
         f: S.ReferenceSegmentRequest = form.fields
@@ -421,25 +420,16 @@ class _App:
         try:
             out = []
             with self.services.lock("litemedsam"):
-                sam = self.services.litemedsam()
-                if mask_upload is not None:
-                    ref_mask = reference_mask_from_file(mask_upload.data, reference.shape)
-                else:
-                    box = Box.from_list(f.reference_box or [])
-                    ref_mask = sam.segment(reference, [Prompt(box=box)])[0].mask.data
-                if Mask(ref_mask).to_box() is None:
-                    raise ApiError(422, "invalid_input", "the reference box gave an empty mask",
-                                   expected="a box around a visible structure", fix="draw the box around the structure")
-                rs = ReferenceSegmenter(sam, RefSegConfig(mask_source=f.mask_source))
-                rs.add_reference(reference, {name: ref_mask})
+                rs = ReferenceSegmenter(self.services.litemedsam(), RefSegConfig(mask_source=f.mask_source))
+                ref_mask = add_reference(
+                    rs, reference, name, box=None if f.reference_box is None else Box.from_list(f.reference_box),
+                    mask=None if mask_upload is None else reference_mask_from_file(mask_upload.data, reference.shape))
                 found = []
                 for upload in targets:
                     target = self.load(upload)
-                    result = rs.segment(target)[name]
-                    region = as_region(name, result.mask, result.box, result.score,
-                                       {"method": "label transfer", **_jsonable(result.meta)})
+                    region = transfer_region(rs, target, name, ref_mask)
                     if region is not None:
-                        region.checks.update(laterality_check(name, ref_mask, region))
+                        region.provenance = _jsonable(region.provenance)
                     found.append((upload, target, region))
         except InputError as exc:
             raise from_input_error(exc) from None
