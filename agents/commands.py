@@ -34,9 +34,13 @@ def build_agent(args: argparse.Namespace) -> Any:
             raise input_error("--grounder transformers", expected="--llm-model PATH (a local HF model folder or id)",
                               received="no --llm-model", fix="pass the model path with --llm-model")
         options = {"model": model, "answer": getattr(args, "llm_answer", "json")}
+    elif grounder == "mini" and url:  # the shipped medvlm-mini served by `medvlm serve-llm --model mini`
+        grounder, options = "openai", {"base_url": url, "model": model or "mini", "answer": "tokens"}
+    elif grounder == "mini":  # in process; --llm-model may name another adapter (a run's checkpoint)
+        options = {"adapter": model} if model else {}
     llm = None
     # a model fine-tuned to answer location tokens is no chat model: phrases then come from the rule path
-    if url and model and getattr(args, "llm_answer", "json") == "json":
+    if url and model and getattr(args, "llm_answer", "json") == "json" and getattr(args, "grounder", "") != "mini":
         from agents.llm import OpenAIChatClient
 
         llm = OpenAIChatClient(url, model)
@@ -180,9 +184,12 @@ def run_serve_llm(args: argparse.Namespace) -> int:
     extra = list(args.vllm_args)
     if extra[:1] == ["--"]:
         extra = extra[1:]
-    server = VLLMServer(args.model, loras=parse_lora(args.lora), host=args.host, port=args.port,
-                        served_name=args.served_name, max_model_len=args.max_model_len, extra_args=extra,
-                        log_path=args.log)
+    from agents.mini import resolve_model
+
+    mini = args.model == "mini"  # the shipped medvlm-mini, merged into its base on first use
+    server = VLLMServer(resolve_model(args.model), loras=parse_lora(args.lora), host=args.host, port=args.port,
+                        served_name=args.served_name or ("mini" if mini else None),
+                        max_model_len=args.max_model_len, extra_args=extra, log_path=args.log)
 
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -193,8 +200,13 @@ def run_serve_llm(args: argparse.Namespace) -> int:
         names = [server.served_name, *server.loras]
         print(f"serving {', '.join(names)} at {server.base_url} (pid {server.process.pid if server.process else '?'}); "
               "Ctrl-C stops it", flush=True)
-        print(f"ground with: medvlm ask IMAGE \"where is the heart?\" --grounder openai --llm-url {server.base_url} "
-              f"--llm-model {names[-1]}{' --llm-answer tokens' if server.loras else ''}", flush=True)
+        if mini:
+            print(f"ground with: medvlm ask IMAGE \"where is the heart?\" --grounder mini --llm-url {server.base_url}",
+                  flush=True)
+        else:
+            print(f"ground with: medvlm ask IMAGE \"where is the heart?\" --grounder openai --llm-url "
+                  f"{server.base_url} --llm-model {names[-1]}{' --llm-answer tokens' if server.loras else ''}",
+                  flush=True)
         code = server.process.wait() if server.process else 0
         return 1 if code else 0
     except KeyboardInterrupt:
@@ -220,7 +232,10 @@ def run_refseg(args: argparse.Namespace) -> int:
     from segmentation.refseg import ReferenceSegmenter, RefSegConfig
     from segmentation.registry import build_segmenter
 
-    if bool(args.llm_url) != bool(args.llm_model):
+    mini = getattr(args, "grounder", "medvlm") == "mini"
+    if mini and args.llm_url and not args.llm_model:
+        args.llm_model = "mini"  # the name `medvlm serve-llm --model mini` serves it under
+    if bool(args.llm_url) != bool(args.llm_model) and not mini:
         raise input_error("refseg MLLM path", expected="both --llm-url and --llm-model, or neither",
                           received=f"--llm-url {args.llm_url!r}, --llm-model {args.llm_model!r}",
                           fix="pass both to use a fine-tuned MLLM, none for the embedded method")
@@ -234,11 +249,15 @@ def run_refseg(args: argparse.Namespace) -> int:
                              if args.reference_mask else None)
     ref_box = Mask(ref_mask).to_box()
     assert ref_box is not None  # add_reference refuses empty masks
-    client = None
+    client: Any = None
     if args.llm_url:
         from agents.llm import OpenAIChatClient
 
         client = OpenAIChatClient(args.llm_url, args.llm_model)
+    elif mini:
+        from agents.mini import MiniChatClient
+
+        client = MiniChatClient(args.llm_model)  # --llm-model names another adapter folder here
     for path in args.target:
         target = load_image(path)
         if client is not None:

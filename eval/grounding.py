@@ -29,7 +29,7 @@ import numpy as np
 
 from medvlm.types import Region
 
-__all__ = ["format_grounding_table", "grounding_suite"]
+__all__ = ["format_grounding_table", "grounding_suite", "heldout_ids"]
 
 
 #: regions whose rule uses more than the lungs (apical zone: the clavicle; mediastinum: the heart's extent)
@@ -98,6 +98,24 @@ def mirror_region(region: Region, width: int) -> Region:
                   score=region.score, provenance={**region.provenance, "mirrored": True})
 
 
+def heldout_ids(dataset: Any, data: str | Path, split: str = "auto", *, limit: int | None = None,
+                ids_file: str | None = None, meta: dict[str, Any] | None = None
+                ) -> tuple[list[str], str, dict[str, Any]]:
+    """(ids, split used, checkpoint meta) of ``dataset``: the Med-VLM checkpoint's held-out split for ``auto``
+    (the shipped checkpoint's when ``meta`` is empty: an LLM grounder has none, and the MLLM recipe never trains
+    on that split either), ``ids_file`` when given, the first ``limit``."""
+    from eval.suites import _select_ids, checkpoint_split_ids
+
+    if not meta:
+        from segmentation.textseg.checkpoint import read_checkpoint_config
+        from segmentation.textseg.predictor import default_checkpoint_dir
+
+        meta = read_checkpoint_config(default_checkpoint_dir())[1]
+    all_ids = dataset.ids()
+    chosen, used = checkpoint_split_ids(meta, all_ids, split, data)
+    return _select_ids(all_ids if ids_file else chosen, ids_file, limit), used, meta
+
+
 def grounding_suite(data: str | Path, *, agent: Any = None, split: str = "auto", limit: int | None = None,
                     ids_file: str | None = None, types: Sequence[str] | None = None,
                     mirror: bool = False) -> dict[str, Any]:
@@ -110,22 +128,13 @@ def grounding_suite(data: str | Path, *, agent: Any = None, split: str = "auto",
     from agents.anatomy import anatomy_from_masks
     from agents.pipeline import GroundingAgent
     from eval.metrics import BoxAccumulator, PointingGameAccumulator
-    from eval.suites import _select_ids, checkpoint_split_ids, n_trained_on
+    from eval.suites import n_trained_on
     from medvlm.datasets import open_dataset
 
     dataset = open_dataset(data)
     agent = agent or GroundingAgent("medvlm", check="off")
     meta = getattr(getattr(agent.grounder, "segmenter", None), "meta", {}) or {}
-    if not meta:
-        # an LLM grounder has no Med-VLM checkpoint: the held-out split is still the shipped Med-VLM one, which the
-        # MLLM recipe also never trains on
-        from segmentation.textseg.checkpoint import read_checkpoint_config
-        from segmentation.textseg.predictor import default_checkpoint_dir
-
-        meta = read_checkpoint_config(default_checkpoint_dir())[1]
-    all_ids = dataset.ids()
-    chosen, used = checkpoint_split_ids(meta, all_ids, split, data)
-    ids = _select_ids(all_ids if ids_file else chosen, ids_file, limit)
+    ids, used, meta = heldout_ids(dataset, data, split, limit=limit, ids_file=ids_file, meta=meta)
     box_acc: dict[str, Any] = defaultdict(lambda: BoxAccumulator((0.5,)))
     box_acc_checked: dict[str, Any] = defaultdict(lambda: BoxAccumulator((0.5,)))
     per_key: dict[str, Any] = defaultdict(lambda: BoxAccumulator((0.5,)))
@@ -133,6 +142,7 @@ def grounding_suite(data: str | Path, *, agent: Any = None, split: str = "auto",
     hits: dict[str, list[bool]] = defaultdict(list)
     side_errors: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # [n sided, errors raw, errors checked]
     actions: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    layout: dict[tuple[str, str], list[tuple[Any, ...]]] = defaultdict(list)
     t0 = time.perf_counter()
     for sid in ids:
         sample = dataset.load(sid)
@@ -148,6 +158,9 @@ def grounding_suite(data: str | Path, *, agent: Any = None, split: str = "auto",
         finally:
             agent.check = old_check
         midline = gt_anatomy.midline_x()
+        h, w = sample.image.shape
+        for kind, _phrase, gt_box, _side, what in cases:
+            layout[(kind, what)].append((sid, gt_box.x0 / w, gt_box.y0 / h, gt_box.x1 / w, gt_box.y1 / h, w, h))
         for (kind, _phrase, gt_box, side, what), (result, regions) in zip(cases, grounded):
             best = max(regions, key=lambda r: r.box.iou(gt_box), default=None)
             box_acc[kind].update(best.box if best is not None else None, gt_box)
@@ -183,6 +196,7 @@ def grounding_suite(data: str | Path, *, agent: Any = None, split: str = "auto",
             "region_hit_rate": float(np.mean(hits[kind])) if hits[kind] else None,
             "n_sided": n_sided, "laterality_errors": err_raw, "laterality_errors_checked": err_chk,
             "check_actions": dict(actions[kind]),
+            **_layout_prior(layout, kind),
         }
     keys = {k: {m: v for m, v in acc.compute().items() if m in ("n", "miou", "acc@0.5")}
             for k, acc in sorted(per_key.items())}
@@ -191,12 +205,38 @@ def grounding_suite(data: str | Path, *, agent: Any = None, split: str = "auto",
             "split": used, "seconds": round(time.perf_counter() - t0, 1), "per_type": per_type, "per_target": keys}
 
 
+def _layout_prior(layout: dict[tuple[str, str], list[tuple[Any, ...]]], kind: str) -> dict[str, Any]:
+    """The image-blind baseline for phrase type ``kind``: each case answered with the mean ground-truth box of the
+    same target on the OTHER evaluated images (coordinates relative to image size, leave-one-image-out), i.e.
+    the best a model that learned where a target usually lies, but ignores the image, could do here. Returns
+    ``{"prior_miou", "prior_acc@0.5"}`` (None when no target appears in two images)."""
+    from medvlm.types import Box
+
+    ious = []
+    for (k, _what), rows in layout.items():
+        if k != kind:
+            continue
+        arr = np.array([r[1:5] for r in rows], dtype=np.float64)
+        ids = [r[0] for r in rows]
+        for i, (sid, *_rel, w, h) in enumerate(rows):
+            others = [j for j in range(len(rows)) if ids[j] != sid]
+            if not others:
+                continue
+            x0, y0, x1, y1 = arr[others].mean(axis=0)
+            truth = Box(arr[i, 0] * w, arr[i, 1] * h, arr[i, 2] * w, arr[i, 3] * h)
+            ious.append(Box(x0 * w, y0 * h, x1 * w, y1 * h).iou(truth))
+    if not ious:
+        return {"prior_miou": None, "prior_acc@0.5": None}
+    return {"prior_miou": float(np.mean(ious)), "prior_acc@0.5": float(np.mean(np.array(ious) >= 0.5))}
+
+
 def format_grounding_table(payload: dict[str, Any]) -> str:
     """One row per phrase type: n, mIoU, Acc@0.5 (without / with check), pointing game, region hit, laterality."""
     title = (f"grounding | grounder {payload['grounder']} | {payload['n_images']} images | split {payload['split']}"
              f" ({payload.get('n_trained_on', '?')} of them seen in training) | {payload['data']}")
     head = (f"{'phrase type':<16} {'n':>5} {'mIoU':>6} {'Acc@0.5':>8} {'mIoU chk':>9} {'Acc chk':>8} "
-            f"{'point':>6} {'in-reg':>7} {'sided':>6} {'lat err':>8} {'lat chk':>8}")
+            f"{'point':>6} {'in-reg':>7} {'sided':>6} {'lat err':>8} {'lat chk':>8} {'prior mIoU':>10} "
+            f"{'prior Acc':>9}")
     lines = [title, head, "-" * len(head)]
 
     def f(v: Any) -> str:
@@ -205,11 +245,13 @@ def format_grounding_table(payload: dict[str, Any]) -> str:
     for kind, m in sorted(payload["per_type"].items()):
         lines.append(f"{kind:<16} {m['n']:>5} {f(m['miou']):>6} {f(m['acc@0.5']):>8} {f(m['miou_checked']):>9} "
                      f"{f(m['acc@0.5_checked']):>8} {f(m['pointing_hit_rate']):>6} {f(m['region_hit_rate']):>7} "
-                     f"{m['n_sided']:>6} {m['laterality_errors']:>8} {m['laterality_errors_checked']:>8}")
+                     f"{m['n_sided']:>6} {m['laterality_errors']:>8} {m['laterality_errors_checked']:>8} "
+                     f"{f(m.get('prior_miou')):>10} {f(m.get('prior_acc@0.5')):>9}")
     lines.append("")
     lines.append(f"{'target (all its phrases)':<44} {'n':>5} {'mIoU':>6} {'Acc@0.5':>8}")
     for key, m in payload.get("per_target", {}).items():
         lines.append(f"{key:<44} {m['n']:>5} {f(m['miou']):>6} {f(m['acc@0.5']):>8}")
     lines.append("point = pointing game (first region's point in the box); in-reg = box centre inside a predicted "
-                 "mask; chk = after the anatomy check (repair)")
+                 "mask; chk = after the anatomy check (repair); prior = image-blind baseline: the target's mean box "
+                 "on the other evaluated images")
     return "\n".join(lines)

@@ -227,8 +227,14 @@ def run_eval(args: argparse.Namespace) -> int:
                                  ids_file=args.ids, types=args.types, mirror=args.mirror)
         return _emit(result, format_grounding_table(result), args.json_out)
     elif args.suite == "mask-codec":
-        from eval.codec import codec_suite, format_codec_table
+        from eval.codec import codec_suite, format_codec_table, format_model_codec_table, model_codec_suite
 
+        if getattr(args, "grounder", None) == "mini":  # the model's generated tokens, not the round trip
+            from agents.mini import MiniGrounder
+
+            result = model_codec_suite(args.data, MiniGrounder(args.llm_model), split=args.split, limit=args.limit,
+                                       ids_file=args.ids)
+            return _emit(result, format_model_codec_table(result), args.json_out)
         result = codec_suite(args.data, budgets=args.budgets or (16, 32, 64), limit=args.limit)
         return _emit(result, format_codec_table(result), args.json_out)
     elif args.suite == "link-report":

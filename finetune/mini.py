@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -40,11 +41,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agents.mini import BUILD_VERSION, MANIFEST_FILE, base_build, default_model_dir, default_parts_dir
 from medvlm.errors import input_error
 
 __all__ = ["IMAGE_SIZE", "IMAGE_TOKENS", "MANIFEST_FILE", "PARTS", "Part", "assemble_mini", "convert_dinov2_onnx",
-           "default_model_dir", "default_parts_dir", "fetch_parts", "load_smollm2", "onnx_backbone_features",
-           "run_build_mini"]
+           "default_model_dir", "default_parts_dir", "fetch_parts", "load_smollm2", "new_token_rows",
+           "onnx_backbone_features", "pack_adapter", "run_build_mini",
+           "run_export_mini"]
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +83,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
                 "video_token": "<video>"}
-MANIFEST_FILE = "medvlm_mini.json"
+LOC_FREQUENCIES = (1, 2, 4, 8, 16, 32)
 ONNX_HIDDEN_OUTPUT = "/backbone/layernorm/Add_1_output_0"
 """The ONNX graph's DINOv2 last hidden state (after the final LayerNorm), ``(B, 1 + 256, 384)`` at 224 px."""
 
@@ -107,22 +110,6 @@ CHAT_TEMPLATE = (
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
-def _home() -> Path:
-    home = os.environ.get("MEDVLM_HOME")
-    return Path(home) if home else Path.home() / ".cache" / "medvlm"
-
-
-def default_parts_dir() -> Path:
-    """``$MEDVLM_HOME/mini/parts`` when MEDVLM_HOME is set, else ``~/.cache/medvlm/mini/parts``."""
-    return _home() / "mini" / "parts"
-
-
-def default_model_dir() -> Path:
-    """Where ``medvlm build-mini`` writes the model by default: ``$MEDVLM_HOME/mini/model`` or
-    ``~/.cache/medvlm/mini/model``."""
-    return _home() / "mini" / "model"
 
 
 def _sha256(path: Path) -> str:
@@ -389,7 +376,7 @@ def assemble_mini(out_dir: str | Path, *, seed: int = 0, parts_dir: str | Path |
     import transformers
 
     out = Path(out_dir)
-    if (out / MANIFEST_FILE).is_file() and not force:
+    if base_build(out) == BUILD_VERSION and not force:
         log.info("medvlm-mini already built in %s (force=True rebuilds)", out)
         return out
     start = time.perf_counter()
@@ -427,7 +414,7 @@ def assemble_mini(out_dir: str | Path, *, seed: int = 0, parts_dir: str | Path |
             raise RuntimeError(f"SmolLM2 -> InternVL text model: missing {missing}, unexpected {unexpected}")
         target = model.model.language_model.embed_tokens.weight
         target[:old_rows] = emb
-        target[old_rows:] = emb.mean(dim=0, keepdim=True)
+        target[old_rows:] = new_token_rows(emb, tokenizer, old_rows, new_rows, seed=seed)
     model.tie_weights()
     if model.lm_head.weight.data_ptr() != target.data_ptr():
         with torch.no_grad():
@@ -448,19 +435,113 @@ def assemble_mini(out_dir: str | Path, *, seed: int = 0, parts_dir: str | Path |
         "vocab": {"base": old_rows, "total": new_rows, "image_token_ids": ids},
         "trained": {"vision": "DINOv2-S/14 (pretrained)", "language": "SmolLM2-135M-Instruct (pretrained)",
                     "projector": f"random (seed {seed}), untrained"},
+        "token_rows": "image tokens: mean row; <box>/<poly> delimiters: mean of their text's token rows; "
+                      f"<locNNNN>: mean row + Fourier features of the bin (frequencies {list(LOC_FREQUENCIES)}) "
+                      "on random orthonormal directions, scaled to the rows' mean distance from their mean",
+        "build": BUILD_VERSION,
         "build_seconds": round(time.perf_counter() - start, 1),
     }
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
 
 
+def new_token_rows(emb: Any, tokenizer: Any, old_rows: int, new_rows: int, *, seed: int = 0) -> Any:
+    """Initial rows ``(new_rows - old_rows, D)`` for the tokens added after SmolLM2's ``old_rows``.
+
+    The embeddings are tied, so a row is both what the model reads and its output direction. Equal rows (the mean)
+    leave 1024 location tokens indistinguishable, and a few thousand CPU steps barely separate them. Here bin ``b``
+    gets ``mean + Q @ [cos(pi k t), sin(pi k t)]_k`` with ``t = b / 1023``: the logit of every bin is then a smooth
+    Fourier series in ``t`` whose peak the hidden state places (a regression target, not 1024 classes), and
+    neighbouring bins read alike. Delimiters start as the mean of their text's token rows.
+    """
+    import torch
+
+    from medvlm.tokens import LOC_BINS
+
+    mean = emb.mean(dim=0)
+    spread = float((emb - mean).norm(dim=1).mean())
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    q, _ = torch.linalg.qr(torch.randn(emb.shape[1], 2 * len(LOC_FREQUENCIES), generator=gen))
+    t = torch.arange(LOC_BINS, dtype=torch.float64) / (LOC_BINS - 1)
+    phase = torch.pi * t[:, None] * torch.tensor(LOC_FREQUENCIES, dtype=torch.float64)[None]
+    features = torch.cat([phase.cos(), phase.sin()], dim=1).float() / len(LOC_FREQUENCIES) ** 0.5
+    loc_rows = mean + spread * features @ q.T
+    rows = mean.repeat(new_rows - old_rows, 1)
+    for token_id in range(old_rows, new_rows):
+        token = tokenizer.convert_ids_to_tokens(token_id)
+        match = re.fullmatch(r"<loc(\d{4})>", token)
+        if match:
+            rows[token_id - old_rows] = loc_rows[int(match.group(1))]
+        elif token in ("<box>", "</box>", "<poly>", "</poly>"):
+            pieces = [i for i in tokenizer(token, add_special_tokens=False)["input_ids"] if i < old_rows]
+            if pieces:
+                rows[token_id - old_rows] = emb[pieces].mean(dim=0)
+    return rows
+
+
 def run_build_mini(args: Any) -> int:
     """``medvlm build-mini [--out DIR] [--force] [--seed N] [--parts DIR]``."""
     start = time.perf_counter()
     target = Path(args.out) if args.out else default_model_dir()
-    kept = (target / MANIFEST_FILE).is_file() and not args.force
+    kept = base_build(target) == BUILD_VERSION and not args.force
     out = assemble_mini(target, seed=args.seed, parts_dir=args.parts, force=args.force)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     what = "kept the existing build (--force rebuilds)" if kept else f"built in {time.perf_counter() - start:.0f} s"
     print(f"medvlm-mini in {out} ({size / 2**20:.0f} MiB, {what}); serve it with: medvlm serve-llm --model {out}")
+    return 0
+
+
+def pack_adapter(adapter_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Pack a medvlm-mini training result for shipping: ``adapter_dir`` (``RUN/adapter`` or
+    ``RUN/checkpoints/checkpoint-N``) -> ``out_dir`` (default ``agents/weights/mini``) with the adapter weights in
+    fp16 (half the size; merging casts back to fp32), its config without local paths, ``medvlm_mllm.json`` and
+    ``training.json`` (the run's config, steps, logged losses and time). A model card ``README.md`` there is kept.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from agents.mini import ADAPTER_DIR, ADAPTER_META
+
+    src = Path(adapter_dir)
+    out = Path(out_dir) if out_dir is not None else ADAPTER_DIR
+    weights, config = src / "adapter_model.safetensors", src / "adapter_config.json"
+    if not weights.is_file() or not config.is_file():
+        raise input_error("adapter to pack", expected="a PEFT adapter folder (RUN/adapter or a checkpoint-N)",
+                          received=f"{src} lacks adapter_model.safetensors or adapter_config.json",
+                          fix="train first: medvlm train mllm finetune/configs/mllm_mini.yaml")
+    state = {k: (v.to(torch.float16) if v.is_floating_point() else v).contiguous()
+             for k, v in load_file(str(weights)).items()}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads(config.read_text())
+    cfg["base_model_name_or_path"] = "medvlm-mini (medvlm build-mini)"
+    (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    run = next((p for p in (src, *src.parents) if (p / "train_config.json").is_file()), None)
+    state_file = src / "trainer_state.json"
+    if not state_file.is_file():
+        found = sorted(src.parent.glob("checkpoints/checkpoint-*/trainer_state.json"),
+                       key=lambda p: int(p.parent.name.split("-")[1]))
+        state_file = found[-1] if found else state_file
+    trainer = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    history = trainer.get("log_history", [])
+    training = {
+        "train_config": json.loads((run / "train_config.json").read_text()) if run else None,
+        "global_step": trainer.get("global_step"),
+        "loss_curve": [[h["step"], h["loss"]] for h in history if "loss" in h],
+        "train_runtime_s": next((h["train_runtime"] for h in history if "train_runtime" in h), None),
+        "source": str(src),
+    }
+    (out / "training.json").write_text(json.dumps(training, indent=1) + "\n")
+    (out / ADAPTER_META).write_text(json.dumps({"base_model": "medvlm-mini", "build": BUILD_VERSION,
+                                                "added_tokens": True, "answer_format": "tokens",
+                                                "servable_as_lora": False}, indent=2) + "\n")
+    return out
+
+
+def run_export_mini(args: Any) -> int:
+    """``medvlm export mini ADAPTER [--out DIR]``."""
+    out = pack_adapter(args.adapter, args.out)
+    size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    print(f"medvlm-mini adapter packed in {out} ({size / 2**20:.1f} MiB); use it with: medvlm ask IMAGE QUESTION "
+          f"--grounder mini")
     return 0

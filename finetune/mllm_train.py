@@ -68,7 +68,7 @@ class MLLMTrainConfig:
     save_steps: int = 100
     logging_steps: int = 10
     max_length: int | None = None
-    bf16: bool | None = None  # None: bf16 when CUDA is available
+    bf16: bool | None = None  # None: bf16 when CUDA is available; true on CPU = fp32 weights, bf16 autocast
     gradient_checkpointing: bool = False
     seed: int = 0
 
@@ -144,7 +144,9 @@ def prepare_model(cfg: MLLMTrainConfig) -> tuple[Any, Any, list[int]]:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    dtype = torch.bfloat16 if _use_bf16(cfg) else torch.float32
+    # bf16 weights on GPU (memory); on CPU fp32 weights under bf16 autocast (2x faster steps with avx512_bf16,
+    # and updates of the token rows and LoRA are not rounded away in bf16)
+    dtype = torch.bfloat16 if _use_bf16(cfg) and torch.cuda.is_available() else torch.float32
     processor, model = _load_base(cfg.base_model, dtype)
     new_ids = _add_tokens(processor, model) if cfg.add_location_tokens else []
     lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -191,6 +193,7 @@ def train_mllm(cfg: MLLMTrainConfig, *, resume: bool = True, examples: list[dict
 
     ``examples``: pre-built TRL examples (images as file paths) instead of building them from ``cfg.data``.
     """
+    import torch
     from trl import SFTConfig, SFTTrainer
 
     cfg.validate()
@@ -211,7 +214,8 @@ def train_mllm(cfg: MLLMTrainConfig, *, resume: bool = True, examples: list[dict
                      logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, save_total_limit=2,
                      seed=cfg.seed, bf16=_use_bf16(cfg), gradient_checkpointing=cfg.gradient_checkpointing,
                      max_length=cfg.max_length, report_to="none", dataloader_num_workers=0,
-                     remove_unused_columns=False, disable_tqdm=True)
+                     remove_unused_columns=False, disable_tqdm=True,
+                     use_cpu=_use_bf16(cfg) and not torch.cuda.is_available())  # bf16 on CPU: autocast
     trainer_cls = _full_logits_trainer() if new_ids else SFTTrainer
     trainer = trainer_cls(model=model, args=args, train_dataset=_hf_dataset(examples), processing_class=processor)
     checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))

@@ -53,6 +53,11 @@ def run_train_mllm(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     from finetune.mllm_train import export_merged
 
+    if args.model == "mini":
+        from finetune.mini import run_export_mini
+
+        return run_export_mini(args)
+
     out = export_merged(args.adapter, args.out, base_model=args.base_model)
     print(f"merged model written to {out}; serve it with: medvlm serve-llm --model {out}")
     return 0

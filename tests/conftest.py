@@ -30,3 +30,27 @@ def shared_data() -> Path:
     if not DATA_ROOT.is_dir():
         pytest.skip(f"real data root {DATA_ROOT} is absent (set MEDVLM_DATA or place shared/data beside the repo)")
     return DATA_ROOT
+
+
+# ------------------------------------------------------------------------- medvlm-mini (test_mini*.py share one build)
+
+@pytest.fixture(scope="session")
+def mini_parts() -> dict[str, Path]:
+    for module in ("torch", "transformers", "gguf", "onnx", "onnxruntime"):
+        pytest.importorskip(module)
+    from finetune.mini import default_parts_dir, fetch_parts
+    from medvlm.errors import MedvlmError
+
+    try:
+        # tests never use the network: `make mini` (part of `make test`) fetched the parts at install time
+        return fetch_parts(download=False)
+    except (MedvlmError, OSError) as exc:
+        pytest.skip(f"medvlm-mini parts are not in {default_parts_dir()}: {exc}")
+
+
+@pytest.fixture(scope="session")
+def mini_base(mini_parts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from finetune.mini import assemble_mini
+
+    # laid out as $MEDVLM_HOME/mini/model, so a CLI run with MEDVLM_HOME=<its home> finds it as the default
+    return assemble_mini(tmp_path_factory.mktemp("home") / "mini" / "model", parts_dir=mini_parts["llm"].parent)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from medvlm.errors import InputError, MedvlmError
+from medvlm.errors import InputError
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -71,23 +71,13 @@ def test_refuses_to_overwrite_a_folder_that_is_not_a_build(tmp_path: Path, monke
 # ------------------------------------------------------------------------------------- slow: the real parts
 
 @pytest.fixture(scope="module")
-def parts() -> dict[str, Path]:
-    for module in ("torch", "transformers", "gguf", "onnx", "onnxruntime"):
-        pytest.importorskip(module)
-    from finetune.mini import default_parts_dir, fetch_parts
-
-    try:
-        # tests never use the network: `make mini` (part of `make test`) fetched the parts at install time
-        return fetch_parts(download=False)
-    except (MedvlmError, OSError) as exc:
-        pytest.skip(f"medvlm-mini parts are not in {default_parts_dir()}: {exc}")
+def parts(mini_parts: dict[str, Path]) -> dict[str, Path]:
+    return mini_parts
 
 
 @pytest.fixture(scope="module")
-def mini_dir(parts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from finetune.mini import assemble_mini
-
-    return assemble_mini(tmp_path_factory.mktemp("mini") / "model", parts_dir=parts["llm"].parent)
+def mini_dir(mini_base: Path) -> Path:
+    return mini_base
 
 
 @pytest.fixture(scope="module")

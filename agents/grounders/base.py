@@ -56,6 +56,7 @@ GROUNDERS: dict[str, str] = {
     "medvlm": "agents.grounders.medvlm:MedVLMGrounder",
     "openai": "agents.grounders.openai:OpenAIGrounder",
     "transformers": "agents.grounders.hf:TransformersGrounder",
+    "mini": "agents.mini:MiniGrounder",
 }
 
 
@@ -66,7 +67,7 @@ def build_grounder(name: str, **kwargs: Any) -> Grounder:
     if name not in GROUNDERS:
         raise input_error("grounder", expected=" | ".join(GROUNDERS), received=repr(name),
                           fix="use --grounder medvlm (offline default), openai (needs --llm-url and --llm-model) "
-                          "or transformers (needs --llm-model PATH)")
+                          "or transformers (needs --llm-model PATH), or mini (the shipped medvlm-mini)")
     module_name, cls_name = GROUNDERS[name].split(":")
     cls = getattr(importlib.import_module(module_name), cls_name)
     grounder: Grounder = cls(**kwargs)

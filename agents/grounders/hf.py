@@ -37,12 +37,13 @@ class TransformersGrounder:
             fine-tuned by ``medvlm train mllm``, e.g. a merged medvlm-mini: the ``grounding_tokens`` template it
             was trained on, replies ``label: <box>4 x <locNNNN></box>``, bins of the image sent). Without vLLM's
             regex constraint a malformed reply is reported as not parseable.
+        batch_size: phrases generated together per forward pass (left padding).
     """
 
     name = "transformers"
 
     def __init__(self, model: str | None = None, *, device: str = "cpu", max_new_tokens: int = 256,
-                 max_side: int = 1024, answer: str = "json") -> None:
+                 max_side: int = 1024, answer: str = "json", batch_size: int = 8) -> None:
         from agents.grounders.openai import ANSWER_FORMATS
 
         if answer not in ANSWER_FORMATS:
@@ -57,6 +58,7 @@ class TransformersGrounder:
         self.max_new_tokens = max_new_tokens
         self.max_side = max_side
         self.answer = answer
+        self.batch_size = max(1, int(batch_size))
         self.template = load_templates("1")["grounding" if answer == "json" else "grounding_tokens"]
         self._processor: Any = None
         self._model: Any = None
@@ -74,39 +76,78 @@ class TransformersGrounder:
                 raise input_error("--llm-model", expected="a folder (or cached hub id) holding an image-text-to-text "
                                   "model and its processor", received=f"{self.model_id!r}: {str(exc)[:300]}",
                                   fix="download the model first (hf download ID --local-dir DIR) and pass DIR") from exc
+            tokenizer = getattr(processor, "tokenizer", processor)
+            tokenizer.padding_side = "left"  # batched generation continues every row from its last prompt token
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
             self._processor, self._model = processor, model.to(self.device).eval()
         return self._processor, self._model
 
     def ground_many(self, image: MedicalImage, phrases: Sequence[str]) -> list[GroundingResult]:
-        """One greedy generation per phrase; geometry in pixels of ``image``."""
+        """One greedy generation per phrase, ``batch_size`` phrases per forward pass (left-padded: decoding is
+        bound by reading the weights, so a batch costs about one phrase on CPU); geometry in pixels of ``image``."""
         checked = check_phrases(phrases)
-        processor, model = self._load()
-        import torch
-
+        processor, _ = self._load()
         picture = fit_image(image.to_rgb_uint8(), self.max_side)
         sent = (picture.height, picture.width)
-        results = []
+        conversations = []
         for phrase in checked:
             fields = {"phrase": phrase, "width": sent[1], "height": sent[0]} if self.answer == "json" else {
                 "phrase": phrase}
-            messages = self.template.render(**fields)
-            messages[-1]["content"] = [{"type": "image"}, {"type": "text", "text": messages[-1]["content"]}]
-            prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            inputs = processor(text=[prompt], images=[picture], return_tensors="pt").to(self.device)
-            with torch.inference_mode():
-                output = model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
-            reply = _decode(processor, output[0, inputs["input_ids"].shape[1]:])
-            parsed = parse_grounding(reply, image_size=image.shape, sent_size=sent,
-                                     fmt="auto" if self.answer == "json" else "medvlm")
+            conversations.append(_with_image(self.template.render(**fields)))
+        results = []
+        for start in range(0, len(conversations), self.batch_size):
+            chunk = conversations[start:start + self.batch_size]
+            replies, inputs = self.generate_batch(chunk, [[picture]] * len(chunk))
             model_input = _model_input_size(processor, inputs)
-            if parsed.format == "qwen25vl":
-                frame = model_input or qwen25vl_input_size(*sent)
-                parsed = parse_grounding(reply, image_size=image.shape, sent_size=frame, fmt="qwen25vl")
-            provenance = {"grounder": self.name, "model": self.model_id, "sent_size": list(sent),
-                          "model_input_size": list(model_input) if model_input else None,
-                          "template": f"{self.template.name}/v1"}
-            results.append(grounding_result(phrase, reply, parsed, provenance))
+            for phrase, reply in zip(checked[start:start + self.batch_size], replies):
+                parsed = parse_grounding(reply, image_size=image.shape, sent_size=sent,
+                                         fmt="auto" if self.answer == "json" else "medvlm")
+                if parsed.format == "qwen25vl":
+                    frame = model_input or qwen25vl_input_size(*sent)
+                    parsed = parse_grounding(reply, image_size=image.shape, sent_size=frame, fmt="qwen25vl")
+                provenance = {"grounder": self.name, "model": self.model_id, "sent_size": list(sent),
+                              "model_input_size": list(model_input) if model_input else None,
+                              "template": f"{self.template.name}/v1"}
+                results.append(grounding_result(phrase, reply, parsed, provenance))
         return results
+
+    def generate(self, picture: Any, messages: list[dict[str, Any]], max_new_tokens: int | None = None
+                 ) -> tuple[str, Any]:
+        """Greedy reply to ``messages`` (the last one's text content) with ``picture`` (PIL, as sent) before that
+        text; returns (reply without end markers, processor inputs)."""
+        return self.generate_chat(_with_image(messages), [picture], max_new_tokens)
+
+    def generate_chat(self, messages: list[dict[str, Any]], pictures: Sequence[Any],
+                      max_new_tokens: int | None = None) -> tuple[str, Any]:
+        """Greedy reply to chat ``messages`` whose content parts hold ``{"type": "image"}`` placeholders, one per
+        PIL image of ``pictures`` in order; returns (reply without end markers, processor inputs)."""
+        replies, inputs = self.generate_batch([messages], [list(pictures)], max_new_tokens)
+        return replies[0], inputs
+
+    def generate_batch(self, conversations: Sequence[list[dict[str, Any]]], pictures: Sequence[Sequence[Any]],
+                       max_new_tokens: int | None = None) -> tuple[list[str], Any]:
+        """Greedy replies to several conversations at once (``pictures[i]``: the images of conversation ``i``),
+        left-padded; returns (replies, processor inputs)."""
+        import torch
+
+        processor, model = self._load()
+        prompts = [processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+                   for m in conversations]
+        images = [p for group in pictures for p in group]
+        inputs = processor(text=prompts, images=images or None, return_tensors="pt",
+                           padding=len(prompts) > 1).to(self.device)
+        with torch.inference_mode():
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens or self.max_new_tokens, do_sample=False)
+        start = inputs["input_ids"].shape[1]
+        return [_decode(processor, row[start:]) for row in output], inputs
+
+
+def _with_image(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``messages`` with an image placeholder before the last message's text."""
+    out = [dict(m) for m in messages]
+    out[-1]["content"] = [{"type": "image"}, {"type": "text", "text": out[-1]["content"]}]
+    return out
 
 
 def _decode(processor: Any, tokens: Any) -> str:
