@@ -111,7 +111,8 @@ def test_models_lists_presets_and_presence(capsys: pytest.CaptureFixture[str]) -
     assert by_name["litemedsam"]["present"] is True
     assert "sam2" in by_name and by_name["sam2"]["how_to_get"]
     grounders = [r["name"] for r in rows if r["kind"] == "grounder"]
-    assert grounders == ["medvlm", "openai", "transformers"]
+    assert grounders == ["medvlm", "openai", "transformers", "mini"]
+    assert "agents/weights/mini" in by_name["mini"]["source"] and by_name["mini"]["how_to_get"]
 
 
 @pytest.fixture(scope="module")

@@ -138,6 +138,7 @@ def test_assembled_model_loads_and_runs_an_image_question(mini_dir: Path, loaded
     import torch
     from PIL import Image
 
+    from finetune.mini import new_token_rows
     from medvlm.tokens import mask_tokens
 
     processor, model = loaded
@@ -147,11 +148,14 @@ def test_assembled_model_loads_and_runs_an_image_question(mini_dir: Path, loaded
     vocab = len(tokenizer)
     assert vocab == manifest["vocab"]["total"] == model.config.text_config.vocab_size
     assert model.get_input_embeddings().weight.shape[0] == vocab
-    # the grounding tokens are single tokens; their rows start at the mean of the pretrained rows
+    # the grounding tokens are single tokens; their rows are the ordinal init built from the pretrained rows
     loc_ids = tokenizer.convert_tokens_to_ids(mask_tokens())
-    assert len(tokenizer.tokenize("".join(mask_tokens()[:3]))) == 3 and min(loc_ids) >= manifest["vocab"]["base"]
+    base = manifest["vocab"]["base"]
+    assert len(tokenizer.tokenize("".join(mask_tokens()[:3]))) == 3 and min(loc_ids) >= base
     emb = model.get_input_embeddings().weight
-    assert torch.allclose(emb[loc_ids[0]], emb[: manifest["vocab"]["base"]].mean(0), atol=1e-6)
+    expected = new_token_rows(emb[:base].detach(), tokenizer, base, vocab, seed=manifest.get("seed", 0))
+    assert torch.allclose(emb[base:].detach(), expected, atol=1e-5)
+    assert not torch.allclose(emb[loc_ids[0]], emb[loc_ids[-1]], atol=1e-3)  # bins are told apart from the start
     assert model.lm_head.weight.data_ptr() == emb.data_ptr()
 
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 260, 3), dtype=np.uint8))
