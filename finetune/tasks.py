@@ -81,6 +81,14 @@ def _grounding_question(phrase: str) -> str:
     return str(load_templates("1")["grounding_tokens"].render(phrase=phrase)[-1]["content"])
 
 
+def _segment_question(phrase: str) -> str:
+    """The question of the ``segment_tokens`` template ("Segment the X."), asked at inference by
+    :meth:`agents.mini.MiniGrounder.segment`."""
+    from prompts.templates import load_templates
+
+    return str(load_templates("1")["segment_tokens"].render(phrase=phrase)[-1]["content"])
+
+
 def _targets(sample: Any) -> dict[str, Any]:
     """name -> Box of every structure mask and every chest region its masks define (pixels of the sample)."""
     return {name: box for name, mask in _target_masks(sample).items() if (box := Mask(mask).to_box()) is not None}
@@ -120,7 +128,7 @@ def anatomy_segmentation(sample: Any, rng: random.Random, max_points: int = 32) 
     out = []
     for name in sorted(sample.masks):
         phrase = rng.choice(_phrases(name))
-        out.append(_example("anatomy_segmentation", [sample.source], f"Segment the {phrase}.",
+        out.append(_example("anatomy_segmentation", [sample.source], _segment_question(phrase),
                             encode_mask(sample.masks[name], max_points=max_points), target=name,
                             sample_id=sample.id))
     return out
@@ -318,7 +326,7 @@ def drr_examples(drr: DRR, source_png: str, rng: random.Random, max_points: int 
                             f"{phrase}: {encode_box(box, h, w)}", target=name, mask=raw, sample_id=source_png))
     for name, raw, mask in kept:
         phrase = rng.choice(_phrases(name))
-        out.append(_example("drr_segmentation", [source_png], f"Segment the {phrase}.",
+        out.append(_example("drr_segmentation", [source_png], _segment_question(phrase),
                             encode_mask(mask, max_points=max_points), target=name, mask=raw, sample_id=source_png))
     return out
 

@@ -9,6 +9,9 @@ they work from an installed wheel), so that a result can name the exact prompt t
 - ``"grounding_tokens"`` (field ``phrase``): the question a model fine-tuned by ``medvlm train mllm`` was trained
   on (no system message); it answers ``phrase: <box><locX0><locY0><locX1><locY1></box>`` (:mod:`medvlm.tokens`).
   :func:`finetune.tasks.anatomy_grounding` builds its examples from this template, so the two never drift apart.
+- ``"segment_tokens"`` (field ``phrase``): the anatomy-token question; a fine-tuned model answers ``<poly>`` +
+  location-token vertices + ``</poly>`` (:func:`medvlm.tokens.encode_mask`). :func:`finetune.tasks.anatomy_segmentation`
+  builds its examples from it and :meth:`agents.mini.MiniGrounder.segment` asks it.
 - ``"reference_pair"`` (fields ``name``, ``box``: the reference box as ``<box>`` location tokens): the RAU question
   of a fine-tuned model given a reference image then a target image; answered like ``grounding_tokens`` in the
   target's frame (:func:`finetune.tasks.reference_pair` builds its examples from it).

@@ -112,12 +112,6 @@ class TransformersGrounder:
                 results.append(grounding_result(phrase, reply, parsed, provenance))
         return results
 
-    def generate(self, picture: Any, messages: list[dict[str, Any]], max_new_tokens: int | None = None
-                 ) -> tuple[str, Any]:
-        """Greedy reply to ``messages`` (the last one's text content) with ``picture`` (PIL, as sent) before that
-        text; returns (reply without end markers, processor inputs)."""
-        return self.generate_chat(_with_image(messages), [picture], max_new_tokens)
-
     def generate_chat(self, messages: list[dict[str, Any]], pictures: Sequence[Any],
                       max_new_tokens: int | None = None) -> tuple[str, Any]:
         """Greedy reply to chat ``messages`` whose content parts hold ``{"type": "image"}`` placeholders, one per
