@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 TORCH_WHEELS ?= /opt/wheels
 FIND_LINKS := $(if $(wildcard $(TORCH_WHEELS)),--find-links $(TORCH_WHEELS),)
 PYTEST_ARGS ?=
-# the import packages that exist so far (later issues add agents/)
+# the import packages (docs/ARCHITECTURE.md)
 PKGS := $(wildcard medvlm segmentation eval finetune prompts agents)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -69,11 +69,13 @@ demo: install
 
 test: install browser mini
 	$(VENV)/bin/ruff check --no-cache $(PKGS) tests
+	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/mypy $(PKGS)
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check --no-cache $(PKGS) tests
+	$(VENV)/bin/lint-imports --no-cache
 
 typecheck: install
 	$(VENV)/bin/mypy $(PKGS)

@@ -15,10 +15,8 @@ peak; all in pixels of the original image (xyxy, x = column, y = row).
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -28,8 +26,8 @@ from medvlm.errors import input_error
 from medvlm.types import Box
 from segmentation.heatmap import DEFAULT_MEDVLM_CAM_LAYER, CamMethod, GateConfig
 
-__all__ = ["GatePlan", "HeatmapConfig", "WeakLocalization", "finding_heatmap", "localize", "plan_gate",
-           "read_heatmap", "run_heatmap"]
+__all__ = ["GatePlan", "HeatmapConfig", "WeakLocalization", "check_options", "finding_heatmap", "heatmap_overlay",
+           "localize", "plan_gate", "read_heatmap"]
 
 Source = Literal["medvlm", "gradcam"]
 Gate = Literal["anatomy", "none"]
@@ -203,6 +201,12 @@ def read_heatmap(heat: npt.NDArray[np.float32], plan: GatePlan, anatomy: Any, *,
         is_chest=is_chest, gate_mask=mask)
 
 
+def check_options(finding: Any, gate: Any, source: Any) -> tuple[str, str, str]:
+    """Validate a heatmap request before any model loads: ``(finding, gate, source)`` stripped and checked
+    (non-empty phrase, a gate of ``GATES``, a source of ``SOURCES``); an input error names what was expected."""
+    return _check_phrase(finding), _check_gate(gate), _check_source(source)
+
+
 def localize(segmenter: Any, image: Any, phrase: str, *, source: str = "medvlm", gate: str = "anatomy",
              embedding: Any = None, config: HeatmapConfig | None = None) -> WeakLocalization:
     """Localize ``phrase`` on ``image`` (a MedicalImage or uint8 array) with the Med-VLM ``segmenter``: one image
@@ -226,8 +230,9 @@ def localize(segmenter: Any, image: Any, phrase: str, *, source: str = "medvlm",
 # ------------------------------------------------------------------------------------------------ command
 
 
-def _overlay(image: Any, result: WeakLocalization) -> npt.NDArray[np.uint8]:
-    """The final map in colour over the radiograph, the gate regions' outline (white), box and peak."""
+def heatmap_overlay(image: Any, result: WeakLocalization) -> npt.NDArray[np.uint8]:
+    """The final map in colour over the radiograph (``image``: MedicalImage, H x W), the gate regions' outline
+    (white), box and peak: an RGB uint8 array of shape (H, W, 3) in the image's pixel frame."""
     from medvlm.types import Points, Region
     from medvlm.viz import draw_overlay, mask_contour
     from segmentation.heatmap import colorize_heatmap
@@ -241,42 +246,3 @@ def _overlay(image: Any, result: WeakLocalization) -> npt.NDArray[np.uint8]:
                               points=Points.from_lists(positive=[result.peak]), score=result.peak_value))
     title = f"{result.phrase} | {result.source} | gate {result.gate_used}"
     return draw_overlay(rgb, regions, title=title)
-
-
-def run_heatmap(args: argparse.Namespace) -> int:
-    """``medvlm heatmap IMAGE FINDING [--gate anatomy|none] [--source medvlm|gradcam] [--out DIR]``: writes
-    ``DIR/<stem>.heatmap.overlay.png``, ``DIR/<stem>.heatmap.png`` (the final map, 8-bit, scaled to its maximum)
-    and ``DIR/<stem>.heatmap.json``; prints the box, peak and gate."""
-    from medvlm.io import load_image, save_png
-    from medvlm.outputs import write_json_atomic
-    from segmentation.textseg.predictor import MedVLMSegmenter
-
-    _check_phrase(args.finding)
-    _check_gate(args.gate)
-    _check_source(args.source)
-    config = HeatmapConfig(box_fraction=args.box_fraction, cam_layer=args.layer or DEFAULT_MEDVLM_CAM_LAYER)
-    image = load_image(args.image, slice_index=getattr(args, "slice_index", None))
-    segmenter = MedVLMSegmenter(args.checkpoint)
-    result = localize(segmenter, image, args.finding, source=args.source, gate=args.gate, config=config)
-    box = "none" if result.box is None else " ".join(f"{v:.0f}" for v in result.box.to_list())
-    print(f"{result.phrase}: finding {result.finding or '-'} | source {result.source} | gate {result.gate_used}"
-          + (f" ({', '.join(result.regions)})" if result.gate_used == "anatomy" else ""))
-    if result.gate_reason and args.gate != "none":
-        print(f"  not gated: {result.gate_reason}")
-    print(f"  box {box} | peak {result.peak[0]:.0f} {result.peak[1]:.0f} (value {result.peak_value:.3f})")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = Path(args.image).name.split(".")[0]
-    overlay_path, map_path, json_path = (out / f"{stem}.heatmap.overlay.png", out / f"{stem}.heatmap.png",
-                                         out / f"{stem}.heatmap.json")
-    save_png(_overlay(image, result), overlay_path)
-    top = float(result.final.max())
-    scaled = result.final / top if top > 0 else result.final
-    save_png(np.clip(scaled * 255.0 + 0.5, 0, 255).astype(np.uint8), map_path)
-    payload = {"image": str(image.source), "size": [image.height, image.width], **result.to_json(),
-               "box_fraction": config.box_fraction, "checkpoint": segmenter.checkpoint,
-               "cam": {"layer": config.cam_layer, "method": config.cam_method} if args.source == "gradcam" else None,
-               "overlay": overlay_path.name, "heatmap": map_path.name}
-    write_json_atomic(payload, json_path)
-    print(f"wrote {json_path}, {overlay_path} and {map_path}")
-    return 0

@@ -190,7 +190,7 @@ class MiniGrounder(TransformersGrounder):
 
     def segment_many(self, image: Any, phrases: list[str], *, max_new_tokens: int = 160) -> list[tuple[Any, str]]:
         """:meth:`segment` for several phrases of one image, ``batch_size`` per forward pass."""
-        from agents.grounders.hf import _with_image
+        from agents.grounders.hf import with_image_placeholder
         from agents.grounders.openai import check_phrases
         from agents.llm import fit_image
         from medvlm.tokens import decode_mask
@@ -201,7 +201,7 @@ class MiniGrounder(TransformersGrounder):
         picture = fit_image(image.to_rgb_uint8(), self.max_side)
         out = []
         for start in range(0, len(checked), self.batch_size):
-            chunk = [_with_image(template.render(phrase=p)) for p in checked[start:start + self.batch_size]]
+            chunk = [with_image_placeholder(template.render(phrase=p)) for p in checked[start:start + self.batch_size]]
             replies, _ = self.generate_batch(chunk, [[picture]] * len(chunk), max_new_tokens)
             out += [(decode_mask(reply, *image.shape), reply) for reply in replies]
         return out

@@ -58,7 +58,8 @@ def compose_answer(phrase: str, result: GroundingResult, regions: Sequence[Regio
         if r.mask is not None:
             mm2 = r.mask.area_mm2(spacing_mm)
             size = f", {mm2 / 100.0:.1f} cm²" if mm2 is not None else f", {r.mask.area_px} px"
-        score = f", confidence {r.score:.2f}" if r.score is not None else ""
+        of = r.provenance.get("score_of")
+        score = "" if r.score is None else (f", {of} confidence {r.score:.2f}" if of else f", confidence {r.score:.2f}")
         parts.append(f"({k}) {where} [{_fmt_box(r)}{size}{score}]")
     text = f"\"{phrase}\" is in " + "; ".join(parts) + "."
     if any(str(r.provenance.get("localisation", "")).startswith("anatomical region") for r in regions):

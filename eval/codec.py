@@ -19,12 +19,12 @@ def codec_suite(data: str | Path, budgets: Sequence[int] = (16, 32, 64), limit: 
     returns ``{"suite", "data", "n_images", "rows": [{"max_points", "per_structure": {name: {"dice", "n"}},
     "mean_dice", "min_dice", "tokens_mean", "tokens_max"}]}``."""
     from eval.metrics import dice
-    from eval.suites import _select_ids
+    from eval.splits import select_ids
     from medvlm.datasets import open_dataset
     from medvlm.tokens import decode_mask, encode_mask
 
     dataset = open_dataset(data)
-    ids = _select_ids(dataset.ids(), None, limit)
+    ids = select_ids(dataset.ids(), None, limit)
     masks = [(name, m) for sid in ids for name, m in dataset.load(sid).masks.items()]
     rows = []
     for budget in budgets:

@@ -69,7 +69,7 @@ def _cases(sample: Any, gt_anatomy: Any) -> list[tuple[str, str, Any, str | None
     return cases
 
 
-def _side_error(region: Region, side: str | None, midline: float) -> bool | None:
+def side_error(region: Region, side: str | None, midline: float) -> bool | None:
     if side not in ("left", "right"):
         return None
     pixels = region.mask.data if region.mask is not None else None
@@ -104,7 +104,7 @@ def heldout_ids(dataset: Any, data: str | Path, split: str = "auto", *, limit: i
     """(ids, split used, checkpoint meta) of ``dataset``: the Med-VLM checkpoint's held-out split for ``auto``
     (the shipped checkpoint's when ``meta`` is empty: an LLM grounder has none, and the MLLM recipe never trains
     on that split either), ``ids_file`` when given, the first ``limit``."""
-    from eval.suites import _select_ids, checkpoint_split_ids
+    from eval.splits import checkpoint_split_ids, select_ids
 
     if not meta:
         from segmentation.textseg.checkpoint import read_checkpoint_config
@@ -113,7 +113,7 @@ def heldout_ids(dataset: Any, data: str | Path, split: str = "auto", *, limit: i
         meta = read_checkpoint_config(default_checkpoint_dir())[1]
     all_ids = dataset.ids()
     chosen, used = checkpoint_split_ids(meta, all_ids, split, data)
-    return _select_ids(all_ids if ids_file else chosen, ids_file, limit), used, meta
+    return select_ids(all_ids if ids_file else chosen, ids_file, limit), used, meta
 
 
 def grounding_suite(data: str | Path, *, agent: Any = None, split: str = "auto", limit: int | None = None,
@@ -128,7 +128,7 @@ def grounding_suite(data: str | Path, *, agent: Any = None, split: str = "auto",
     from agents.anatomy import anatomy_from_masks
     from agents.pipeline import GroundingAgent
     from eval.metrics import BoxAccumulator, PointingGameAccumulator
-    from eval.suites import n_trained_on
+    from eval.splits import n_trained_on
     from medvlm.datasets import open_dataset
 
     dataset = open_dataset(data)
@@ -183,8 +183,8 @@ def grounding_suite(data: str | Path, *, agent: Any = None, split: str = "auto",
             box_acc_checked[kind].update(best_c.box if best_c is not None else None, gt_box)
             if regions and side in ("left", "right"):
                 side_errors[kind][0] += 1
-                side_errors[kind][1] += int(bool(_side_error(regions[0], side, midline)))
-                side_errors[kind][2] += int(bool(_side_error(checked[0], side, midline)))
+                side_errors[kind][1] += int(bool(side_error(regions[0], side, midline)))
+                side_errors[kind][2] += int(bool(side_error(checked[0], side, midline)))
     per_type: dict[str, Any] = {}
     for kind in box_acc:
         raw, chk = box_acc[kind].compute(), box_acc_checked[kind].compute()

@@ -232,7 +232,7 @@ class LinkReportScorer:
 
     def update(self, report: ComposedReport, links: Sequence[SentenceLink]) -> list[dict[str, Any]]:
         """Score one report; returns per-sentence records (id, number, kind, text, expected, predicted, ious)."""
-        from eval.grounding import _side_error
+        from eval.grounding import side_error
 
         if len(links) != len(report.sentences):
             raise input_error("LinkReportScorer.update", expected=f"{len(report.sentences)} sentence links",
@@ -256,7 +256,7 @@ class LinkReportScorer:
             if sentence.side in ("left", "right") and link.regions and report.midline is not None:
                 midline = report.midline
                 self.sided[kind][0] += 1
-                self.sided[kind][1] += int(any(_side_error(r, sentence.side, midline) for r in link.regions))
+                self.sided[kind][1] += int(any(side_error(r, sentence.side, midline) for r in link.regions))
             record: dict[str, Any] = {"id": report.sample_id, "number": link.number, "kind": kind,
                                       "text": sentence.text, "expected": expected, "predicted": predicted}
             if sentence.boxes:
@@ -301,7 +301,7 @@ def link_report_suite(data: str | Path, *, agent: Any = None, split: str = "auto
     "status_accuracy", "confusion", "per_status", "per_kind", "per_sentence", "seconds"}``."""
     from agents.pipeline import GroundingAgent
     from agents.report import link_report
-    from eval.suites import _select_ids
+    from eval.splits import select_ids
     from medvlm.datasets import open_dataset
 
     dataset = open_dataset(data)
@@ -314,7 +314,7 @@ def link_report_suite(data: str | Path, *, agent: Any = None, split: str = "auto
         raise input_error("--split val", expected="a folder holding the checkpoint's val ids",
                           received=f"none of its {len(val_ids)} val ids in {data}", fix="use --split all")
     used = "val" if split == "val" or (split == "auto" and in_val) else "all"
-    ids = _select_ids(in_val if used == "val" and not ids_file else all_ids, ids_file, limit)
+    ids = select_ids(in_val if used == "val" and not ids_file else all_ids, ids_file, limit)
     scorer = LinkReportScorer()
     records: list[dict[str, Any]] = []
     t0 = time.perf_counter()

@@ -99,7 +99,7 @@ def refseg_suite(data: str | Path, references: str | Path | None = None, *, ks: 
             log.info("refseg k=%d seed %d done", k, seed)
     extra: dict[str, Any] = {}
     if compare:
-        from eval.suites import n_trained_on
+        from eval.splits import n_trained_on
         from segmentation.textseg.predictor import MedVLMSegmenter
 
         text = MedVLMSegmenter()

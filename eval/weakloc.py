@@ -89,7 +89,7 @@ def _prior(plan: Any, anatomy: Any, shape: tuple[int, int]) -> tuple[tuple[float
 def _pick_ids(dataset: Any, meta: dict[str, Any], split: str, limit: int | None) -> tuple[list[str], str]:
     """Ids of the images with boxes, of the checkpoint's val split when it is in this folder (``auto``/``val``)
     else all; the first ``limit`` of them."""
-    from eval.suites import checkpoint_split_ids
+    from eval.splits import checkpoint_split_ids
 
     candidates, used = checkpoint_split_ids(meta, dataset.ids(), split, dataset.root)
     chosen: list[str] = []
@@ -113,7 +113,7 @@ def weakloc_suite(datasets: Sequence[str] = DEFAULT_DATASETS, *, sources: Sequen
     """
     from agents.anatomy import segment_chest_anatomy
     from agents.heatmap import SOURCES, HeatmapConfig, finding_heatmap, plan_gate, read_heatmap
-    from eval.suites import n_trained_on
+    from eval.splits import n_trained_on
     from medvlm.datasets import open_dataset
     from segmentation.textseg.predictor import MedVLMSegmenter
 

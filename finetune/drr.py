@@ -91,15 +91,15 @@ def drr_from_volume(hu: npt.ArrayLike, spacing_mm: tuple[float, float, float],
 def drr_from_nifti(ct_path: str | Path, seg_path: str | Path | None = None,
                    names: Mapping[int, str] | None = None, **kwargs: object) -> DRR:
     """:func:`drr_from_volume` on NIfTI files (any stored orientation; reoriented to LPS first)."""
-    from medvlm.datasets.ct import _to_lps
+    from medvlm.datasets.ct import to_lps
     from medvlm.io import load_volume
 
     img, spacing, affine = load_volume(ct_path)
-    lps, lps_spacing, _ = _to_lps(img, affine, spacing)
+    lps, lps_spacing, _ = to_lps(img, affine, spacing)
     labels = None
     if seg_path is not None:
         seg, _, seg_affine = load_volume(seg_path)
-        labels, _, _ = _to_lps(np.rint(seg).astype(np.int32), seg_affine, spacing)
+        labels, _, _ = to_lps(np.rint(seg).astype(np.int32), seg_affine, spacing)
     return drr_from_volume(lps, lps_spacing, labels, names, **kwargs)  # type: ignore[arg-type]
 
 

@@ -45,8 +45,7 @@ from medvlm.errors import input_error
 
 __all__ = ["IMAGE_SIZE", "IMAGE_TOKENS", "MANIFEST_FILE", "PARTS", "Part", "assemble_mini", "convert_dinov2_onnx",
            "default_model_dir", "default_parts_dir", "fetch_parts", "load_smollm2", "new_token_rows",
-           "onnx_backbone_features", "pack_adapter", "run_build_mini",
-           "run_export_mini"]
+           "onnx_backbone_features", "pack_adapter"]
 
 log = logging.getLogger(__name__)
 
@@ -470,18 +469,6 @@ def new_token_rows(emb: Any, tokenizer: Any, old_rows: int, new_rows: int, *, se
     return rows
 
 
-def run_build_mini(args: Any) -> int:
-    """``medvlm build-mini [--out DIR] [--force] [--seed N] [--parts DIR]``."""
-    start = time.perf_counter()
-    target = Path(args.out) if args.out else default_model_dir()
-    kept = base_build(target) == BUILD_VERSION and not args.force
-    out = assemble_mini(target, seed=args.seed, parts_dir=args.parts, force=args.force)
-    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    what = "kept the existing build (--force rebuilds)" if kept else f"built in {time.perf_counter() - start:.0f} s"
-    print(f"medvlm-mini in {out} ({size / 2**20:.0f} MiB, {what}); serve it with: medvlm serve-llm --model {out}")
-    return 0
-
-
 def pack_adapter(adapter_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     """Pack a medvlm-mini training result for shipping: ``adapter_dir`` (``RUN/adapter`` or
     ``RUN/checkpoints/checkpoint-N``) -> ``out_dir`` (default ``agents/weights/mini``) with the adapter weights in
@@ -527,12 +514,3 @@ def pack_adapter(adapter_dir: str | Path, out_dir: str | Path | None = None) -> 
                                                 "added_tokens": True, "answer_format": "tokens",
                                                 "servable_as_lora": False}, indent=2) + "\n")
     return out
-
-
-def run_export_mini(args: Any) -> int:
-    """``medvlm export mini ADAPTER [--out DIR]``."""
-    out = pack_adapter(args.adapter, args.out)
-    size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
-    print(f"medvlm-mini adapter packed in {out} ({size / 2**20:.1f} MiB); use it with: medvlm ask IMAGE QUESTION "
-          f"--grounder mini")
-    return 0

@@ -49,7 +49,7 @@ RELATION_KINDS: tuple[str, ...] = ("above_below", "image_left_right", "patient_l
 """The questions :func:`relative_position` asks; ``patient_left_right`` only on frontal chest radiographs."""
 
 
-def _example(task: str, images: list[str], question: str, answer: str, **meta: Any) -> dict[str, Any]:
+def sft_example(task: str, images: list[str], question: str, answer: str, **meta: Any) -> dict[str, Any]:
     content: list[dict[str, Any]] = [{"type": "image"} for _ in images]
     content.append({"type": "text", "text": question})
     return {"prompt": [{"role": "user", "content": content}],
@@ -73,7 +73,7 @@ def _target_masks(sample: Any) -> dict[str, Any]:
     return out
 
 
-def _grounding_question(phrase: str) -> str:
+def grounding_question(phrase: str) -> str:
     """The question of the ``grounding_tokens`` template, which the ``openai`` grounder (``answer="tokens"``) asks
     a fine-tuned model at inference: one source, so training and serving never drift apart."""
     from prompts.templates import load_templates
@@ -110,7 +110,7 @@ def anatomy_grounding(sample: Any, rng: random.Random) -> list[dict[str, Any]]:
     out = []
     for name, box in sorted(_targets(sample).items()):
         phrase = rng.choice(_phrases(name))
-        out.append(_example("anatomy_grounding", [sample.source], _grounding_question(phrase),
+        out.append(sft_example("anatomy_grounding", [sample.source], grounding_question(phrase),
                             f"{phrase}: {encode_box(box, h, w)}", target=name, sample_id=sample.id))
     return out
 
@@ -118,7 +118,7 @@ def anatomy_grounding(sample: Any, rng: random.Random) -> list[dict[str, Any]]:
 def finding_grounding(sample: Any) -> list[dict[str, Any]]:
     """One example per box annotation: its phrase -> its box."""
     h, w = sample.image.shape
-    return [_example("finding_grounding", [sample.source], f"Where is the {ann.phrase}?",
+    return [sft_example("finding_grounding", [sample.source], f"Where is the {ann.phrase}?",
                      f"{ann.phrase}: {encode_box(ann.box, h, w)}", target=ann.label, sample_id=sample.id)
             for ann in sample.boxes]
 
@@ -128,7 +128,7 @@ def anatomy_segmentation(sample: Any, rng: random.Random, max_points: int = 32) 
     out = []
     for name in sorted(sample.masks):
         phrase = rng.choice(_phrases(name))
-        out.append(_example("anatomy_segmentation", [sample.source], _segment_question(phrase),
+        out.append(sft_example("anatomy_segmentation", [sample.source], _segment_question(phrase),
                             encode_mask(sample.masks[name], max_points=max_points), target=name,
                             sample_id=sample.id))
     return out
@@ -142,7 +142,7 @@ def reference_pair(reference: Any, target: Any, name: str) -> dict[str, Any]:
     # the template the refseg MLLM path asks at inference, so training and serving share one wording
     question = str(load_templates("1")["reference_pair"].render(name=name, box=encode_box(ref_box, rh, rw))[-1]
                    ["content"])
-    return _example("reference_pair", [reference.source, target.source], question,
+    return sft_example("reference_pair", [reference.source, target.source], question,
                     f"{name}: {encode_box(tgt_box, th, tw)}", target=name, reference_id=reference.id,
                     sample_id=target.id)
 
@@ -282,7 +282,7 @@ def relative_position(sample: Any, rng: random.Random, n: int = 4, *, kinds: Seq
         question, answer = _relation_example(kind, word, pa, pb, encode_box(boxes[a], h, w),
                                              encode_box(boxes[b], h, w))
         label = (a if word == "A" else b) if kind == "larger" else word
-        out.append(_example("relative_position", [sample.source], question, answer, target=a, other=b,
+        out.append(sft_example("relative_position", [sample.source], question, answer, target=a, other=b,
                             relation=kind, label=label, sample_id=sample.id))
     return out
 
@@ -322,11 +322,11 @@ def drr_examples(drr: DRR, source_png: str, rng: random.Random, max_points: int 
         phrase = rng.choice(_phrases(name))
         box = Mask(mask).to_box()
         assert box is not None  # kept masks are non-empty
-        out.append(_example("drr_grounding", [source_png], _grounding_question(phrase),
+        out.append(sft_example("drr_grounding", [source_png], grounding_question(phrase),
                             f"{phrase}: {encode_box(box, h, w)}", target=name, mask=raw, sample_id=source_png))
     for name, raw, mask in kept:
         phrase = rng.choice(_phrases(name))
-        out.append(_example("drr_segmentation", [source_png], _segment_question(phrase),
+        out.append(sft_example("drr_segmentation", [source_png], _segment_question(phrase),
                             encode_mask(mask, max_points=max_points), target=name, mask=raw, sample_id=source_png))
     return out
 

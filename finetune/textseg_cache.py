@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ import torch
 from medvlm.datasets import Sample
 from medvlm.errors import input_error
 from medvlm.io import atomic_open
+from segmentation.textseg.wholes import add_wholes, annotated_with_wholes
 
 __all__ = ["CacheEntry", "FeatureCache", "augment", "build_cache", "letterbox_mask"]
 
@@ -42,10 +43,12 @@ class CacheEntry:
     modality: str
     structures: tuple[str, ...]
     absent: tuple[str, ...]  # structures the dataset annotates that this image does not contain
+    site: str = ""  # the reader's site hint (picks e.g. the cardiac vs brain MR view sentence)
 
     def to_json(self) -> dict[str, Any]:
         return {"key": self.key, "dataset": self.dataset, "sample_id": self.sample_id, "variant": self.variant,
-                "modality": self.modality, "structures": list(self.structures), "absent": list(self.absent)}
+                "modality": self.modality, "structures": list(self.structures), "absent": list(self.absent),
+                "site": self.site}
 
 
 def letterbox_mask(mask: npt.NDArray[np.bool_], size: int) -> npt.NDArray[np.bool_]:
@@ -107,12 +110,17 @@ def _modality(sample: Sample) -> str:
 
 
 def build_cache(encoder: Any, items: Iterable[tuple[str, Sample, int, Sequence[str]]], cache_dir: str | Path,
-                *, seed: int = 0, progress: bool = True) -> list[CacheEntry]:
+                *, seed: int = 0, progress: bool = True,
+                prefix_fn: Callable[[torch.Tensor], torch.Tensor] | None = None, batch_size: int = 8,
+                wholes: bool = False) -> list[CacheEntry]:
     """Encode every ``(dataset, sample, n_variants, dataset_structures)`` into ``cache_dir``; returns entries.
 
     Variant 0 is the image as is, variants 1.. are :func:`augment` draws seeded by (seed, sample id, variant).
     Existing files are reused (a killed build resumes). ``encoder`` is a ``segmentation.textseg.encoders.
     ImageEncoder``; the index records its config so that a mismatching cache is refused by :class:`FeatureCache`.
+    ``prefix_fn`` maps a batch of encoder inputs ``(B, 3, S, S)`` to the frozen prefix (default
+    ``encoder.prefix``; e.g. an OpenVINO-compiled copy); images go through it ``batch_size`` at a time.
+    ``wholes``: also store the wholes of present parts (:func:`add_wholes`).
     """
     from tqdm.auto import tqdm
 
@@ -124,8 +132,25 @@ def build_cache(encoder: Any, items: Iterable[tuple[str, Sample, int, Sequence[s
     work = list(items)
     total = sum(n for _, _, n, _ in work)
     bar = tqdm(total=total, desc="caching encoder features", disable=not progress)
+    run = prefix_fn if prefix_fn is not None else encoder.prefix
+    pending: list[tuple[Path, npt.NDArray[np.float32], tuple[int, int], dict[str, npt.NDArray[np.bool_]]]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        with torch.no_grad():
+            prefixes = run(torch.from_numpy(np.stack([chw for _, chw, _, _ in pending]))).to(torch.float16)
+        for (path, _, content, masks), prefix in zip(pending, prefixes):
+            payload = {"prefix": prefix.contiguous(), "content": torch.tensor(content),
+                       "masks": {name: torch.from_numpy(letterbox_mask(m, size)) for name, m in masks.items()}}
+            with atomic_open(path, "wb") as fh:
+                torch.save(payload, fh)
+        bar.update(len(pending))
+        pending.clear()
+
     for dataset, sample, n_variants, dataset_structures in work:
         base_rgb = sample.image.to_rgb_uint8()
+        annotated = annotated_with_wholes(dataset_structures) if wholes else tuple(dataset_structures)
         for v in range(n_variants):
             key = f"{dataset}__{sample.id}__v{v}".replace("/", "_")
             path = root / f"{key}.pt"
@@ -133,17 +158,20 @@ def build_cache(encoder: Any, items: Iterable[tuple[str, Sample, int, Sequence[s
             if v > 0:
                 digest = int(hashlib.sha1(f"{seed}:{dataset}:{sample.id}:{v}".encode()).hexdigest()[:8], 16)
                 rgb, masks = augment(base_rgb, masks, np.random.default_rng(digest))
+            if wholes:
+                masks = add_wholes(masks)
             structures = tuple(sorted(masks))
-            absent = tuple(s for s in dataset_structures if s not in masks)
-            entries.append(CacheEntry(key, dataset, sample.id, v, _modality(sample), structures, absent))
-            if not path.is_file():
-                chw, content = encoder.preprocess(rgb)
-                prefix = encoder.prefix(torch.from_numpy(chw)[None])[0].to(torch.float16)
-                payload = {"prefix": prefix.contiguous(), "content": torch.tensor(content),
-                           "masks": {name: torch.from_numpy(letterbox_mask(m, size)) for name, m in masks.items()}}
-                with atomic_open(path, "wb") as fh:
-                    torch.save(payload, fh)
-            bar.update(1)
+            absent = tuple(s for s in annotated if s not in masks)
+            entries.append(CacheEntry(key, dataset, sample.id, v, _modality(sample), structures, absent,
+                                      str(sample.meta.get("site", "") or "")))
+            if path.is_file():
+                bar.update(1)
+                continue
+            chw, content = encoder.preprocess(rgb)
+            pending.append((path, chw, content, masks))
+            if len(pending) >= batch_size:
+                flush()
+    flush()
     bar.close()
     index = {"encoder_key": enc_key, "encoder": _encoder_json(encoder), "entries": [e.to_json() for e in entries]}
     with atomic_open(root / "index.json", "w") as fh:
@@ -177,7 +205,8 @@ class FeatureCache:
                               received=f"key {index.get('encoder_key')} in {root}",
                               fix="use another cache_dir or delete this one; the encoder or its LoRA stages changed")
         entries = [CacheEntry(e["key"], e["dataset"], e["sample_id"], int(e["variant"]), e["modality"],
-                              tuple(e["structures"]), tuple(e["absent"])) for e in index["entries"]]
+                              tuple(e["structures"]), tuple(e["absent"]), e.get("site", ""))
+                   for e in index["entries"]]
         if keys is not None:
             wanted = set(keys)
             entries = [e for e in entries if e.key in wanted]

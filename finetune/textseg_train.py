@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from finetune.textseg_cache import CacheEntry, FeatureCache, build_cache
+from medvlm.datasets.kinds import mismatched_structures
 from medvlm.errors import input_error
 from segmentation.textseg.config import MedVLMConfig
 from segmentation.textseg.losses import bce_dice_loss, prior_mass_loss
@@ -54,12 +55,15 @@ JSRT = "cxr_jsrt_scr"
 @dataclass
 class DataSource:
     """One data folder: ``name`` (a medvlm.datasets name), ``variants`` cached per image (1 = no augmentation),
-    ``weight`` (relative sampling weight per image), ``limit`` (first N ids, for quick runs)."""
+    ``weight`` (relative sampling weight: per image, or per source with ``balance: source``), ``limit`` (first N
+    ids, for quick runs), ``every`` (keep every k-th training id of each case: neighbouring slices of a volume
+    are nearly the same image)."""
 
     name: str
     variants: int = 1
     weight: float = 1.0
     limit: int | None = None
+    every: int = 1
 
 
 @dataclass
@@ -86,6 +90,21 @@ class TrainConfig:
     init_from: str | None = None
     prior_weight: float = 0.0
     prior_texts_per_image: int = 2
+    #: hold out a val split (by case, ``val_fraction``) of every source with >= 5 cases, not only JSRT
+    holdout_all: bool = False
+    #: "image": ``weight`` is per image; "source": each source's images share its ``weight`` (so a folder of
+    #: 2,000 slices and one of 16 photographs are drawn as often as their weights say)
+    balance: str = "image"
+    #: negatives from other kinds of image (a brain MR asked for the liver): probability per image, and how many
+    foreign_negative_prob: float = 0.0
+    negatives_per_image: int = 1
+    #: weight of the existence head's BCE (models built with ``existence_head: true``)
+    existence_weight: float = 1.0
+    #: train the wholes of present parts too ("lung" = left + right lung, "kidney", "hippocampus")
+    wholes: bool = False
+    #: precision of the frozen prefix when caching: fp32 (torch) or bf16/auto (OpenVINO where the CPU has bf16;
+    #: segmentation.runtime); inference runs the same encoder path
+    cache_precision: str = "fp32"
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_images < 1 or self.texts_per_image < 1:
@@ -104,6 +123,12 @@ class TrainConfig:
             raise input_error("init_from", expected="a Med-VLM checkpoint folder (config.json + model.safetensors)",
                               received=repr(self.init_from),
                               fix="e.g. init_from: segmentation/textseg/weights/default, or remove the key")
+        if self.balance not in ("image", "source"):
+            raise input_error("balance", expected="'image' or 'source'", received=repr(self.balance),
+                              fix="use balance: source to weight folders, not images")
+        if any(d.every < 1 for d in self.data):
+            raise input_error("data every", expected=">= 1", received=str([d.every for d in self.data]),
+                              fix="use every: 1 (all ids) or e.g. every: 3")
         if not self.data:
             raise input_error("data", expected="at least one data source", received="[]",
                               fix=f"add e.g. - name: {JSRT}")
@@ -139,10 +164,13 @@ def _split(cfg: TrainConfig) -> tuple[list[tuple[str, Any, int, Sequence[str]]],
     for src in cfg.data:
         ds = open_dataset(src.name, root=cfg.data_root)
         ids = ds.ids()[: src.limit] if src.limit else ds.ids()
-        if src.name == JSRT:
+        n_cases = len({ds.group(i) for i in ids})
+        if src.name == JSRT or (cfg.holdout_all and n_cases >= 5):
             tr, va = split_ids(ids, cfg.val_fraction, cfg.split_seed, group=ds.group)
         else:
             tr, va = ids, []
+        if src.every > 1:  # val too: the in-training proxy; `medvlm eval text-seg` scores every val image
+            tr, va = thin_per_case(tr, src.every, ds.group), thin_per_case(va, src.every, ds.group)
         for sid in tr:
             sample = ds.load(sid)
             if sample.masks:
@@ -152,7 +180,20 @@ def _split(cfg: TrainConfig) -> tuple[list[tuple[str, Any, int, Sequence[str]]],
     return train, val
 
 
-def _sample_batch(entries: Sequence[CacheEntry], weights: np.ndarray, cache: FeatureCache, cfg: TrainConfig,
+def thin_per_case(ids: Sequence[str], every: int, group: Any) -> list[str]:
+    """Every ``every``-th id of each case (``group(id)`` -> case id), in the given order; the first id of each case
+    is always kept."""
+    seen: dict[str, int] = {}
+    kept = []
+    for i in ids:
+        k = seen.get(group(i), 0)
+        seen[group(i)] = k + 1
+        if k % every == 0:
+            kept.append(i)
+    return kept
+
+
+def sample_batch(entries: Sequence[CacheEntry], weights: np.ndarray, cache: FeatureCache, cfg: TrainConfig,
                   rng: random.Random, nrng: np.random.Generator) -> tuple[torch.Tensor, list[int], list[str],
                                                                             torch.Tensor, torch.Tensor]:
     """(prefixes (B, ...), row -> image index, texts, targets (R, 1, S, S), is_prior (R,) bool).
@@ -174,13 +215,23 @@ def _sample_batch(entries: Sequence[CacheEntry], weights: np.ndarray, cache: Fea
         rng.shuffle(names)
         names = names[: cfg.texts_per_image]
         chosen: list[tuple[str, bool]] = [(n, True) for n in names]
+        negatives: list[str] = []
         if e.absent and rng.random() < cfg.negative_prob:
-            # the negative text takes the last slot when the image already fills texts_per_image
-            chosen = [*chosen[: cfg.texts_per_image - 1], (rng.choice(list(e.absent)), False)]
+            negatives.append(rng.choice(list(e.absent)))
+        foreign = mismatched_structures(e.dataset)
+        if foreign and rng.random() < cfg.foreign_negative_prob:
+            negatives += rng.sample(list(foreign), min(len(foreign), cfg.negatives_per_image))
+        if negatives:
+            # negative texts take the last slots when the image already fills texts_per_image
+            keep = max(1, cfg.texts_per_image - len(negatives))
+            chosen = [*chosen[:keep], *((n, False) for n in negatives)]
         size = next(iter(cache.masks[e.key].values())).shape[-1] if cache.masks[e.key] else 256
         for name, present in chosen:
             level = rng.choices(levels, weights=lw)[0]
-            text, _ = sample_text(name, rng, levels=(level,), modality=e.modality)  # type: ignore[arg-type]
+            # the site hint half of the time: at inference only the modality may be known
+            site = e.site if e.site and rng.random() < 0.5 else None
+            text, _ = sample_text(name, rng, levels=(level,), modality=e.modality,  # type: ignore[arg-type]
+                                  site=site)
             texts.append(text)
             rows.append(bi)
             tgt = cache.masks[e.key][name] if present else torch.zeros(size, size, dtype=torch.bool)
@@ -198,11 +249,16 @@ def _sample_batch(entries: Sequence[CacheEntry], weights: np.ndarray, cache: Fea
     return torch.stack(prefixes), rows, texts, torch.stack(targets), torch.tensor(flags, dtype=torch.bool)
 
 
-def _forward(model: MedVLM, prefixes: torch.Tensor, rows: list[int], texts: list[str]) -> torch.Tensor:
+def _forward_full(model: MedVLM, prefixes: torch.Tensor, rows: list[int], texts: list[str],
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     feats = model.image_encoder.suffix(prefixes)
     feats = feats[torch.as_tensor(rows, device=feats.device)]
     ids, am = model.text_encoder.tokenize(texts, feats.device)
-    return model.forward_encoded(feats, ids, am)
+    return model.forward_with_existence(feats, ids, am)
+
+
+def _forward(model: MedVLM, prefixes: torch.Tensor, rows: list[int], texts: list[str]) -> torch.Tensor:
+    return _forward_full(model, prefixes, rows, texts)[0]
 
 
 @torch.no_grad()
@@ -236,6 +292,31 @@ def evaluate_cached(model: MedVLM, cache: FeatureCache, entries: Sequence[CacheE
 # ------------------------------------------------------------------------------------------------- train
 
 
+def _prefix_runner(encoder: Any, precision: str) -> Any:
+    """The function that computes the frozen image prefix of a batch ``(B, 3, S, S)`` for the feature cache:
+    ``encoder.prefix`` in fp32, or the OpenVINO-compiled prefix (:mod:`segmentation.runtime`) when ``precision``
+    resolves to bf16."""
+    if precision == "fp32":
+        return encoder.prefix
+    from segmentation.runtime import compile_encoder, resolve_precision
+
+    if resolve_precision(precision) == "fp32":
+        return encoder.prefix
+
+    class _Prefix(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+            return self.encoder.prefix(pixels)
+
+    size = encoder.config.image_size
+    compiled = compile_encoder(_Prefix().eval(), torch.zeros(1, 3, size, size), "bf16", key="medvlm-prefix")
+    # TinyViT's traced graph keeps the example's batch size in its reshapes: one image per call
+    return lambda pixels: torch.cat([compiled(pixels[i:i + 1]) for i in range(pixels.shape[0])])
+
+
 def _lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -249,12 +330,18 @@ def _init_from(model: MedVLM, model_cfg: MedVLMConfig, directory: str) -> None:
     from segmentation.textseg.checkpoint import load_medvlm, read_checkpoint_config
 
     theirs, _ = read_checkpoint_config(directory)
-    if theirs.to_json() != model_cfg.to_json():
+    # a new existence head on the same architecture starts from scratch; everything else must match
+    if {**theirs.to_json(), "existence_head": None} != {**model_cfg.to_json(), "existence_head": None}:
         raise input_error("init_from", expected="a checkpoint built by the same model config as this run",
                           received=f"{directory} with config {theirs.to_json()}",
                           fix="set `model:` to that checkpoint's config (its config.json), or drop init_from")
     source, _ = load_medvlm(directory)
-    model.load_state_dict(source.trainable_state_dict(), strict=False)
+    state = source.trainable_state_dict()
+    missing = [k for k in model.trainable_state_dict() if k not in state and not k.startswith("existence.")]
+    if missing:
+        raise input_error("init_from", expected="every trained weight of this model in the checkpoint",
+                          received=f"{len(missing)} missing, e.g. {missing[:3]}", fix="use a matching checkpoint")
+    model.load_state_dict(state, strict=False)
 
 
 def _save_state(model: MedVLM, optimizer: torch.optim.Optimizer, step: int, directory: Path,
@@ -302,9 +389,11 @@ def train_medvlm(cfg: TrainConfig, *, progress: bool = True, resume: bool = True
     train_items, val_items = _split(cfg)
     (out / "val_ids.txt").write_text("".join(f"{s.id}\n" for _, s, _, _ in val_items))
     t0 = time.time()
-    train_entries = build_cache(model.image_encoder, train_items, cfg.cache_dir, seed=cfg.seed, progress=progress)
-    build_cache(model.image_encoder, val_items, Path(cfg.cache_dir) / "val", seed=cfg.seed,
-                              progress=progress)
+    prefix_fn = _prefix_runner(model.image_encoder, cfg.cache_precision)
+    train_entries = build_cache(model.image_encoder, train_items, cfg.cache_dir, seed=cfg.seed, progress=progress,
+                                prefix_fn=prefix_fn, wholes=cfg.wholes)
+    build_cache(model.image_encoder, val_items, Path(cfg.cache_dir) / "val", seed=cfg.seed, progress=progress,
+                prefix_fn=prefix_fn, wholes=cfg.wholes)
     cache_s = time.time() - t0
     cache = FeatureCache(cfg.cache_dir, model.image_encoder)
     val_cache = FeatureCache(Path(cfg.cache_dir) / "val", model.image_encoder)
@@ -312,9 +401,13 @@ def train_medvlm(cfg: TrainConfig, *, progress: bool = True, resume: bool = True
     entries = [e for e in cache.entries if e.key in train_keys and e.structures]
     val_list = list(val_cache.entries)[: cfg.eval_limit]
     per_source = {s.name: s.weight for s in cfg.data}
-    # a source's weight is per image, shared by its variants
+    # a source's weight is per image, shared by its variants (or, balance: source, shared by all its entries)
     n_variants = {s.name: s.variants for s in cfg.data}
-    w = np.array([per_source[e.dataset] / n_variants[e.dataset] for e in entries], dtype=np.float64)
+    n_entries: dict[str, int] = {}
+    for e in entries:
+        n_entries[e.dataset] = n_entries.get(e.dataset, 0) + 1
+    share = (lambda e: n_entries[e.dataset]) if cfg.balance == "source" else (lambda e: n_variants[e.dataset])
+    w = np.array([per_source[e.dataset] / share(e) for e in entries], dtype=np.float64)
     weights = w / w.sum()
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -347,10 +440,14 @@ def train_medvlm(cfg: TrainConfig, *, progress: bool = True, resume: bool = True
         raw_model.train()
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, cfg)
-        prefixes, rows, texts, targets, is_prior = _sample_batch(entries, weights, cache, cfg, rng, nrng)
-        logits = _forward(raw_model, prefixes.to(accelerator.device), rows, texts)
+        prefixes, rows, texts, targets, is_prior = sample_batch(entries, weights, cache, cfg, rng, nrng)
+        logits, exist = _forward_full(raw_model, prefixes.to(accelerator.device), rows, texts)
         targets, is_prior = targets.to(logits.device), is_prior.to(logits.device)
         loss = bce_dice_loss(logits[~is_prior], targets[~is_prior])
+        if exist is not None and cfg.existence_weight > 0:
+            present = targets[~is_prior].flatten(1).amax(1)
+            loss = loss + cfg.existence_weight * torch.nn.functional.binary_cross_entropy_with_logits(
+                exist[~is_prior], present)
         if bool(is_prior.any()):
             loss = loss + cfg.prior_weight * prior_mass_loss(logits[is_prior], targets[is_prior])
         accelerator.backward(loss)

@@ -3,7 +3,7 @@
 Every writer takes the masks of one image as bool arrays ``(H, W)`` on the ORIGINAL pixel grid of that image
 (the grid :func:`medvlm.io.load_image` returns; x = column, y = row), in region order (region ``k`` = the
 ``k``-th mask, 1-based), and writes one file atomically. Library code: the HTTP server
-(:mod:`medvlm.server`) serves these files, but nothing here needs it.
+(:mod:`medvlm.app.server`) serves these files, but nothing here needs it.
 
 Formats, and the choices made:
 

@@ -15,7 +15,7 @@ from scipy import ndimage
 
 from medvlm.types import Region
 
-__all__ = ["PALETTE", "draw_overlay", "mask_contour"]
+__all__ = ["PALETTE", "draw_overlay", "mask_contour", "place_label"]
 
 # Colour-blind-friendly (Okabe-Ito) colours, distinct on a gray radiograph.
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -47,6 +47,28 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has no sized default font
         return ImageFont.load_default()
+
+
+def place_label(size: tuple[float, float], anchor: tuple[float, float],
+                placed: Sequence[tuple[float, float, float, float]], width: int, height: int,
+                margin: float = 0.0) -> tuple[float, float]:
+    """Top-left ``(x, y)`` in pixels for a label of ``size`` ``(w, h)`` near ``anchor`` that overlaps none of the
+    ``placed`` boxes ``(x0, y0, x1, y1)`` (each grown by ``margin``): the anchor, else the nearest free row below
+    or above it (steps of one label height), kept inside the ``width`` x ``height`` image; the anchor when no
+    row is free."""
+    w, h = size
+    step = h + 2 * margin
+    x = min(max(0.0, anchor[0]), max(0.0, width - w - margin))
+
+    def free(y: float) -> bool:
+        return not any(x - margin < p[2] and p[0] < x + w + margin and y - margin < p[3] and p[1] < y + h + margin
+                       for p in placed)
+
+    for k in range(2 * int(height // max(1.0, step)) + 1):
+        y = anchor[1] + (k + 1) // 2 * step * (1 if k % 2 else -1)  # 0, +1, -1, +2, -2 ... rows
+        if 0 <= y <= height - h and free(y):
+            return x, y
+    return x, anchor[1]
 
 
 def draw_overlay(
@@ -81,6 +103,7 @@ def draw_overlay(
     out = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(out)
     font = _font(max(12, round(side / 45)))
+    placed: list[tuple[float, float, float, float]] = []  # label boxes drawn so far (never overlapped)
     for i, region in enumerate(regions):
         colour_t = PALETTE[i % len(PALETTE)]
         b = region.box
@@ -97,12 +120,17 @@ def draw_overlay(
         if region.label:
             text += f" {region.label}"
         if region.score is not None:
-            text += f" {region.score:.2f}"
+            # whose score it is, when it is not the named thing's own (a zone placing a finding)
+            of = region.provenance.get("score_of") if region.provenance else None
+            text += f" ({of} {region.score:.2f})" if of else f" {region.score:.2f}"
         tx, ty = b.x0 + line, max(0.0, b.y0 - font_height(font) - 2 * line)
         if ty <= 0:
             ty = b.y0 + line
+        b0 = draw.textbbox((0, 0), text, font=font)
+        tx, ty = place_label((b0[2] - b0[0], b0[3] - b0[1]), (tx, ty), placed, width, height, margin=2 * line)
         bbox = draw.textbbox((tx, ty), text, font=font)
-        draw.rectangle((bbox[0] - line, bbox[1] - line, bbox[2] + line, bbox[3] + line), fill=(0, 0, 0))
+        placed.append((bbox[0] - line, bbox[1] - line, bbox[2] + line, bbox[3] + line))
+        draw.rectangle(placed[-1], fill=(0, 0, 0))
         draw.text((tx, ty), text, fill=colour_t, font=font)
     if title:
         bbox = draw.textbbox((line * 2, line * 2), title, font=font)

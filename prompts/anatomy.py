@@ -1,35 +1,67 @@
 """Anatomy text vocabulary: names, synonyms and descriptions of the structures annotated in ``../shared/data``.
 
 The vocabulary is versioned package data (``prompts/data/anatomy_v<version>.json``, read with
-:mod:`importlib.resources` so that it works from an installed wheel). Keys are the canonical structure names of
-:mod:`medvlm.datasets` (``STRUCTURE_VOCABULARY``), so a mask name from a reader is a key here. It holds every
-structure whose mask occurs in the readers' samples, plus ``"lung"`` (unsided lung masks), ``"lesion"`` (CT lesion
-masks) and ``"lung nodule"``.
+:mod:`importlib.resources` so that it works from an installed wheel); :func:`load_vocabulary` reads version
+:data:`DEFAULT_VERSION` ("2") unless told otherwise, and every function here uses that default when no
+``vocabulary`` is passed. Keys are the canonical structure names of :mod:`medvlm.datasets`
+(``STRUCTURE_VOCABULARY``), so a mask name from a reader is a key here. It holds every structure whose mask occurs
+in the readers' samples, plus ``"lung"`` (unsided lung masks), ``"lesion"`` (CT lesion masks) and
+``"lung nodule"``.
+
+Version 2 keeps every entry of version 1 (which still loads, unchanged: 62 structures) and adds:
+
+- the structures of the CT/MR/ultrasound/dermoscopy/endoscopy readers (:mod:`medvlm.datasets.modalities`):
+  ``"kidney"`` (both kidneys in one mask, CURVAS), ``"anterior hippocampus"`` / ``"posterior hippocampus"`` (MSD
+  Task04 crops), the BraTS regions ``"whole tumor"``, ``"tumor core"``, ``"enhancing tumor"`` and ``"brain"``,
+  ``"fetal head"`` (HC18 ultrasound), ``"skin lesion"`` (HAM10000 dermoscopy) and ``"polyp"`` (Kvasir-SEG
+  colonoscopy);
+- WHOLES that name a pair or a whole, with their :attr:`StructureText.parts`: ``"lung"`` (left + right lung),
+  ``"kidney"`` (left + right kidney), ``"hippocampus"`` (anterior + posterior hippocampus) and ``"clavicles"``
+  (left + right clavicle); see :func:`parts_of` and :func:`wholes_of`. "both kidneys", "lungs", "both lungs",
+  "hippocampi" and "both clavicles" name the wholes; the singular "clavicle" names none (its side is unknown);
+- view sentences for the new kinds of image (:data:`VIEW_KEYS`) and the sources of the new data sets.
 
 Each structure has three description levels, as in the Med-VLM paper's text-prompt ablation:
 
 - ``"none"``: the empty string;
 - ``"simple"``: the name (or one of its synonyms);
 - ``"complex"``: an authoritative 1-3 sentence description of its position and its relations to its
-  neighbours, followed, when the image modality is known, by a sentence on where it appears in that kind of
-  image (``views["xray"]`` for radiographs, ``views["ct_mr_axial"]`` for axial CT/MR).
+  neighbours, followed, when the image modality is known, by a sentence on where and how it appears in that kind
+  of image (``views[key]``, :func:`view_key`): ``"xray"`` for radiographs, ``"ct_mr_axial"`` for axial CT/MR,
+  ``"mr_brain"`` for axial brain MR (FLAIR/T1c), ``"mr_cardiac"`` for short-axis cine cardiac MR,
+  ``"ultrasound"``, ``"dermoscopy"`` and ``"endoscopy"``. Brain and cardiac MR share the modality "MR": a SITE hint
+  (index.csv's ``site`` such as "brain (glioma)" or "heart", a sequence such as "FLAIR" or "short-axis cine")
+  picks the MR view, and without one MR keeps the axial sentence of version 1.
 
-Left and right are always the PATIENT's. Images are in standard radiological display: on frontal radiographs and
-on axial CT/MR the patient's right is on the IMAGE left, and axial slices have anterior at the top. Synonyms of a
-sided structure always keep its side (English left/right or Latin sinister/dexter forms).
+Left and right are always the PATIENT's. Radiographs and axial CT/MR are in standard radiological display: the
+patient's right is on the IMAGE left, and axial slices have anterior at the top. Short-axis cardiac MR, ultrasound,
+dermoscopy and endoscopy images have no such convention; their sentences place a structure by anatomy (the
+cardiac ones by the usual short-axis display, right ventricle toward the image left). Synonyms of a sided
+structure always keep its side (English left/right or Latin sinister/dexter forms); synonyms of an unsided one
+(wholes included) have no side word.
 
 Provenance: the descriptions, view sentences and synonym lists were written for this project. Names follow
 Terminologia Anatomica, 2nd ed. (FIPAT, 2019); positions and relations are paraphrased after Gray's Anatomy (42nd
 ed.); radiograph appearance after Felson's Principles of Chest Roentgenology; axial appearance after Moeller and
 Reif's Pocket Atlas of Sectional Anatomy; what each mask covers after the TotalSegmentator, SCR, JSRT and
-DeepLesion papers; nodule and lesion terms after the Fleischner Society glossary and RECIST 1.1. Full citations
-are in the data file's ``"sources"`` and in :attr:`Vocabulary.sources`; each structure names the ones it used.
-No passage is quoted and no ontology identifiers (RadLex, FMA) are given.
+DeepLesion papers; nodule and lesion terms after the Fleischner Society glossary and RECIST 1.1. Version 2 adds:
+what the new masks cover and how they look after the data sets' papers (CURVAS challenge, MICCAI 2024; Medical
+Segmentation Decathlon, Antonelli et al., Nat Commun 2022, and Simpson et al., arXiv:1902.09063; BraTS, Menze et
+al., IEEE TMI 2015; ACDC, Bernard et al., IEEE TMI 2018; HC18, van den Heuvel et al., PLoS ONE 2018; HAM10000,
+Tschandl et al., Sci Data 2018; Kvasir-SEG, Jha et al., MMM 2020), the short-axis plane after the AHA statement on
+myocardial segmentation (Cerqueira et al., Circulation 2002), the head-circumference plane after the ISUOG
+mid-trimester guideline (Salomon et al., 2011) and the hippocampal head/body/tail after Duvernoy's The Human
+Hippocampus (4th ed.). Full citations are in the data file's ``"sources"`` and in :attr:`Vocabulary.sources`; each
+structure names the ones it used. No passage is quoted and no ontology identifiers (RadLex, FMA) are given.
 
 >>> describe("heart", "simple")
 'heart'
 >>> resolve_structure("the Cardiac Silhouette")
 'heart'
+>>> resolve_structure("both kidneys"), parts_of("kidney")
+('kidney', ('left kidney', 'right kidney'))
+>>> view_key("MR", site="heart")
+'mr_cardiac'
 """
 
 from __future__ import annotations
@@ -48,8 +80,10 @@ from typing import Any, Literal, cast
 from medvlm.errors import input_error
 
 __all__ = [
+    "DEFAULT_VERSION",
     "LEVELS",
     "MODALITY_VIEWS",
+    "MR_SITE_VIEWS",
     "REGIONS",
     "SIDE_WORDS",
     "VIEW_KEYS",
@@ -61,10 +95,12 @@ __all__ = [
     "describe",
     "load_vocabulary",
     "normalize_phrase",
+    "parts_of",
     "resolve_structure",
     "sample_text",
     "side_of",
     "view_key",
+    "wholes_of",
 ]
 
 DescriptionLevel = Literal["none", "simple", "complex"]
@@ -73,17 +109,49 @@ DescriptionLevel = Literal["none", "simple", "complex"]
 LEVELS: tuple[DescriptionLevel, ...] = ("none", "simple", "complex")
 """All description levels, in increasing amount of text."""
 
-VIEW_KEYS: tuple[str, ...] = ("xray", "ct_mr_axial")
-"""Keys of :attr:`StructureText.views`: frontal radiograph, axial CT/MR slice (radiological convention)."""
+DEFAULT_VERSION = "2"
+"""The vocabulary version :func:`load_vocabulary` reads by default (and every function without ``vocabulary``)."""
 
-REGIONS: tuple[str, ...] = ("chest", "abdomen", "pelvis", "head_neck", "musculoskeletal", "lesion")
-"""Allowed values of :attr:`StructureText.region` (a coarse grouping, not an anatomical claim)."""
+VIEW_KEYS: tuple[str, ...] = ("xray", "ct_mr_axial", "mr_brain", "mr_cardiac", "ultrasound", "dermoscopy",
+                              "endoscopy")
+"""Keys of :attr:`StructureText.views`: frontal radiograph; axial CT/MR slice (radiological convention); axial
+brain MR, FLAIR or contrast-enhanced T1 (T1c) (radiological convention); short-axis cine cardiac MR (no
+radiological left/right; the usual display has the right ventricle toward the image left); B-mode ultrasound;
+dermoscopic photograph; endoscopy (colonoscopy) frame."""
+
+REGIONS: tuple[str, ...] = ("chest", "abdomen", "pelvis", "head_neck", "musculoskeletal", "lesion", "fetal")
+"""Allowed values of :attr:`StructureText.region` (a coarse grouping, not an anatomical claim). Focal
+abnormalities are "lesion" wherever they lie (CT lesions, lung nodules, brain tumour regions, skin lesions,
+polyps), the brain and the hippocampus "head_neck", and the fetal head "fetal" (a fetus in the mother's pelvis fits
+no adult region)."""
 
 MODALITY_VIEWS: Mapping[str, str] = MappingProxyType({
     "cr": "xray", "dx": "xray", "xray": "xray", "x-ray": "xray", "cxr": "xray",
-    "ct": "ct_mr_axial", "mr": "ct_mr_axial", "mri": "ct_mr_axial",
+    "ct": "ct_mr_axial", "mr": "ct_mr_axial", "mri": "ct_mr_axial", "ct_mr_axial": "ct_mr_axial",
+    "us": "ultrasound", "ultrasound": "ultrasound", "ultrasonography": "ultrasound", "sonography": "ultrasound",
+    "dms": "dermoscopy", "dermoscopy": "dermoscopy", "dermatoscopy": "dermoscopy",
+    "es": "endoscopy", "endoscopy": "endoscopy", "colonoscopy": "endoscopy",
+    "mr_brain": "mr_brain", "mr_cardiac": "mr_cardiac",
 })
-"""Modality string (DICOM code or common name, lower case) -> view key; other modalities get no view sentence."""
+"""Modality string (DICOM code or common name, lower case) -> view key; other modalities get no view sentence.
+The readers' codes: "CR"/"DX" (chest X-ray), "CT", "MR", "US" (HC18), "DMS" (HAM10000; index.csv says
+"dermoscopy"), "ES" (Kvasir-SEG; index.csv says "endoscopy"). "MR" maps to "ct_mr_axial" unless a site hint picks
+a view of :data:`MR_SITE_VIEWS` (see :func:`view_key`); view keys themselves are accepted too."""
+
+MR_SITE_VIEWS: Mapping[str, str] = MappingProxyType({
+    "brain": "mr_brain", "cerebral": "mr_brain", "cerebrum": "mr_brain", "intracranial": "mr_brain",
+    "neuro": "mr_brain", "head": "mr_brain", "glioma": "mr_brain", "glioblastoma": "mr_brain",
+    "hippocampus": "mr_brain", "hippocampal": "mr_brain", "flair": "mr_brain", "t1c": "mr_brain",
+    "heart": "mr_cardiac", "cardiac": "mr_cardiac", "cardio": "mr_cardiac", "cardiovascular": "mr_cardiac",
+    "cine": "mr_cardiac", "short axis": "mr_cardiac", "myocardium": "mr_cardiac", "myocardial": "mr_cardiac",
+})
+"""Site-hint word or phrase (matched as whole words of :func:`normalize_phrase` of the hint) -> view key for MR
+images. Hints come from the readers' index.csv ``site`` ("brain (glioma)", "heart") or ``view_or_sequence``
+("axial FLAIR", "short-axis cine") and ``sample.meta["sequence"]`` ("FLAIR", "T1c")."""
+
+_VIEW_FALLBACK: Mapping[str, str] = MappingProxyType({"mr_brain": "ct_mr_axial"})
+"""A structure without a sentence for the key uses this one: axial brain MR is axial MR in radiological display,
+so the axial sentence holds; short-axis cardiac slices are not axial and have no fallback."""
 
 SIDE_WORDS: Mapping[str, frozenset[str]] = MappingProxyType({
     "left": frozenset({"left", "sinister", "sinistra", "sinistrum", "sinistri", "sinistrae"}),
@@ -123,12 +191,34 @@ def side_of(text: str) -> Literal["left", "right"] | None:
     return "left" if left else "right"
 
 
-def view_key(modality: str | None) -> str | None:
-    """Return the :data:`VIEW_KEYS` entry for a modality string (case-insensitive: "CR", "DX", "xray", "cxr" ->
-    "xray"; "CT", "MR", "MRI" -> "ct_mr_axial"), or ``None`` for ``None`` and any other modality."""
+def view_key(modality: str | None, site: str | None = None) -> str | None:
+    """Return the :data:`VIEW_KEYS` entry for a modality string, or ``None`` for ``None`` and any other modality.
+
+    Case-insensitive (:data:`MODALITY_VIEWS`): "CR", "DX", "xray", "cxr" -> "xray"; "CT", "MR", "MRI" ->
+    "ct_mr_axial"; "US" -> "ultrasound"; "DMS", "dermoscopy" -> "dermoscopy"; "ES", "endoscopy" -> "endoscopy".
+
+    ``site`` is an optional hint for MR images, whose modality alone does not tell brain from cardiac MR: the
+    readers' index.csv ``site`` ("brain (glioma)", "heart"), ``view_or_sequence`` ("axial FLAIR", "short-axis
+    cine") or ``sample.meta["sequence"]`` ("FLAIR", "T1c"). When its words (:data:`MR_SITE_VIEWS`) point to one
+    MR view, that view is returned ("MR" + "heart" -> "mr_cardiac", "MR" + "brain (glioma)" -> "mr_brain");
+    a hint that names neither (or both) or any other modality ignores it, so ``site=None`` gives the behaviour of
+    version 1 ("MR" -> "ct_mr_axial").
+    """
     if modality is None:
         return None
-    return MODALITY_VIEWS.get(modality.strip().lower())
+    if not isinstance(modality, str):
+        raise input_error("view_key modality", expected="a modality string such as 'CT', 'MR' or 'US', or None",
+                          received=type(modality).__name__, fix="pass image.modality")
+    code = modality.strip().lower()
+    key = MODALITY_VIEWS.get(code)
+    if site is None or key != "ct_mr_axial" or code not in ("mr", "mri"):
+        return key
+    if not isinstance(site, str):
+        raise input_error("view_key site", expected="a site hint string (e.g. 'brain', 'heart') or None",
+                          received=type(site).__name__, fix="pass sample.meta.get('site') or None")
+    words = f" {normalize_phrase(site)} "
+    found = {view for hint, view in MR_SITE_VIEWS.items() if f" {hint} " in words}
+    return found.pop() if len(found) == 1 else key
 
 
 # ------------------------------------------------------------------------------------------------ data classes
@@ -145,6 +235,8 @@ class StructureText:
         views: view key (:data:`VIEW_KEYS`) -> sentence on where it appears in that kind of image; may be empty.
         sources: ids of the entries of :attr:`Vocabulary.sources` this text follows.
         region: coarse body region, one of :data:`REGIONS`.
+        parts: for a whole that names a pair or a whole (version 2: "lung", "kidney", "hippocampus",
+            "clavicles"), the structures of the vocabulary that make it up, in file order; empty otherwise.
     """
 
     name: str
@@ -153,6 +245,7 @@ class StructureText:
     views: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)
     sources: tuple[str, ...] = ()
     region: str = "chest"
+    parts: tuple[str, ...] = ()
 
     @property
     def phrases(self) -> tuple[str, ...]:
@@ -164,10 +257,18 @@ class StructureText:
         """The patient side in the name ("left"/"right"), or ``None`` for an unsided structure."""
         return side_of(self.name)
 
-    def view_sentence(self, modality: str | None) -> str:
-        """Return the view sentence for ``modality`` (see :func:`view_key`), or "" when there is none."""
-        key = view_key(modality)
-        return self.views.get(key, "") if key is not None else ""
+    def view_sentence(self, modality: str | None, site: str | None = None) -> str:
+        """Return the view sentence for ``modality`` and the optional ``site`` hint (see :func:`view_key`), or ""
+        when there is none. A structure without an "mr_brain" sentence uses its "ct_mr_axial" one (brain MR
+        slices are axial too)."""
+        key = view_key(modality, site)
+        if key is None:
+            return ""
+        sentence = self.views.get(key, "")
+        fallback = _VIEW_FALLBACK.get(key)
+        if not sentence and fallback is not None:
+            sentence = self.views.get(fallback, "")
+        return sentence
 
 
 class Vocabulary:
@@ -175,7 +276,8 @@ class Vocabulary:
 
     Build it with :func:`load_vocabulary` (package data) or :meth:`from_mapping` (a parsed JSON object); both
     check the data (types, regions, view keys, source ids, sides kept in synonyms, no phrase shared by two
-    structures) and raise :class:`~medvlm.errors.InputError` on a violation.
+    structures, parts that are other structures of the vocabulary) and raise :class:`~medvlm.errors.InputError`
+    on a violation. Files of version 1 (no "parts") and version 2 are read alike.
     """
 
     def __init__(self, version: str, structures: Mapping[str, StructureText], sources: Mapping[str, str],
@@ -198,6 +300,17 @@ class Vocabulary:
                                       received=f"{phrase!r} of {name!r} also matches {owner!r}" if key
                                       else f"an empty phrase in {name!r}",
                                       fix="remove or reword the shared synonym in the data file")
+        wholes: dict[str, list[str]] = {}
+        for name, entry in self._structures.items():
+            for part in entry.parts:
+                if part == name or part not in self._structures:
+                    raise input_error(f"anatomy vocabulary v{version} structure {name!r}",
+                                      expected='"parts" that are other structures of the vocabulary',
+                                      received=f"part {part!r}" + (" (the whole itself)" if part == name
+                                                                   else " (no such structure)"),
+                                      fix="list the canonical names of the structures that make up the whole")
+                wholes.setdefault(part, []).append(name)
+        self._wholes = MappingProxyType({part: tuple(sorted(names)) for part, names in wholes.items()})
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], origin: str = "<mapping>") -> Vocabulary:
@@ -252,6 +365,18 @@ class Vocabulary:
         ``None`` when none does."""
         return self._index.get(normalize_phrase(phrase))
 
+    def parts(self, name: str) -> tuple[str, ...]:
+        """Return the parts of structure ``name`` (empty for a structure without parts)."""
+        return self.get(name).parts
+
+    def wholes(self, name: str) -> tuple[str, ...]:
+        """Return the wholes that list structure ``name`` among their parts, sorted; empty when none does, also
+        for a name outside the vocabulary (a reader's mask name without an entry is part of nothing here)."""
+        if not isinstance(name, str):
+            raise input_error("anatomy wholes", expected="a structure name (str)", received=type(name).__name__,
+                              fix="pass a canonical structure name such as 'left lung'")
+        return self._wholes.get(name, ())
+
     def citations(self, name: str) -> tuple[str, ...]:
         """Return the full citations of the sources of structure ``name``."""
         return tuple(self._sources[s] for s in self.get(name).sources)
@@ -279,6 +404,7 @@ def _parse_entry(name: str, raw: Any, sources: Mapping[str, str], what: str) -> 
     views = raw.get("views", {})
     entry_sources = raw.get("sources", [])
     region = raw.get("region")
+    parts = raw.get("parts", [])
     if not (isinstance(synonyms, list) and all(isinstance(s, str) and s.strip() for s in synonyms)):
         raise input_error(where, expected='"synonyms": a list of non-empty strings', received=repr(synonyms)[:120],
                           fix=fix)
@@ -293,6 +419,10 @@ def _parse_entry(name: str, raw: Any, sources: Mapping[str, str], what: str) -> 
                           received=repr(entry_sources), fix="add the source to the top-level \"sources\" list")
     if region not in REGIONS:
         raise input_error(where, expected=f'"region" among {REGIONS}', received=repr(region), fix=fix)
+    if not (isinstance(parts, list) and all(isinstance(p, str) and p.strip() for p in parts)
+            and len(set(parts)) == len(parts)):
+        raise input_error(where, expected='"parts": a list of distinct structure names (absent for no parts)',
+                          received=repr(parts)[:120], fix="name each part once, by its canonical name")
     side = side_of(name)
     for synonym in synonyms:
         if normalize_phrase(synonym) == normalize_phrase(name):
@@ -302,7 +432,8 @@ def _parse_entry(name: str, raw: Any, sources: Mapping[str, str], what: str) -> 
             raise input_error(where, expected=f"synonyms that state the side of the name ({side or 'none'})",
                               received=repr(synonym), fix="keep the side word in every synonym of a sided structure")
     return StructureText(name=name, synonyms=tuple(synonyms), complex=complex_text.strip(),
-                         views=MappingProxyType(dict(views)), sources=tuple(entry_sources), region=cast(str, region))
+                         views=MappingProxyType(dict(views)), sources=tuple(entry_sources), region=cast(str, region),
+                         parts=tuple(parts))
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -320,9 +451,10 @@ def available_versions() -> tuple[str, ...]:
     return tuple(sorted(found))
 
 
-def load_vocabulary(version: str = "1") -> Vocabulary:
-    """Return the packaged vocabulary of ``version`` (read once, then cached: the same object every call); an
-    unknown version raises :class:`~medvlm.errors.InputError` listing the shipped ones."""
+def load_vocabulary(version: str = DEFAULT_VERSION) -> Vocabulary:
+    """Return the packaged vocabulary of ``version`` (default :data:`DEFAULT_VERSION`, "2"; "1" is still shipped
+    unchanged), read once, then cached: the same object every call. An unknown version raises
+    :class:`~medvlm.errors.InputError` listing the shipped ones."""
     return _load_cached(version)
 
 
@@ -330,11 +462,12 @@ def load_vocabulary(version: str = "1") -> Vocabulary:
 def _load_cached(version: str) -> Vocabulary:
     if not isinstance(version, str) or not _FILE_RE.fullmatch(f"anatomy_v{version}.json"):
         raise input_error("load_vocabulary", expected=f"a version string among {available_versions()}",
-                          received=repr(version), fix="pass e.g. version='1'")
+                          received=repr(version), fix=f"pass e.g. version={DEFAULT_VERSION!r}")
     resource = resources.files(_DATA_PACKAGE) / _DATA_DIR / f"anatomy_v{version}.json"
     if not resource.is_file():
         raise input_error("load_vocabulary", expected=f"a shipped version, one of {available_versions()}",
-                          received=repr(version), fix="pass one of the versions listed (the default is '1')")
+                          received=repr(version),
+                          fix=f"pass one of the versions listed (the default is {DEFAULT_VERSION!r})")
     origin = f"prompts/data/anatomy_v{version}.json"
     try:
         data = json.loads(resource.read_text(encoding="utf-8"))
@@ -368,14 +501,15 @@ def all_phrases(name: str, vocabulary: Vocabulary | None = None) -> list[str]:
 
 
 def describe(name: str, level: DescriptionLevel, *, modality: str | None = None, synonym: str | None = None,
-             vocabulary: Vocabulary | None = None) -> str:
+             vocabulary: Vocabulary | None = None, site: str | None = None) -> str:
     """Return the text prompt of structure ``name`` at ``level``.
 
     - ``"none"``: ``""``;
     - ``"simple"``: ``synonym`` if given, else the name;
-    - ``"complex"``: the structure's description followed by the view sentence of ``modality`` when it has one
-      (see :func:`view_key`; ``None`` or another modality adds nothing); when ``synonym`` is given (and is not the
-      name) the text starts with ``"<synonym>: "``.
+    - ``"complex"``: the structure's description followed by the view sentence of ``modality`` (and of the
+      optional ``site`` hint that tells brain from cardiac MR, e.g. ``sample.meta.get("site")``) when it has one
+      (see :func:`view_key`; ``None`` or another modality adds nothing); when ``synonym`` is given (and is not
+      the name) the text starts with ``"<synonym>: "``.
 
     ``synonym`` must be one of the structure's phrases (compared after :func:`normalize_phrase`); it is returned
     as given. An unknown name, level or synonym raises :class:`~medvlm.errors.InputError`.
@@ -393,7 +527,7 @@ def describe(name: str, level: DescriptionLevel, *, modality: str | None = None,
     if checked == "simple":
         return phrase
     text = entry.complex
-    view = entry.view_sentence(modality)
+    view = entry.view_sentence(modality, site)
     if view:
         text = f"{text} {view}"
     if synonym is not None and normalize_phrase(synonym) != normalize_phrase(name):
@@ -403,10 +537,11 @@ def describe(name: str, level: DescriptionLevel, *, modality: str | None = None,
 
 def sample_text(name: str, rng: random.Random, *, levels: Sequence[DescriptionLevel] = LEVELS,
                 weights: Sequence[float] | None = None, modality: str | None = None,
-                vocabulary: Vocabulary | None = None) -> tuple[str, DescriptionLevel]:
+                vocabulary: Vocabulary | None = None, site: str | None = None) -> tuple[str, DescriptionLevel]:
     """Return ``(text, level)`` for training augmentation: a level drawn from ``levels`` (uniformly, or by
     ``weights``), then for "simple"/"complex" a phrase drawn uniformly from the name and its synonyms, rendered
-    by :func:`describe`. Uses only ``rng``, so a seeded ``random.Random`` gives the same draws every time."""
+    by :func:`describe` (with ``modality`` and the optional ``site`` hint). Uses only ``rng``, so a seeded
+    ``random.Random`` gives the same draws every time."""
     entry = _vocab(vocabulary).get(name)
     if not isinstance(rng, random.Random):
         raise input_error("sample_text rng", expected="a random.Random instance", received=type(rng).__name__,
@@ -429,7 +564,7 @@ def sample_text(name: str, rng: random.Random, *, levels: Sequence[DescriptionLe
         return "", level
     phrase = rng.choice(entry.phrases)
     synonym = None if phrase == entry.name else phrase
-    return describe(entry.name, level, modality=modality, synonym=synonym, vocabulary=vocabulary), level
+    return describe(entry.name, level, modality=modality, synonym=synonym, vocabulary=vocabulary, site=site), level
 
 
 def resolve_structure(phrase: str, vocabulary: Vocabulary | None = None) -> str | None:
@@ -441,3 +576,18 @@ def resolve_structure(phrase: str, vocabulary: Vocabulary | None = None) -> str 
         raise input_error("resolve_structure", expected="a phrase (str)", received=type(phrase).__name__,
                           fix="pass text such as 'left lung'")
     return _vocab(vocabulary).resolve(phrase)
+
+
+def parts_of(name: str, vocabulary: Vocabulary | None = None) -> tuple[str, ...]:
+    """Return the canonical names of the structures that make up the whole ``name`` ("kidney" ->
+    ``("left kidney", "right kidney")``, "hippocampus" -> ``("anterior hippocampus", "posterior hippocampus")``),
+    or ``()`` for a structure without parts. An unknown name raises :class:`~medvlm.errors.InputError`."""
+    return _vocab(vocabulary).parts(name)
+
+
+def wholes_of(name: str, vocabulary: Vocabulary | None = None) -> tuple[str, ...]:
+    """Return the canonical names of the wholes that structure ``name`` is a part of, sorted ("left lung" ->
+    ``("lung",)``, "posterior hippocampus" -> ``("hippocampus",)``), or ``()`` when it belongs to none. Unlike
+    :func:`parts_of`, a name outside the vocabulary gives ``()`` (so that any reader's mask names can be passed);
+    only a non-string raises :class:`~medvlm.errors.InputError`."""
+    return _vocab(vocabulary).wholes(name)

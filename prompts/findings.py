@@ -26,7 +26,7 @@ from typing import Any
 
 from medvlm.errors import input_error
 from prompts.anatomy import normalize_phrase
-from prompts.regions import REGION_KEYS, _parse_sources, _strings, load_versioned, match_spans
+from prompts.regions import REGION_KEYS, load_versioned, match_spans, parse_sources, string_list
 
 __all__ = ["Finding", "FindingVocabulary", "expected_regions", "load_findings", "resolve_finding"]
 
@@ -77,20 +77,20 @@ class FindingVocabulary:
                 and isinstance(data.get("findings"), Mapping) and data["findings"]):
             raise input_error(what, expected='an object with "version" (str) and a non-empty "findings" object',
                               received=repr(data)[:120], fix="follow the layout of prompts/data/findings_v1.json")
-        sources = _parse_sources(data.get("sources"), what)
+        sources = parse_sources(data.get("sources"), what)
         findings = {}
         for name, raw in data["findings"].items():
             where = f"{what} finding {name!r}"
             if not isinstance(raw, Mapping) or not isinstance(raw.get("whole_structure", False), bool):
                 raise input_error(where, expected='an object with "whole_structure" true/false',
                                   received=repr(raw)[:120], fix="follow the layout of prompts/data/findings_v1.json")
-            regions = _strings(raw.get("default_regions"), f"{where} default_regions")
-            used = _strings(raw.get("sources"), f"{where} sources")
+            regions = string_list(raw.get("default_regions"), f"{where} default_regions")
+            used = string_list(raw.get("sources"), f"{where} sources")
             if not set(regions) <= set(REGION_KEYS) or not set(used) <= set(sources):
                 raise input_error(where, expected=f"default_regions among {REGION_KEYS} and sources among "
                                   f"{sorted(sources)}", received=f"{regions}, {used}",
                                   fix="use canonical region keys and declared source ids")
-            findings[str(name)] = Finding(str(name), _strings(raw.get("synonyms"), f"{where} synonyms"), regions,
+            findings[str(name)] = Finding(str(name), string_list(raw.get("synonyms"), f"{where} synonyms"), regions,
                                           raw.get("whole_structure", False), used)
         notes = data.get("notes", "")
         return cls(data["version"], findings, sources, notes if isinstance(notes, str) else "")

@@ -183,14 +183,14 @@ class RegionVocabulary:
                 and isinstance(data.get("regions"), Mapping) and isinstance(data.get("locations"), list)):
             raise input_error(what, expected='an object with "version" (str), "regions" (object), "locations" (list)',
                               received=repr(data)[:120], fix=fix)
-        sources = _parse_sources(data.get("sources"), what)
+        sources = parse_sources(data.get("sources"), what)
         structures = load_vocabulary()
         regions = {}
         for key, raw in data["regions"].items():
             where = f"{what} region {key!r}"
             if not isinstance(raw, Mapping):
                 raise input_error(where, expected="an object", received=type(raw).__name__, fix=fix)
-            synonyms = _strings(raw.get("synonyms"), f"{where} synonyms")
+            synonyms = string_list(raw.get("synonyms"), f"{where} synonyms")
             if raw.get("side") != side_of(key) or any(side_of(s) != side_of(key) for s in synonyms):
                 raise input_error(where, expected=f'"side": {side_of(key)!r} and synonyms stating that side',
                                   received=f"side={raw.get('side')!r}, synonyms={synonyms}",
@@ -201,7 +201,7 @@ class RegionVocabulary:
             rule = raw.get("rule")
             if not isinstance(rule, str) or not rule.strip():
                 raise input_error(where, expected='"rule": a sentence', received=repr(rule), fix=fix)
-            used = _strings(raw.get("sources"), f"{where} sources")
+            used = string_list(raw.get("sources"), f"{where} sources")
             if not set(used) <= set(sources):
                 raise input_error(where, expected=f"source ids among {sorted(sources)}", received=repr(used),
                                   fix='add the source to the top-level "sources" list')
@@ -264,14 +264,14 @@ class RegionVocabulary:
         return f"RegionVocabulary(version={self.version!r}, regions={len(self.regions)})"
 
 
-def _strings(value: Any, where: str) -> tuple[str, ...]:
+def string_list(value: Any, where: str) -> tuple[str, ...]:
     if not (isinstance(value, list) and all(isinstance(s, str) and s.strip() for s in value)):
         raise input_error(where, expected="a list of non-empty strings", received=repr(value)[:120],
                           fix="follow the layout of the packaged data file")
     return tuple(value)
 
 
-def _parse_sources(raw: Any, what: str) -> dict[str, str]:
+def parse_sources(raw: Any, what: str) -> dict[str, str]:
     sources: dict[str, str] = {}
     for item in raw if isinstance(raw, list) else [raw]:
         if not (isinstance(item, Mapping) and isinstance(item.get("id"), str)
@@ -286,14 +286,14 @@ def _parse_location(raw: Any, where: str) -> LocationRule:
     if not isinstance(raw, Mapping) or raw.get("side") not in (None, "both"):
         raise input_error(where, expected='an object with "words", "regions" or "right"+"left", optional '
                           '"side": "both"', received=repr(raw)[:120], fix="follow prompts/data/chest_regions_v1.json")
-    words = _strings(raw.get("words"), f"{where} words")
-    templates = _strings(raw.get("regions", []), f"{where} regions") if "regions" in raw else ()
+    words = string_list(raw.get("words"), f"{where} words")
+    templates = string_list(raw.get("regions", []), f"{where} regions") if "regions" in raw else ()
     fixed = tuple(t for t in templates if "{side}" not in t)
     right = tuple(t.replace("{side}", "right") for t in templates if "{side}" in t)
     left = tuple(t.replace("{side}", "left") for t in templates if "{side}" in t)
     if "right" in raw or "left" in raw:
-        right += _strings(raw.get("right"), f"{where} right")
-        left += _strings(raw.get("left"), f"{where} left")
+        right += string_list(raw.get("right"), f"{where} right")
+        left += string_list(raw.get("left"), f"{where} left")
     unknown = [k for k in (*fixed, *right, *left) if k not in REGION_KEYS]
     if unknown or not (fixed or right or left):
         raise input_error(where, expected="region keys of REGION_KEYS ('{side} ...' templates allowed)",

@@ -15,6 +15,13 @@ the whole process (Python objects + torch's CPU allocations + the loaded weights
 includes everything loaded before the bench; ``rss_mib_before``/``rss_mib_after`` are the current RSS from
 ``/proc/self/statm`` around the bench, and ``peak_rss_delta_mib`` how much the peak grew during it. On CUDA,
 ``cuda_peak_mib`` is ``torch.cuda.max_memory_allocated`` during the bench.
+
+Precision paths (``medvlm bench segment``): :func:`bench_path` times one segmenter built at one precision
+(encode median, per-prompt decode p50/p90, images/s of a mini-batched :meth:`encode_batch`, peak RSS of the
+phase: on Linux the peak is reset by writing 5 to ``/proc/self/clear_refs`` and read back as ``VmHWM``, so
+each path gets its own peak, which still includes every model already loaded in the process).
+:func:`compare_paths` segments annotated images with a reference (torch fp32) and a candidate segmenter and
+reports how far the candidate's masks are from the reference's (Dice between them) and from the ground truth.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,7 +40,7 @@ import numpy as np
 from medvlm.errors import input_error
 from segmentation.base import ImageInput, Prompt, PromptableSegmenter, image_size_of
 
-__all__ = ["bench_segmenter", "percentile"]
+__all__ = ["bench_path", "bench_segmenter", "compare_paths", "dice", "peak_rss_mib", "percentile", "reset_peak_rss"]
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -156,3 +163,170 @@ def bench_segmenter(segmenter: PromptableSegmenter, image: ImageInput, prompts: 
     if cuda:
         result["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return result
+
+
+# ------------------------------------------------------------------------------------------ precision paths
+
+
+def reset_peak_rss() -> bool:
+    """Reset the process's peak RSS (``VmHWM``) to its current RSS (Linux: ``5 > /proc/self/clear_refs``).
+    Returns False where that is not possible (then :func:`peak_rss_mib` is the peak since the start)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size in MiB: ``VmHWM`` of ``/proc/self/status`` (reset by :func:`reset_peak_rss`), else
+    ``ru_maxrss`` (since the process started)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
+    return _maxrss_mib()
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two boolean masks of the same shape (1.0 when both are empty)."""
+    a = np.asarray(a, dtype=bool)
+    b = np.asarray(b, dtype=bool)
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+
+
+def _encode_many(segmenter: Any, images: Sequence[ImageInput]) -> None:
+    batch = getattr(segmenter, "encode_batch", None)
+    if callable(batch):
+        batch(list(images))
+    else:
+        for image in images:
+            segmenter.encode(image)
+
+
+def bench_path(segmenter: Any, image: ImageInput, prompts: Sequence[Prompt], *, repeats: int = 3,
+               batch_images: int = 16) -> dict[str, Any]:
+    """Time one segmenter (one precision path) on ``image``; returns a JSON-ready dict (seconds, ms, MiB).
+
+    ``prepare_s``: the first encode + decode (OpenVINO conversion or IR load and compilation happen there);
+    ``encode_s_median`` over ``repeats`` encodes; ``decode_ms_p50/p90`` over ``repeats`` x N single-prompt
+    decodes (Med-VLM: with its text cache cleared before each, so the text encoder runs; ``cached_decode_ms_p50``
+    with the text cached); ``images_per_s``: ``batch_images`` copies of ``image`` through ``encode_batch``
+    (mini-batches of the segmenter's ``encode_batch_size``); ``peak_rss_mib``: the peak during this call.
+    """
+    prompts = list(prompts)
+    if not prompts:
+        raise input_error("bench prompts", expected="at least one Prompt", received="none",
+                          fix="pass e.g. [Prompt(box=Box(...))]")
+    if repeats < 1:
+        raise input_error("bench repeats", expected="repeats >= 1", received=str(repeats), fix="use repeats=3")
+    import torch
+
+    reset = reset_peak_rss()
+    rss_before = _rss_mib()
+    t0 = time.perf_counter()
+    emb = segmenter.encode(image)
+    segmenter.predict(emb, prompts[0])
+    prepare = time.perf_counter() - t0
+    encode_s = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        emb = segmenter.encode(image)
+        encode_s.append(time.perf_counter() - t)
+    clear = getattr(segmenter, "clear_text_cache", None)
+    decode_s: list[float] = []
+    cached_s: list[float] = []
+    for _ in range(repeats):
+        for p in prompts:
+            if callable(clear):
+                clear()
+            t = time.perf_counter()
+            segmenter.predict(emb, p)
+            decode_s.append(time.perf_counter() - t)
+            if callable(clear):
+                t = time.perf_counter()
+                segmenter.predict(emb, p)
+                cached_s.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    _encode_many(segmenter, [image] * batch_images)
+    batch_s = time.perf_counter() - t
+    info = segmenter.encoder_info() if callable(getattr(segmenter, "encoder_info", None)) else {}
+    return {
+        "backend": getattr(segmenter, "name", type(segmenter).__name__),
+        "encoder": info,
+        "n_prompts": len(prompts),
+        "repeats": repeats,
+        "prepare_s": prepare,
+        "encode_s_median": statistics.median(encode_s),
+        "encode_samples": [round(v, 4) for v in encode_s],
+        "decode_ms_p50": 1000 * percentile(decode_s, 50),
+        "decode_ms_p90": 1000 * percentile(decode_s, 90),
+        "cached_decode_ms_p50": 1000 * percentile(cached_s, 50) if cached_s else None,
+        "batch_images": batch_images,
+        "batch_s": batch_s,
+        "images_per_s": batch_images / batch_s if batch_s > 0 else float("nan"),
+        "rss_mib_before": rss_before,
+        "peak_rss_mib": peak_rss_mib(),
+        "peak_rss_method": "VmHWM after resetting it through /proc/self/clear_refs" if reset else
+                           "ru_maxrss (peak since the process started)",
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def compare_paths(reference: Any, candidate: Any,
+                  cases: Iterable[tuple[str, ImageInput, Sequence[Prompt], Sequence[np.ndarray]]],
+                  ) -> dict[str, Any]:
+    """Segment every case with both segmenters (one encode per image each) and compare the masks.
+
+    ``cases``: ``(id, image, prompts, ground-truth masks)`` with one mask per prompt (original pixel grid); an
+    iterator is fine (one case in memory at a time).
+    Returns ``agreement_dice_mean/min`` (candidate vs reference masks), ``identical`` (masks equal pixel for
+    pixel), ``dice_gt_reference`` / ``dice_gt_candidate`` (means vs ground truth), ``abs_dice_diff_mean/max``
+    (per mask ``|Dice_candidate - Dice_reference|`` vs ground truth) and the seconds each path took."""
+    agree: list[float] = []
+    gt_ref: list[float] = []
+    gt_cand: list[float] = []
+    identical = 0
+    seconds = {"reference": 0.0, "candidate": 0.0}
+    n_images = 0
+    for _case_id, image, prompts, truths in cases:
+        n_images += 1
+        if len(prompts) != len(truths):
+            raise input_error("compare_paths case", expected="one ground-truth mask per prompt",
+                              received=f"{len(prompts)} prompts, {len(truths)} masks", fix="pair them up")
+        t = time.perf_counter()
+        ref = reference.segment(image, list(prompts))
+        seconds["reference"] += time.perf_counter() - t
+        t = time.perf_counter()
+        cand = candidate.segment(image, list(prompts))
+        seconds["candidate"] += time.perf_counter() - t
+        for r, c, gt in zip(ref, cand, truths):
+            a, b = r.mask.data, c.mask.data
+            agree.append(dice(a, b))
+            identical += int(np.array_equal(a, b))
+            gt_ref.append(dice(a, gt))
+            gt_cand.append(dice(b, gt))
+    diffs = [abs(x - y) for x, y in zip(gt_cand, gt_ref)]
+    n = len(agree)
+
+    def mean(v: Sequence[float]) -> float:
+        return float(np.mean(v)) if v else float("nan")
+
+    return {
+        "n_images": n_images,
+        "n_masks": n,
+        "agreement_dice_mean": mean(agree),
+        "agreement_dice_min": float(min(agree)) if agree else float("nan"),
+        "identical": identical,
+        "dice_gt_reference": mean(gt_ref),
+        "dice_gt_candidate": mean(gt_cand),
+        "abs_dice_diff_mean": mean(diffs),
+        "abs_dice_diff_max": float(max(diffs)) if diffs else float("nan"),
+        "seconds_reference": seconds["reference"],
+        "seconds_candidate": seconds["candidate"],
+    }

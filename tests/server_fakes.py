@@ -3,9 +3,10 @@ server tests that check the HTTP layer rather than the models (limits, errors, e
 
 from __future__ import annotations
 
+import contextlib
 import io
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,11 +29,25 @@ class BoxFillSegmenter(SegmenterBase):
         self.encodes = 0
 
     def encode(self, image: Any) -> ImageEmbedding:
+        """A (1, 3, 16, 16) feature grid of the letterboxed image (intensity, x, y), shaped as LiteMedSAM's, so
+        that reference-guided segmentation runs on it too."""
+        import torch
+
+        from medvlm.coords import letterbox_content_shape
+
         self.encodes += 1
         if self.encode_s:
             time.sleep(self.encode_s)
         h, w = image.shape
-        return ImageEmbedding(self.name, (h, w), None, letterbox_frame(h, w, 256))
+        ch, cw = letterbox_content_shape(h, w, 256)
+        rows, cols = max(1, -(-ch // 16)), max(1, -(-cw // 16))
+        pixels = np.asarray(image.pixels if hasattr(image, "pixels") else image, np.float32)
+        small = pixels[np.linspace(0, h - 1, rows).astype(int)][:, np.linspace(0, w - 1, cols).astype(int)]
+        grid = np.zeros((1, 3, 16, 16), np.float32)
+        grid[0, 0, :rows, :cols] = small / (np.abs(small).max() + 1e-6)
+        grid[0, 1, :rows, :cols], grid[0, 2, :rows, :cols] = np.mgrid[0:rows, 0:cols][::-1] / 16.0
+        return ImageEmbedding(self.name, (h, w), torch.from_numpy(grid), letterbox_frame(h, w, 256),
+                              extra={"input_size": 256, "content_shape": (ch, cw)})
 
     def _decode(self, embedding: ImageEmbedding, prompts: Sequence[Prompt],
                 multimask: bool) -> list[SegmentationResult]:
@@ -78,7 +93,7 @@ class FakeAgent:
 
 
 def fake_services(encode_s: float = 0.0, **kwargs: Any) -> Any:
-    from medvlm.server.services import Services
+    from medvlm.app.server.services import Services
 
     return Services(loaders={"litemedsam": lambda: BoxFillSegmenter(encode_s), "medvlm": lambda: BoxFillSegmenter(),
                              "grounding_agent": FakeAgent}, **kwargs)
@@ -124,3 +139,29 @@ def dicom_bytes(pixels: np.ndarray, *, patient_name: str = "Doe^Jane", patient_i
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+@contextlib.contextmanager
+def uvicorn_server(app: Any, timeout_s: float = 30.0) -> Iterator[str]:
+    """Run ``app`` with a real uvicorn server on 127.0.0.1 (ephemeral port) in a thread; yields its base URL."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()

@@ -319,7 +319,7 @@ def test_real_medvlm_grounds_on_the_patients_right(server: FakeServer) -> None:
 @pytest.mark.slow
 @pytest.mark.data
 def test_cli_ask_with_the_chat(server: FakeServer, tmp_path: Path) -> None:
-    from medvlm.cli import main
+    from medvlm.app.cli import main
 
     path = _jsrt_image()
     server.call(("ground", {"phrase": "heart"}))

@@ -145,7 +145,7 @@ def test_eval_grounding_runs_an_llm_grounder_on_the_held_out_split(tiny_qwen2vl:
     Med-VLM one although the LLM has no Med-VLM checkpoint; a random model finds nothing, and says so per phrase."""
     import json
 
-    from medvlm.cli import main
+    from medvlm.app.cli import main
     from tests.conftest import data_dir
 
     out = tmp_path / "g.json"

@@ -71,7 +71,7 @@ def test_anatomy_phrases_and_synonyms_match_ground_truth(agent, jsrt):
 
 
 def test_cli_ask_writes_json_and_overlay(tmp_path: Path):
-    from medvlm.cli import main
+    from medvlm.app.cli import main
 
     image = data_dir("cxr_jsrt_scr") / "images" / f"{VAL_IMAGE}.png"
     assert main(["ask", str(image), "where is the left costophrenic angle?", "--out", str(tmp_path)]) == 0
@@ -115,7 +115,7 @@ def test_eval_grounding_on_one_val_image(agent):
 
 
 def _batch_cmd(inputs: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "medvlm.cli", "batch", "--input", str(inputs), "--phrase", "heart",
+    return [sys.executable, "-m", "medvlm.app.cli", "batch", "--input", str(inputs), "--phrase", "heart",
             "--phrase", "left apical zone", "--out", str(out), "--no-progress"]
 
 
@@ -178,7 +178,7 @@ def test_box_only_regions_are_refined_to_masks():
     """An LLM grounder gives a box and a point (no mask): refine auto prompts LiteMedSAM with both."""
     from agents.grounders.base import GroundingResult
     from agents.pipeline import GroundingAgent
-    from medvlm.commands import DEMO_IMAGE, asset_path
+    from medvlm.assets import DEMO_IMAGE, asset_path
     from medvlm.io import load_image
     from medvlm.types import Box, Points, Region
 

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medvlm.cli import main
-from medvlm.commands import asset_path
+from medvlm.app.cli import main
+from medvlm.assets import asset_path
 from tests.conftest import data_dir
 
 
 def test_help_lists_every_command_without_loading_torch() -> None:
-    code = ("import sys; from medvlm.cli import main\n"
+    code = ("import sys; from medvlm.app.cli import main\n"
             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
             "assert 'torch' not in sys.modules, 'medvlm --help imported torch'\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -68,18 +68,27 @@ def test_segment_bad_inputs_exit_2_with_message(tmp_path: Path, capsys: pytest.C
     assert "1024" in capsys.readouterr().err
 
 
-def test_demo_writes_overlay(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.slow
+def test_demo_asks_links_a_report_and_finds_the_liver(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`medvlm demo` runs the main job on the embedded default: two chat questions on the chest X-ray (text-guided
+    masks, anatomy-checked), a two-sentence report linked to it, and the liver on the CT slice."""
     assert main(["demo", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "heart" in out and "left lung" in out
-    payload = json.loads((tmp_path / "nih_cxr14_00009745_000.json").read_text())
-    labels = {r["label"]: r for r in payload["regions"]}
-    assert set(labels) == {"heart", "right lung", "left lung"}
-    # patient's right lung is on the image left: its mask centre is left of the left lung's
-    rx = (labels["right lung"]["box"][0] + labels["right lung"]["box"][2]) / 2
-    lx = (labels["left lung"]["box"][0] + labels["left lung"]["box"][2]) / 2
-    assert rx < 512 < lx
-    assert (tmp_path / "nih_cxr14_00009745_000.overlay.png").is_file()
+    assert "Q: where is the heart?" in out and "Q: where is the liver?" in out
+    assert "where the phrase places the pneumothorax" in out  # a zone, never a detected pneumothorax
+    payload = json.loads((tmp_path / "ask" / "nih_cxr14_00009745_000.json").read_text())
+    heart, apex = payload["regions"]
+    assert heart["label"] == "heart" and heart["mask"]
+    # the right apical zone is on the image left (patient's right) and in the upper third of the image
+    x0, y0, x1, y1 = apex["box"]
+    assert (x0 + x1) / 2 < 512 and y1 < 1024 / 3
+    report = json.loads((tmp_path / "report" / "nih_cxr14_00009745_000.json").read_text())
+    assert [s["status"] for s in report["sentences"]] == ["grounded", "negated"]
+    ct = json.loads((tmp_path / "ct" / "ct_amos_0006_90.json").read_text())
+    (liver,) = ct["regions"]
+    assert (liver["box"][0] + liver["box"][2]) / 2 < 256  # the patient's right: the image left
+    for sub in ("ask", "report", "ct"):
+        assert list((tmp_path / sub).glob("*.overlay.png"))
 
 
 def test_eval_oracle_box_json_shape_and_values(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -189,10 +198,10 @@ def test_segment_text_refined_by_litemedsam_with_shipped_checkpoint(tmp_path: Pa
 
 @pytest.mark.parametrize("answer", ["tokens", "json"])
 def test_llm_answer_option_reaches_the_openai_grounder(answer: str) -> None:
-    from agents.commands import build_agent
     from agents.grounders.openai import OpenAIGrounder
     from agents.llm import OpenAIChatClient
-    from medvlm.cli import build_parser
+    from medvlm.app.agent_commands import build_agent
+    from medvlm.app.cli import build_parser
 
     url = "http://127.0.0.1:9/v1"  # never contacted: building the agent sends no request
     args = build_parser().parse_args(["ask", "x.png", "where is the heart?", "--grounder", "openai", "--llm-url", url,
@@ -209,8 +218,8 @@ def test_llm_answer_option_reaches_the_openai_grounder(answer: str) -> None:
 
 
 def test_llm_answer_option_reaches_the_transformers_grounder() -> None:
-    from agents.commands import build_agent
-    from medvlm.cli import build_parser
+    from medvlm.app.agent_commands import build_agent
+    from medvlm.app.cli import build_parser
 
     args = build_parser().parse_args(["ask", "x.png", "q", "--grounder", "transformers", "--llm-model", "/m",
                                       "--llm-answer", "tokens"])
@@ -219,7 +228,7 @@ def test_llm_answer_option_reaches_the_transformers_grounder() -> None:
 
 
 def test_llm_answer_defaults_to_json_and_rejects_other_values(capsys: pytest.CaptureFixture[str]) -> None:
-    from medvlm.cli import build_parser
+    from medvlm.app.cli import build_parser
 
     assert build_parser().parse_args(["ask", "x.png", "q"]).llm_answer == "json"
     with pytest.raises(SystemExit):

@@ -183,7 +183,7 @@ def test_table_lists_confusion_and_kinds() -> None:
 
 
 def test_cli_parses_eval_link_report() -> None:
-    from medvlm.cli import build_parser
+    from medvlm.app.cli import build_parser
 
     args = build_parser().parse_args(["eval", "link-report", "--limit", "2", "--seed", "7", "--split", "all",
                                       "--json", "out.json"])

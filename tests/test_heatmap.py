@@ -290,7 +290,7 @@ def test_read_heatmap_gates_known_findings_on_chest_films_only() -> None:
 @pytest.mark.slow
 @pytest.mark.data
 def test_heatmap_command_on_a_nih_image(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from medvlm.cli import main
+    from medvlm.app.cli import main
 
     image = data_dir("cxr_nih_bbox") / "images" / "00009745_000.png"
     assert main(["heatmap", str(image), "cardiomegaly", "--out", str(tmp_path)]) == 0
@@ -313,7 +313,7 @@ def test_heatmap_command_on_a_nih_image(tmp_path: Path, capsys: pytest.CaptureFi
 @pytest.mark.slow
 @pytest.mark.data
 def test_eval_weakloc_runs_and_reports_rates(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from medvlm.cli import main
+    from medvlm.app.cli import main
 
     data_dir("cxr_nih_bbox")
     data_dir("cxr_jsrt_scr")

@@ -445,7 +445,7 @@ def test_bad_masks_and_parameters():
 
 
 def test_checkpoint_split_ids_picks_the_val_ids_in_folder_order() -> None:
-    from eval.suites import checkpoint_split_ids
+    from eval.splits import checkpoint_split_ids
     from medvlm.errors import InputError
 
     meta = {"val_ids": ["c", "a", "z"]}

@@ -26,9 +26,9 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 # ------------------------------------------------------------------------------------------ fast, no parts needed
 
 def test_cli_lists_build_mini_and_parses_its_options() -> None:
-    from medvlm.cli import COMMANDS, build_parser
+    from medvlm.app.cli import COMMANDS, build_parser
 
-    assert COMMANDS["build-mini"][2] == "finetune.mini:run_build_mini"
+    assert COMMANDS["build-mini"][2] == "medvlm.app.train_commands:run_build_mini"
     args = build_parser().parse_args(["build-mini", "--out", "x", "--force", "--seed", "3"])
     assert (args.out, args.force, args.seed, args.parts) == ("x", True, 3, None)
 
@@ -206,8 +206,9 @@ def test_build_is_idempotent_and_deterministic(parts: dict[str, Path], mini_dir:
 
 @pytest.mark.slow
 def test_vllm_serves_the_assembled_model(mini_dir: Path, loaded: tuple[Any, Any], tmp_path: Path) -> None:
-    """vLLM (CPU, bf16) serves the folder as InternVL: SmolLM2's text answer, and an image + question whose prompt
-    has as many tokens as the transformers processor makes (64 image tokens between <img> and </img>)."""
+    """vLLM (CPU, bf16) serves the folder as InternVL: a text question and an image + question whose prompts have
+    as many tokens as the transformers processor makes (64 image tokens between <img> and </img>), each answered
+    with 1-16 tokens of non-empty text."""
     pytest.importorskip("vllm")
     import base64
     import io
@@ -241,9 +242,17 @@ def test_vllm_serves_the_assembled_model(mini_dir: Path, loaded: tuple[Any, Any]
                 "temperature": 0})
             assert reply.status_code == 200, reply.text[:500]
             replies.append(reply.json())
-    assert "Paris" in replies[0]["choices"][0]["message"]["content"]
+    # Structure only: the served model runs in bf16, whose greedy text depends on the CPU's bf16 kernels (an AMX
+    # machine answered "L'Étoile, ..." where others answer "Paris"); the fp32 in-process test checks the answer.
+    text_only = processor.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                              return_tensors="pt")
+    assert replies[0]["usage"]["prompt_tokens"] == text_only["input_ids"].shape[1]
     assert replies[1]["usage"]["prompt_tokens"] == local["input_ids"].shape[1]
-    assert replies[1]["choices"][0]["message"]["content"].strip()
+    for reply in replies:
+        choice = reply["choices"][0]
+        assert choice["message"]["content"].strip()
+        assert 1 <= reply["usage"]["completion_tokens"] <= 16
+        assert choice["finish_reason"] in ("stop", "length")
 
 
 @pytest.mark.slow

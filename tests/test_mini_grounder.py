@@ -107,9 +107,9 @@ def _args(**kw: Any) -> argparse.Namespace:
 def test_grounder_mini_is_wired_in_process_and_served() -> None:
     """--grounder mini without a URL: the in-process MiniGrounder (loaded lazily); with --llm-url: the openai
     grounder asking for model "mini" in the token format; neither treats mini as a chat model."""
-    from agents.commands import build_agent
     from agents.grounders.openai import OpenAIGrounder
     from agents.mini import MiniGrounder
+    from medvlm.app.agent_commands import build_agent
 
     local = build_agent(_args())
     assert isinstance(local.grounder, MiniGrounder) and local.grounder._model is None and local.llm is None
@@ -242,7 +242,7 @@ def test_cli_ask_and_refseg_with_grounder_mini(mini_base: Path, heldout: list[An
     sample = heldout[1]
     image = Path(sample.source).resolve()
     env = {**os.environ, "MEDVLM_HOME": str(mini_base.parent.parent)}
-    cmd = [sys.executable, "-m", "medvlm.cli"]
+    cmd = [sys.executable, "-m", "medvlm.app.cli"]
     ask = subprocess.run([*cmd, "ask", str(image), "where is the heart?", "--grounder", "mini", "--out",
                           str(tmp_path / "ask")], capture_output=True, text=True, env=env, timeout=600)
     assert ask.returncode == 0, ask.stderr[-2000:]
@@ -271,9 +271,9 @@ def test_vllm_serves_the_shipped_mini_with_the_in_process_answers(mini_base: Pat
     pytest.importorskip("vllm")
     import socket
 
-    from agents.commands import build_agent
     from agents.mini import merged_dir
     from agents.vllm_server import VLLMServer
+    from medvlm.app.agent_commands import build_agent
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -61,10 +61,10 @@ def _config(base: Path, out: Path, **kw: Any) -> Any:
 def memorized(tiny_vlm: Path, picture: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A LoRA adapter (no new tokens, so vLLM can serve it) trained until it answers QUESTION with the truth."""
     from finetune.mllm_train import train_mllm
-    from finetune.tasks import _example
+    from finetune.tasks import sft_example
 
     out = tmp_path_factory.mktemp("memorized")
-    examples = [_example("anatomy_grounding", [str(picture)], QUESTION, _answer())] * 4
+    examples = [sft_example("anatomy_grounding", [str(picture)], QUESTION, _answer())] * 4
     summary = train_mllm(_config(tiny_vlm, out, add_location_tokens=False, steps=30, lr=1e-2, logging_steps=10),
                          examples=examples, resume=False)
     assert summary["servable_as_lora"] and summary["last_loss"] < 0.1 < summary["first_loss"]
@@ -91,13 +91,13 @@ def _weights(path: Path) -> dict[str, Any]:
 def test_training_with_location_tokens_changes_only_adapter_weights(tiny_vlm: Path, picture: Path,
                                                                      tmp_path: Path) -> None:
     from finetune.mllm_train import export_merged, load_finetuned, prepare_model, train_mllm
-    from finetune.tasks import _example
+    from finetune.tasks import sft_example
     from medvlm.tokens import encode_mask, mask_tokens
 
     mask = np.zeros((200, 160), bool)
     mask[60:150, 40:110] = True
-    examples = [_example("anatomy_grounding", [str(picture)], QUESTION, _answer()),
-                _example("anatomy_segmentation", [str(picture)], "Segment the heart.", encode_mask(mask))] * 2
+    examples = [sft_example("anatomy_grounding", [str(picture)], QUESTION, _answer()),
+                sft_example("anatomy_segmentation", [str(picture)], "Segment the heart.", encode_mask(mask))] * 2
     cfg = _config(tiny_vlm, tmp_path / "run", steps=8, lr=5e-3)
 
     _, peft_model, new_ids = prepare_model(cfg)
@@ -242,7 +242,7 @@ def test_config_files_are_validated(tmp_path: Path) -> None:
 @pytest.mark.data
 def test_cli_trains_on_real_data_and_exports(tiny_vlm: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
                                              ) -> None:
-    from medvlm.cli import main
+    from medvlm.app.cli import main
     from tests.conftest import data_dir
 
     root = data_dir("cxr_jsrt_scr").parent

@@ -139,7 +139,7 @@ def test_one_reference_segments_lungs_and_heart_on_jsrt(jsrt: Any) -> None:
 
 @pytest.mark.data
 def test_refseg_cli_embedded_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from medvlm.cli import main
+    from medvlm.app.cli import main
 
     root = data_dir("cxr_jsrt_scr")
     code = main(["refseg", "--reference", str(root / "images/JPCLN002.png"), "--reference-box", "560", "80", "960",
@@ -156,7 +156,7 @@ def test_refseg_cli_embedded_path(tmp_path: Path, capsys: pytest.CaptureFixture[
 @pytest.mark.data
 def test_refseg_cli_mllm_path_sends_both_images_and_the_reference_box(tmp_path: Path) -> None:
     from agents.grounders.openai import TOKEN_ANSWER_REGEX
-    from medvlm.cli import main
+    from medvlm.app.cli import main
     from medvlm.tokens import decode_box, encode_box
     from tests.fake_http import serve_json
 

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from medvlm.app.server.rle import rle_area, rle_decode, rle_encode
 from medvlm.errors import InputError
-from medvlm.server.rle import rle_area, rle_decode, rle_encode
 from tests.conftest import data_dir
 
 IMAGE_A = "JPCLN002"
@@ -86,7 +86,7 @@ def jsrt() -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def services() -> Any:
-    from medvlm.server.services import Services
+    from medvlm.app.server.services import Services
 
     return Services(cache_size=8)
 
@@ -95,8 +95,8 @@ def services() -> Any:
 def client(services: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from fastapi.testclient import TestClient
 
-    from medvlm.server.app import create_app
-    from medvlm.server.config import ServerConfig
+    from medvlm.app.server.app import create_app
+    from medvlm.app.server.config import ServerConfig
 
     app = create_app(ServerConfig(data_dir=tmp_path_factory.mktemp("serve")), services)
     with TestClient(app) as c:
@@ -108,8 +108,8 @@ def server_url(services: Any, tmp_path_factory: pytest.TempPathFactory) -> Itera
     """A real uvicorn server on 127.0.0.1 (ephemeral port) sharing the module's models."""
     import uvicorn
 
-    from medvlm.server.app import create_app
-    from medvlm.server.config import ServerConfig
+    from medvlm.app.server.app import create_app
+    from medvlm.app.server.config import ServerConfig
 
     app = create_app(ServerConfig(data_dir=tmp_path_factory.mktemp("serve_uvicorn"), worker_threads=2), services)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -391,7 +391,7 @@ def test_batch_job_runs_in_the_background(client: Any, jsrt: dict[str, bytes]) -
 @pytest.mark.data
 def test_32_concurrent_segment_requests_without_error(server_url: str, services: Any,
                                                       jsrt: dict[str, bytes]) -> None:
-    from medvlm.server.bench import run_load
+    from medvlm.app.server.bench import run_load
 
     encodes_before = services.encodings["litemedsam"].misses
     row = run_load(server_url, "segment", concurrency=32, requests=32, image=jsrt[IMAGE_A])
@@ -404,7 +404,7 @@ def test_32_concurrent_segment_requests_without_error(server_url: str, services:
 @pytest.mark.slow
 @pytest.mark.data
 def test_bench_table_against_a_running_server(server_url: str, jsrt: dict[str, bytes]) -> None:
-    from medvlm.server.bench import bench_serve, format_table
+    from medvlm.app.server.bench import bench_serve, format_table
 
     rows = bench_serve(server_url, concurrencies=(1, 2), requests=2, endpoints=("ground", "segment"),
                        image=jsrt[IMAGE_A], server_pid=os.getpid())
@@ -419,7 +419,7 @@ def test_bench_table_against_a_running_server(server_url: str, jsrt: dict[str, b
 def test_medvlm_serve_cli_starts_on_an_ephemeral_port(tmp_path: Path) -> None:
     import httpx
 
-    from medvlm.server.bench import start_server, stop_server
+    from medvlm.app.server.bench import start_server, stop_server
 
     proc, url = start_server(tmp_path / "serve", timeout_s=120)
     try:

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from medvlm.server.app import create_app
-from medvlm.server.config import ServerConfig
+from medvlm.app.server.app import create_app
+from medvlm.app.server.config import ServerConfig
 from tests.server_fakes import dicom_bytes, fake_services, png_bytes
 
 IMAGE = png_bytes((np.arange(120 * 160).reshape(120, 160) % 251).astype(np.uint8))
@@ -212,7 +212,7 @@ def test_no_phi_in_logs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> Non
 
 def test_unexpected_exception_is_a_json_500_without_its_message_in_the_log(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from medvlm.server.services import Services
+    from medvlm.app.server.services import Services
     from tests.server_fakes import BoxFillSegmenter
 
     secret = "".join(["Do", "e^Ja", "ne"])  # not spelled out: the logged stack frames quote source lines
@@ -353,3 +353,123 @@ def test_nifti_volume_upload_needs_a_slice_and_exports_in_its_geometry(tmp_path:
     np.testing.assert_allclose(out.affine[:3, 3], (affine @ [0, 0, 4, 1])[:3])  # slice 4's position
     mask = np.asarray(out.dataobj)[:, :, 0] > 0
     assert mask[3:20, 2:12].all() and mask.sum() == 17 * 10
+
+
+# ------------------------------------------------------------------------------------- API key, CORS, expiry
+
+KEY = "s3cret-key-for-tests-0123456789"
+
+
+def test_api_key_is_required_except_on_open_routes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    good = {"Authorization": f"Bearer {KEY}"}
+    with caplog.at_level(logging.DEBUG), client_for(tmp_path, api_key=KEY) as c:
+        for r in (segment(c), c.get("/v1/models"), c.get("/v1/jobs/0123456789abcdef0123456789abcdef")):
+            err = assert_error(r, 401, "unauthorized")
+            assert r.headers["www-authenticate"] == 'Bearer realm="medvlm"' and "Bearer" in err["expected"]
+        for header in (f"Bearer {KEY[:-1]}", f"Bearer {KEY}x", f"Basic {KEY}", KEY, "Bearer", f"Token {KEY}"):
+            r = c.post("/v1/segment", files={"image": ("a.png", IMAGE, "image/png")}, data={"box": "[1, 1, 9, 9]"},
+                       headers={"Authorization": header})
+            assert_error(r, 401, "unauthorized")
+        assert 'error="invalid_token"' in c.get("/v1/models", headers={"Authorization": "Bearer wrong"}).headers[
+            "www-authenticate"]
+        # the right key, scheme in any case
+        r = c.post("/v1/segment", files={"image": ("a.png", IMAGE, "image/png")}, data={"box": "[1, 1, 9, 9]"},
+                   headers={"Authorization": f"bearer {KEY}"})
+        assert r.status_code == 200, r.text
+        assert c.get(r.json()["downloads"]["json"], headers=good).status_code == 200
+        assert_error(c.get(r.json()["downloads"]["json"]), 401)
+        # open: liveness, the web page and its files, the API documentation
+        for path in ("/healthz", "/", "/static/app.js", "/openapi.json", "/docs"):
+            assert c.get(path).status_code == 200, path
+        assert_error(c.get("/static/../v1/models"), 401)
+        schema = c.get("/openapi.json").json()
+        assert schema["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+        # an unauthenticated upload is refused before its body is buffered or parsed
+        assert c.post("/v1/segment", content=b"{", headers={"content-type": "application/json"}).status_code == 401
+    assert KEY not in caplog.text and "s3cret" not in caplog.text
+
+
+def test_the_key_comes_from_the_flag_or_the_environment_and_is_never_echoed(tmp_path: Path) -> None:
+    from medvlm.app.cli import build_parser
+    from medvlm.app.server.run import config_from_args
+    from medvlm.errors import InputError
+
+    assert KEY not in repr(ServerConfig(data_dir=tmp_path, api_key=KEY))
+    args = build_parser().parse_args(["serve", "--data-dir", str(tmp_path), "--cors-origin", "https://a.example",
+                                      "--cors-origin", "http://localhost:3000", "--ttl", "60"])
+    assert config_from_args(args, {}).api_key is None
+    config = config_from_args(args, {"MEDVLM_API_KEY": KEY})
+    assert config.api_key == KEY and config.cors_origins == ("https://a.example", "http://localhost:3000")
+    assert config.result_ttl_s == 60
+    args = build_parser().parse_args(["serve", "--api-key", "from-the-flag-123"])
+    assert config_from_args(args, {"MEDVLM_API_KEY": KEY}).api_key == "from-the-flag-123"
+    with pytest.raises(InputError) as info:
+        ServerConfig(data_dir=tmp_path, api_key="short key")
+    assert "short key" not in str(info.value)
+    with pytest.raises(InputError):
+        ServerConfig(data_dir=tmp_path, cors_origins=("https://a.example/path",))
+    with pytest.raises(InputError):
+        ServerConfig(data_dir=tmp_path, result_ttl_s=-1)
+
+
+def test_cors_is_off_by_default_and_opt_in_per_origin(tmp_path: Path) -> None:
+    origin = "https://viewer.example.org"
+    preflight = {"Origin": origin, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}
+    with client_for(tmp_path) as c:
+        r = c.options("/v1/segment", headers=preflight)
+        assert "access-control-allow-origin" not in r.headers
+        assert "access-control-allow-origin" not in c.get("/healthz", headers={"Origin": origin}).headers
+    with client_for(tmp_path, cors_origins=(origin,), api_key=KEY) as c:
+        r = c.options("/v1/segment", headers=preflight)  # answered before the key check
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin
+        assert "authorization" in r.headers["access-control-allow-headers"].lower()
+        r = c.get("/v1/models", headers={"Origin": origin})  # a 401 a page can read
+        assert r.status_code == 401 and r.headers["access-control-allow-origin"] == origin
+        r = c.options("/v1/segment", headers={**preflight, "Origin": "https://evil.example"})
+        assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+
+
+def test_delete_result_removes_its_files(tmp_path: Path) -> None:
+    pixels = (np.arange(64 * 80).reshape(64, 80) % 4000).astype(np.uint16)
+    with client_for(tmp_path) as c:
+        body = segment(c, dicom_bytes(pixels), "application/dicom", box="[2, 3, 30, 40]").json()
+        rid = body["result_id"]
+        folder = tmp_path / "serve" / "results" / rid
+        assert c.get(body["downloads"]["dcm"]).status_code == 200
+        assert (folder / "source.dcm").is_file() and (folder / "masks.dcm").is_file()
+        r = c.delete(f"/v1/results/{rid}")
+        assert r.status_code == 200 and r.json() == {"result_id": rid, "deleted": True}
+        assert not folder.exists()
+        for url in (f"/v1/results/{rid}.json", body["downloads"]["png"], body["downloads"]["image"]):
+            assert_error(c.get(url), 404, "not_found")
+        assert_error(c.delete(f"/v1/results/{rid}"), 404, "not_found")
+        assert_error(c.delete("/v1/results/..%2F..%2Fjobs"), 404, "not_found")
+        assert_error(c.delete("/v1/results/0123456789abcdef0123456789abcdef"), 404, "not_found")
+    assert (tmp_path / "serve" / "results").is_dir()
+
+
+def test_results_and_finished_jobs_expire(tmp_path: Path) -> None:
+    import os
+
+    with client_for(tmp_path, result_ttl_s=3600) as c:
+        old, fresh = segment(c).json()["result_id"], segment(c).json()["result_id"]
+        folder = tmp_path / "serve" / "results"
+        hours_ago = time.time() - 2 * 3600
+        os.utime(folder / old / "result.json", (hours_ago, hours_ago))
+        assert_error(c.get(f"/v1/results/{old}.json"), 404, "not_found")  # expired on access: deleted now
+        assert not (folder / old).exists() and c.get(f"/v1/results/{fresh}.json").status_code == 200
+        job = c.post("/v1/jobs", files=[("images", ("a.png", IMAGE, "image/png"))],
+                     data={"phrases": '["heart"]'}).json()["id"]
+        deadline = time.monotonic() + 30
+        while c.get(f"/v1/jobs/{job}").json()["status"] != "done":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    # expired at the next start (the sweep), unexpired ones kept
+    os.utime(folder / fresh / "result.json", (hours_ago, hours_ago))
+    os.utime(tmp_path / "serve" / "jobs" / job / "job.json", (hours_ago, hours_ago))
+    keep = segment(client_for(tmp_path, result_ttl_s=3600)).json()["result_id"]  # no lifespan: no sweep yet
+    with client_for(tmp_path, result_ttl_s=3600) as c:
+        assert not (folder / fresh).exists() and not (tmp_path / "serve" / "jobs" / job).exists()
+        assert c.get(f"/v1/results/{keep}.json").status_code == 200
+        assert_error(c.get(f"/v1/jobs/{job}"), 404)

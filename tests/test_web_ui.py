@@ -1,6 +1,6 @@
 """End-to-end test of the browser UI served by `medvlm serve` at `/`, in headless Chromium (Debian's package).
 
-A real uvicorn server runs the real app (medvlm.server.app.create_app) on 127.0.0.1 with an ephemeral port;
+A real uvicorn server runs the real app (medvlm.app.server.app.create_app) on 127.0.0.1 with an ephemeral port;
 Selenium drives /usr/bin/chromium through /usr/bin/chromedriver (`make browser` installs both; nothing is
 downloaded). The test uploads a real JSRT radiograph, asks "where is the heart?", checks that the overlay
 canvas has coloured pixels inside the returned box, links a two-sentence report, checks the numbered sentence
@@ -65,10 +65,10 @@ def _browser_or_skip() -> None:
 
 def _make_app(data_dir: Path) -> Any:
     try:
-        from medvlm.server.app import create_app
-        from medvlm.server.config import ServerConfig
+        from medvlm.app.server.app import create_app
+        from medvlm.app.server.config import ServerConfig
     except ImportError as exc:
-        pytest.skip(f"the HTTP API (medvlm.server.app.create_app) is not importable: {exc}")
+        pytest.skip(f"the HTTP API (medvlm.app.server.app.create_app) is not importable: {exc}")
     return create_app(ServerConfig(data_dir=data_dir, request_timeout_s=REQUEST_TIMEOUT_S))
 
 

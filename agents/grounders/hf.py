@@ -94,7 +94,7 @@ class TransformersGrounder:
         for phrase in checked:
             fields = {"phrase": phrase, "width": sent[1], "height": sent[0]} if self.answer == "json" else {
                 "phrase": phrase}
-            conversations.append(_with_image(self.template.render(**fields)))
+            conversations.append(with_image_placeholder(self.template.render(**fields)))
         results = []
         for start in range(0, len(conversations), self.batch_size):
             chunk = conversations[start:start + self.batch_size]
@@ -137,7 +137,7 @@ class TransformersGrounder:
         return [_decode(processor, row[start:]) for row in output], inputs
 
 
-def _with_image(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def with_image_placeholder(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``messages`` with an image placeholder before the last message's text."""
     out = [dict(m) for m in messages]
     out[-1]["content"] = [{"type": "image"}, {"type": "text", "text": out[-1]["content"]}]

@@ -28,7 +28,7 @@ from agents.grounders.base import GroundingResult
 from medvlm.errors import input_error
 from medvlm.types import Mask, Points, Region
 
-__all__ = ["MedVLMGrounder", "group_by_side"]
+__all__ = ["MedVLMGrounder", "group_by_side", "placed_label"]
 
 _NON_CHEST = frozenset({"ct", "mr", "mri", "pt", "nm", "us"})
 
@@ -55,6 +55,13 @@ def group_by_side(keys: Sequence[str]) -> list[tuple[str | None, list[str]]]:
         side = key.split()[0] if key.split()[0] in ("left", "right") else None
         groups.setdefault(side, []).append(key)
     return list(groups.items())
+
+
+def placed_label(regions: Sequence[str], finding: str) -> str:
+    """The label of a region that places a finding without detecting it: the anatomy outlined, then why
+    (``["right apical zone"], "pneumothorax"`` -> ``"right apical zone, where the phrase places the
+    pneumothorax"``)."""
+    return f"{' + '.join(regions)}, where the phrase places the {finding}"
 
 
 class MedVLMGrounder:
@@ -149,8 +156,12 @@ class MedVLMGrounder:
                     out[i].note = f"Med-VLM found no {structure} in this image"
                     continue
                 where = "segmented" if finding is None else "anatomical region of the finding (not detected)"
-                out[i].regions = [self._region(phrases[i], r.mask.data, float(r.score), {
-                    "localisation": where, "structure": structure, "finding": finding, "regions": [structure]})]
+                extra: dict[str, Any] = {"localisation": where, "structure": structure, "finding": finding,
+                                         "regions": [structure]}
+                label = phrases[i]
+                if finding is not None:  # say what was found: the organ, not the finding
+                    label, extra["score_of"] = placed_label([structure], finding), "structure"
+                out[i].regions = [self._region(label, r.mask.data, float(r.score), extra)]
         return out
 
     def _regions_from_anatomy(self, image: Any, phrase: str, mention: Any) -> list[Region]:
@@ -167,9 +178,14 @@ class MedVLMGrounder:
             scores = [s for s in (anatomy.score_of(k) for k in keys) if s is not None]
             label = phrase if len(groups) == 1 else f"{phrase} ({side or 'midline'})"
             detected = mention.finding is None  # anatomy itself is segmented; a finding is only placed
-            regions.append(self._region(label, union, min(scores) if scores else None, {
+            extra: dict[str, Any] = {
                 "localisation": "segmented" if detected else "anatomical region of the finding (not detected)",
-                "regions": keys, "finding": mention.finding}, point=anatomy.interior(keys)))
+                "regions": keys, "finding": mention.finding}
+            if not detected:
+                # the label names the zone that was outlined; a finding name beside a score reads as a detection
+                label, extra["score_of"] = placed_label(keys, mention.finding), "zone"
+            regions.append(self._region(label, union, min(scores) if scores else None, extra,
+                                        point=anatomy.interior(keys)))
         return regions
 
     def _region(self, label: str, mask: np.ndarray, score: float | None, extra: dict[str, Any],

@@ -7,6 +7,8 @@
 
 Readers are lazy: ``ids()`` lists samples without reading images, iteration loads one sample at a time.
 See :mod:`medvlm.datasets.base` for the conventions (display orientation, vocabulary, non-empty masks).
+CT/MR/ultrasound/dermoscopy/endoscopy folders (and whole 3D volumes for the MSD hippocampus) are read by
+:mod:`medvlm.datasets.modalities`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 from medvlm.datasets.base import (
     CXR_STRUCTURES,
+    MODALITY_STRUCTURES,
     STRUCTURE_VOCABULARY,
     BoxAnnotation,
     Dataset,
@@ -25,16 +28,36 @@ from medvlm.datasets.base import (
 )
 from medvlm.datasets.ct import MedSam2Lesions, SamMed2dDemo, TotalSegmentatorExample
 from medvlm.datasets.cxr import JsrtScr, NihBbox, ShenzhenLungs, TxvTests, V7CovidLungs
+from medvlm.datasets.modalities import (
+    AcdcCardiac,
+    Brats2015Slices,
+    CurvasAbdomen,
+    Ham10000Lesions,
+    Hc18FetalHead,
+    KvasirPolyps,
+    MsdHippocampus,
+    MsdSpleen,
+    VolumeSample,
+)
 from medvlm.errors import input_error
 
 __all__ = [
     "CXR_STRUCTURES",
     "DATASETS",
+    "MODALITY_STRUCTURES",
     "STRUCTURE_VOCABULARY",
+    "AcdcCardiac",
     "BoxAnnotation",
+    "Brats2015Slices",
+    "CurvasAbdomen",
     "Dataset",
+    "Ham10000Lesions",
+    "Hc18FetalHead",
     "JsrtScr",
+    "KvasirPolyps",
     "MedSam2Lesions",
+    "MsdHippocampus",
+    "MsdSpleen",
     "NihBbox",
     "SamMed2dDemo",
     "Sample",
@@ -42,6 +65,7 @@ __all__ = [
     "TotalSegmentatorExample",
     "TxvTests",
     "V7CovidLungs",
+    "VolumeSample",
     "canonical_structure",
     "default_data_root",
     "open_dataset",
@@ -51,7 +75,8 @@ __all__ = [
 DATASETS: dict[str, type[Dataset]] = {
     cls.name: cls
     for cls in (JsrtScr, V7CovidLungs, NihBbox, ShenzhenLungs, TxvTests, SamMed2dDemo, TotalSegmentatorExample,
-                MedSam2Lesions)
+                MedSam2Lesions, CurvasAbdomen, MsdSpleen, MsdHippocampus, Brats2015Slices, AcdcCardiac, Hc18FetalHead,
+                Ham10000Lesions, KvasirPolyps)
 }
 """Folder name -> reader class."""
 
@@ -63,7 +88,15 @@ _SIGNATURES: tuple[tuple[str, str], ...] = (
     ("lungmasks", "cxr_shenzhen_lungs"),
     ("tbx11k", "cxr_txv_tests"),
     ("image2label_train.json", "ct_sam_med2d_demo"),
+    ("labels", "mr_hippocampus_msd"),  # images/ + labels/ volumes and labels.json: before the TotalSegmentator marker
     ("labels.json", "ct_totalsegmentator_example"),
+    ("masks/kidney", "ct_curvas_abdomen"),
+    ("masks/spleen", "ct_msd_spleen"),
+    ("masks/enhancing_tumor", "mr_brats2015_slices"),
+    ("masks/myocardium", "mr_acdc_cardiac"),
+    ("masks/fetal_head", "us_hc18_fetal_head"),
+    ("masks/skin_lesion", "derm_ham10000"),
+    ("masks/polyp", "endo_kvasir_polyp"),
 )
 
 

@@ -32,6 +32,7 @@ from medvlm.types import Box, Mask
 
 __all__ = [
     "CXR_STRUCTURES",
+    "MODALITY_STRUCTURES",
     "STRUCTURE_VOCABULARY",
     "BoxAnnotation",
     "Dataset",
@@ -118,8 +119,18 @@ def canonical_structure(raw: str) -> str:
     return f"{side} {words}".strip()
 
 
+MODALITY_STRUCTURES: tuple[str, ...] = (
+    "kidney", "anterior hippocampus", "posterior hippocampus", "whole tumor", "tumor core", "enhancing tumor",
+    "fetal head", "skin lesion", "polyp",
+)
+"""Mask names of the CT/MR/ultrasound/dermoscopy/endoscopy folders (:mod:`medvlm.datasets.modalities`) that are
+not TotalSegmentator names: "kidney" is BOTH kidneys in one mask (CURVAS has no left/right); the BraTS regions
+("whole tumor" = labels 1-4, "tumor core" = 1, 3, 4, "enhancing tumor" = 4); the MSD hippocampus head
+("anterior") and body + tail ("posterior"). Their other names (liver, pancreas, spleen, brain, myocardium,
+left/right ventricle) are already in the vocabulary."""
+
 STRUCTURE_VOCABULARY: frozenset[str] = frozenset(
-    {*CXR_STRUCTURES, "lesion", "lung", *(canonical_structure(n) for n in _TOTALSEG_RAW_NAMES)}
+    {*CXR_STRUCTURES, *MODALITY_STRUCTURES, "lesion", "lung", *(canonical_structure(n) for n in _TOTALSEG_RAW_NAMES)}
 )
 """Every structure name a reader may put in :attr:`Sample.masks` (patient's left/right)."""
 

@@ -154,7 +154,7 @@ def _guess_modality(stem: str) -> str:
 # ------------------------------------------------------------------------------------- TotalSegmentator
 
 
-def _to_lps(volume: npt.NDArray[Any], affine: npt.NDArray[np.float64],
+def to_lps(volume: npt.NDArray[Any], affine: npt.NDArray[np.float64],
             spacing: tuple[float, float, float]) -> tuple[npt.NDArray[Any], tuple[float, float, float], list[Any]]:
     """Reorient a stored ``(X, Y, Z)`` array so that its axes point to patient Left, Posterior, Superior."""
     from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
@@ -226,8 +226,8 @@ class TotalSegmentatorExample(Dataset):
                               fix="resample the segmentation onto the image first")
         import nibabel as nib
 
-        lps_img, lps_spacing, transform = _to_lps(img, affine, spacing)
-        lps_seg, _, _ = _to_lps(np.rint(seg).astype(np.int32), affine, spacing)
+        lps_img, lps_spacing, transform = to_lps(img, affine, spacing)
+        lps_seg, _, _ = to_lps(np.rint(seg).astype(np.int32), affine, spacing)
         facts = {"stored_axcodes": "".join(str(c) for c in nib.aff2axcodes(affine)), "stored_shape": list(img.shape),
                  "ornt_transform_to_LPS": transform, "voxel_spacing_mm": lps_spacing, "task": pair[2],
                  "modality": pair[3], "affine": np.asarray(affine).round(6).tolist()}
@@ -240,7 +240,7 @@ class TotalSegmentatorExample(Dataset):
         ids: list[str] = []
         for image_file, seg_file, _task, _mod in self._pairs():
             data, spacing, affine = load_volume(self.root / seg_file)
-            lps, _, _ = _to_lps(data, affine, spacing)
+            lps, _, _ = to_lps(data, affine, spacing)
             keep = [int(k) for k in np.flatnonzero((lps > 0).reshape(-1, lps.shape[2]).any(axis=0))]
             self._slices[image_file] = keep
             ids += [f"{self._stem(image_file)}_z{k:03d}" for k in keep]

@@ -144,6 +144,9 @@ class MedVLMConfig:
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     mixer: MixerConfig = field(default_factory=MixerConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    #: an existence head (is the named structure in this image at all?): a logit per (image, text) that lets the
+    #: predictor answer "not in this image" instead of thresholding a mask into a false positive.
+    existence_head: bool = False
     format_version: int = 1
 
     def __post_init__(self) -> None:
@@ -178,8 +181,13 @@ class MedVLMConfig:
                 kwargs[key] = part(**value)
             elif key == "format_version":
                 kwargs[key] = int(value)
+            elif key == "existence_head":
+                _check(isinstance(value, bool), "config.existence_head", "true or false", value,
+                       "use existence_head: true (new checkpoints) or false")
+                kwargs[key] = value
             else:
-                raise input_error("config", expected=f"keys among {[*parts, 'format_version']}", received=repr(key),
+                raise input_error("config", expected=f"keys among {[*parts, 'existence_head', 'format_version']}",
+                                  received=repr(key),
                                   fix="remove or rename the unknown key")
         return cls(**kwargs)
 

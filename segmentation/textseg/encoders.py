@@ -14,6 +14,7 @@ Stages:
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,6 +35,7 @@ __all__ = [
     "TextEncoder",
     "build_image_encoder",
     "build_text_encoder",
+    "merge_lora_",
     "minilm_path",
 ]
 
@@ -52,6 +54,22 @@ def _inject_lora(module: nn.Module, targets: Sequence[str], rank: int, alpha: fl
     # peft types lora_alpha as int but uses it as a float scale (alpha / r)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern)  # type: ignore[arg-type]
     inject_adapter_in_model(config, module)
+
+
+def merge_lora_(module: nn.Module) -> int:
+    """Merge every peft LoRA layer inside ``module`` into its base layer and put the base layer in its place (in
+    place; no adapter left). Returns how many layers were merged."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    names = [name for name, sub in module.named_modules() if isinstance(sub, BaseTunerLayer) and name]
+    for name in names:
+        layer = module.get_submodule(name)
+        assert isinstance(layer, BaseTunerLayer)
+        layer.merge()
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, child, layer.get_base_layer())
+    return len(names)
 
 
 def _freeze_all_but_lora(module: nn.Module) -> None:
@@ -137,6 +155,24 @@ class ImageEncoder(nn.Module):
         super().train(False)
         return self
 
+    def export_module(self) -> nn.Module:
+        """A frozen deep copy for inference runtimes (``segmentation.runtime.compile_encoder``): every LoRA layer
+        merged into its base weights and replaced by that base layer, TinyViT made batch-agnostic for tracing.
+        ``forward(pixels (B,3,S,S)) -> (B, C, g, g)``, the same outputs as ``self`` (float rounding aside); this
+        encoder itself is left untouched (its adapters keep training)."""
+        import copy
+
+        out = copy.deepcopy(self)
+        merge_lora_(out)
+        if self.config.kind == "litemedsam":
+            from segmentation.litemedsam import tinyvit_export_ready
+
+            tinyvit_export_ready(out, copy_module=False)
+        out.eval()
+        for p in out.parameters():
+            p.requires_grad_(False)
+        return out
+
 
 def _run_layers(layers: Sequence[str]) -> Callable[[nn.ModuleDict, Tensor], Tensor]:
     def fn(parts: nn.ModuleDict, x: Tensor) -> Tensor:
@@ -173,7 +209,7 @@ def _build_litemedsam_encoder(config: ImageEncoderConfig) -> ImageEncoder:
 
     def neck_fn(parts: nn.ModuleDict, x: Tensor) -> Tensor:
         b, n, c = x.shape
-        side = round(n ** 0.5)
+        side = math.isqrt(int(n))  # int(): a plain number also while tracing for export (n is fixed: 64 * 64)
         return parts["neck"](x.view(b, side, side, c).permute(0, 3, 1, 2))
 
     stages.append(_Stage("neck", {"neck": tiny.neck}, neck_fn))

@@ -8,6 +8,8 @@ Shapes (B images, L text tokens, g x g image grid, d = ``mixer.dim``, S = ``imag
                      F_text2 = F_text1 + cross_attn(q=F_text1, kv=F_im)
                      F_fused_text = F_text2 + MLP(F_text2)
                      F_fused_im = F_im + cross_attn(q=F_im, kv=F_fused_text)
+    existence:       e = MLP([masked mean of F_fused_text ; mean of F_fused_im]) -> one logit per (image, text)
+                     (only with ``existence_head``: "is the named structure in this image?")
     decoder:         F1 = dilated convs (d -> c0) then x2 upsampling stages (-> c_last, g * 2**k)
                      F2 = cross_attn(q=F_fused_im, kv=F_fused_text)                (B, g*g, d)
                      mask = sum_c MLP(F2)_c (upsampled to F1's grid) * F1_c          (B, 1, g*2**k, g*2**k)
@@ -36,6 +38,7 @@ from segmentation.textseg.encoders import ImageEncoder, TextEncoder, build_image
 
 __all__ = [
     "Attention",
+    "ExistenceHead",
     "FeatureMixer",
     "MaskDecoder",
     "MedVLM",
@@ -175,6 +178,22 @@ class MaskDecoder(nn.Module):
         return (weights * f1).sum(dim=1, keepdim=True)
 
 
+class ExistenceHead(nn.Module):
+    """``(F_fused_im (B, N, d), F_fused_text (B, L, d), text_mask (B, L)) -> logit (B,)``: is the structure the
+    text names in the image? Reads the text tokens after they attended to the image (masked mean) beside the
+    mean image token; trained with BCE against "the mask is non-empty"."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(2 * dim)
+        self.mlp = MLP(2 * dim, dim, 1)
+
+    def forward(self, f_im: Tensor, f_text: Tensor, text_mask: Tensor) -> Tensor:
+        m = text_mask.to(f_text.dtype)[..., None]
+        text = (f_text * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return self.mlp(self.norm(torch.cat([text, f_im.mean(1)], dim=-1)))[:, 0]
+
+
 def _groups(channels: int) -> int:
     for g in (8, 4, 2):
         if channels % g == 0:
@@ -197,6 +216,7 @@ class MedVLM(nn.Module):
         self.text_proj = nn.Linear(text_encoder.hidden_size, d)
         self.mixer = FeatureMixer(config.mixer)
         self.decoder = MaskDecoder(d, config.decoder)
+        self.existence = ExistenceHead(d) if config.existence_head else None
         self.register_buffer("im_pos", sine_position_2d(image_encoder.grid, d), persistent=False)
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -208,6 +228,11 @@ class MedVLM(nn.Module):
 
     def forward_encoded(self, features: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """``features``: the image encoder's output ``(B, C_im, g, g)``; returns logits ``(B, 1, S, S)``."""
+        return self.forward_with_existence(features, input_ids, attention_mask)[0]
+
+    def forward_with_existence(self, features: Tensor, input_ids: Tensor, attention_mask: Tensor,
+                               ) -> tuple[Tensor, Tensor | None]:
+        """``(mask logits (B, 1, S, S), existence logits (B,) or None without an existence head)``."""
         f_im = self.image_proj(features)  # (B, d, g, g)
         g = f_im.shape[-1]
         tokens = f_im.flatten(2).transpose(1, 2)
@@ -216,7 +241,8 @@ class MedVLM(nn.Module):
         fused_im, fused_text = self.mixer(tokens, f_text, mask, self.im_pos)
         logits = self.decoder(fused_im, fused_text, mask, g)
         size = self.config.image_encoder.image_size
-        return F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
+        exist = None if self.existence is None else self.existence(fused_im, fused_text, mask)
+        return F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False), exist
 
     def forward(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return self.forward_features(self.image_encoder.prefix(pixels), input_ids, attention_mask)

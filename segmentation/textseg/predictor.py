@@ -3,6 +3,12 @@
 ``MedVLMSegmenter.encode(image)`` runs the whole image encoder (frozen base + LoRA) once; every text prompt
 then costs one text-encoder + mixer + decoder pass on the cached features. Masks come back at the original
 resolution (pixel grid of the input image), like the promptable backends' masks.
+
+Precision (``precision=`` / ``--precision`` / ``$MEDVLM_PRECISION``, see :mod:`segmentation.runtime`): the image
+encoder (TinyViT with its LoRA merged into the base weights) runs through OpenVINO for ``auto`` (bf16 on CPUs
+with bf16 units, else f32) and ``bf16``; ``fp32`` keeps the torch reference. The text encoder, mixer and
+decoder stay torch fp32. The text features of the last ``text_cache_size`` distinct texts are cached (keyed by
+the exact text the model reads), so a repeated vocabulary phrase skips the text encoder.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import functools
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -22,10 +29,13 @@ from medvlm.coords import letterbox_frame
 from medvlm.errors import input_error
 from medvlm.types import Mask
 from segmentation.base import ImageEmbedding, ImageInput, Prompt, SegmentationResult, SegmenterBase, as_rgb_uint8
+from segmentation.runtime import CompiledEncoder, EncoderPlan, compile_encoder, encoder_plan
 
 __all__ = ["DEFAULT_CHECKPOINT_ENV", "MedVLMSegmenter", "default_checkpoint_dir", "expand_text"]
 
 DEFAULT_CHECKPOINT_ENV = "MEDVLM_TEXTSEG_CHECKPOINT"
+#: names the forward code of the exported Med-VLM image encoder in the OpenVINO IR cache key
+IMAGE_EXPORT_KEY = "medvlm-image-encoder/1"
 
 
 def default_checkpoint_dir() -> Path:
@@ -65,6 +75,11 @@ class MedVLMSegmenter(SegmenterBase):
     ``checkpoint``: a folder written by ``save_medvlm`` (default: :func:`default_checkpoint_dir`).
     ``text_level``: how a known structure name is expanded before the model reads it (``complex`` = the
     description the default checkpoint was mostly trained with, ``simple``, or ``verbatim`` = no expansion).
+    ``threshold``: on the mask probability; ``existence_threshold``: on the existence head's probability (when the
+    checkpoint has one). Each result's ``meta["found"]`` says whether the structure was found (then the mask is
+    non-empty) and ``meta["existence"]`` carries the head's probability (``None`` without a head).
+    ``precision``: ``auto``/``fp32``/``bf16`` for the image encoder (module docstring); ``text_cache_size``: text
+    features kept (0 = no cache); ``encode_batch_size``: images per encoder call in :meth:`encode_batch`.
     """
 
     name = "medvlm"
@@ -73,7 +88,8 @@ class MedVLMSegmenter(SegmenterBase):
     max_batch = 8
 
     def __init__(self, checkpoint: str | Path | None = None, *, device: str = "cpu", text_level: str = "complex",
-                 threshold: float = 0.5) -> None:
+                 threshold: float = 0.5, existence_threshold: float = 0.5, precision: str | None = None,
+                 text_cache_size: int = 256, encode_batch_size: int = 8) -> None:
         directory = Path(checkpoint) if checkpoint is not None else default_checkpoint_dir()
         if text_level not in ("complex", "simple", "verbatim"):
             raise input_error("text_level", expected="'complex', 'simple' or 'verbatim'", received=repr(text_level),
@@ -82,29 +98,128 @@ class MedVLMSegmenter(SegmenterBase):
         self.device = device
         self.text_level = text_level
         self.threshold = threshold
+        self.existence_threshold = existence_threshold
+        # validated now (a bad --precision fails before the model loads); the OpenVINO encoder is built on first use
+        self.plan: EncoderPlan = encoder_plan(precision, device)
+        self.text_cache_size = max(0, int(text_cache_size))
+        self.encode_batch_size = max(1, int(encode_batch_size))
         self.model, self.meta = _load(str(directory.resolve()), device)
         self._lock = threading.Lock()
+        self._compiled: CompiledEncoder | None = None
+        self._text_cache: OrderedDict[str, Any] = OrderedDict()  # text read -> (L, d) projected text features
 
     @property
     def weights(self) -> str:
         return self.checkpoint
 
-    def encode(self, image: ImageInput) -> ImageEmbedding:
+    @property
+    def precision(self) -> str:
+        """The resolved precision of the image encoder (``fp32`` or ``bf16``)."""
+        return self.plan.precision
+
+    def encoder_info(self) -> dict[str, Any]:
+        """How the image encoder runs: the plan and, once built, the compiled encoder's description."""
+        info: dict[str, Any] = self.plan.to_json()
+        if self._compiled is not None:
+            info.update(self._compiled.describe())
+        return info
+
+    def _run_encoder(self, pixels: Any) -> Any:
+        """``pixels (B, 3, S, S)`` float32 -> features ``(B, C, g, g)``; the caller holds the lock."""
         import torch
 
-        rgb = as_rgb_uint8(image)
-        height, width = rgb.shape[:2]
-        t0 = time.perf_counter()
         encoder = self.model.image_encoder
-        chw, content = encoder.preprocess(rgb)
-        with self._lock, torch.inference_mode():
-            features = encoder(torch.from_numpy(chw)[None].to(self.device))
-        size = encoder.config.image_size
+        if not self.plan.compiled:
+            with torch.inference_mode():
+                return encoder(pixels)
+        if self._compiled is None:
+            size = encoder.config.image_size
+            self._compiled = compile_encoder(encoder.export_module(), torch.zeros(1, 3, size, size),
+                                             self.plan.requested, key=IMAGE_EXPORT_KEY,
+                                             max_batch=self.encode_batch_size)
+        return self._compiled(pixels).to(self.device)
+
+    def _embedding(self, image: ImageInput, rgb: Any, features: Any, content: tuple[int, int],
+                   seconds: float) -> ImageEmbedding:
+        height, width = rgb.shape[:2]
+        size = self.model.image_encoder.config.image_size
         modality = getattr(image, "modality", None)
         return ImageEmbedding(backend=self.name, original_size=(height, width), features=features,
                               frame=letterbox_frame(height, width, size),
                               extra={"input_size": size, "content_shape": content, "modality": modality,
-                                     "encode_s": time.perf_counter() - t0})
+                                     "encode_s": seconds, "precision": self.plan.precision,
+                                     "engine": self.plan.engine})
+
+    def encode(self, image: ImageInput) -> ImageEmbedding:
+        import torch
+
+        rgb = as_rgb_uint8(image)
+        t0 = time.perf_counter()
+        chw, content = self.model.image_encoder.preprocess(rgb)
+        with self._lock:
+            features = self._run_encoder(torch.from_numpy(chw)[None].to(self.device))
+        return self._embedding(image, rgb, features, content, time.perf_counter() - t0)
+
+    def encode_batch(self, images: Sequence[ImageInput]) -> list[ImageEmbedding]:
+        """Encode several images, ``encode_batch_size`` per encoder call; one embedding per image, as
+        :meth:`encode` gives (``extra["encode_s"]``: the batch's seconds divided by the number of images)."""
+        import torch
+
+        if not images:
+            return []
+        t0 = time.perf_counter()
+        rgbs = [as_rgb_uint8(im) for im in images]
+        prepared = [self.model.image_encoder.preprocess(rgb) for rgb in rgbs]
+        feats = []
+        step = self.encode_batch_size
+        for start in range(0, len(prepared), step):
+            chunk = torch.from_numpy(np.stack([chw for chw, _ in prepared[start:start + step]])).to(self.device)
+            with self._lock:
+                feats.append(self._run_encoder(chunk))
+        features = torch.cat(feats, dim=0)
+        per_image = (time.perf_counter() - t0) / len(rgbs)
+        return [self._embedding(im, rgb, features[i:i + 1], content, per_image)
+                for i, (im, rgb, (_, content)) in enumerate(zip(images, rgbs, prepared))]
+
+    def clear_text_cache(self) -> None:
+        """Forget the cached text features (the next prompt of each text runs the text encoder again)."""
+        with self._lock:
+            self._text_cache.clear()
+
+    def text_features(self, texts: Sequence[str]) -> tuple[Any, Any]:
+        """Projected text features of ``texts`` (read as given, no expansion): ``(f_text (n, L, d) float32,
+        mask (n, L) bool)``, zero-padded to the longest text. Each distinct text is encoded once and then served
+        from an LRU of ``text_cache_size`` entries; the caller holds the lock (inference mode)."""
+        import torch
+
+        model = self.model
+        missing = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
+        fresh: dict[str, Any] = {}
+        if missing:
+            ids, mask = model.text_encoder.tokenize(missing, self.device)
+            encoded = model.encode_text(ids, mask)  # (m, L, d)
+            lengths = mask.sum(dim=1).tolist()
+            fresh = {t: encoded[k, : int(lengths[k])].clone() for k, t in enumerate(missing)}
+        rows = []
+        for t in texts:
+            row = fresh.get(t)
+            if row is None:
+                row = self._text_cache[t]
+                self._text_cache.move_to_end(t)
+            rows.append(row)
+        if self.text_cache_size:
+            for t, row in fresh.items():
+                self._text_cache[t] = row
+                self._text_cache.move_to_end(t)
+            while len(self._text_cache) > self.text_cache_size:
+                self._text_cache.popitem(last=False)
+        longest = max(int(r.shape[0]) for r in rows)
+        f_text = rows[0].new_zeros((len(rows), longest, rows[0].shape[1]))
+        text_mask = torch.zeros((len(rows), longest), dtype=torch.bool, device=f_text.device)
+        for k, r in enumerate(rows):
+            f_text[k, : r.shape[0]] = r
+            text_mask[k, : r.shape[0]] = True
+        return f_text, text_mask
 
     def _decode(self, embedding: ImageEmbedding, prompts: Sequence[Prompt],
                 multimask: bool) -> list[SegmentationResult]:
@@ -115,12 +230,12 @@ class MedVLMSegmenter(SegmenterBase):
         modality = embedding.extra.get("modality")
         expanded = [expand_text(str(p.text), self.text_level, modality) for p in prompts]
         texts = [t for t, _ in expanded]
-        n = len(prompts)
         with self._lock, torch.inference_mode():
-            ids, mask = model.text_encoder.tokenize(texts, self.device)
-            feats = embedding.features.expand(n, -1, -1, -1)
-            logits = model.forward_encoded(feats, ids, mask)[:, 0]  # (n, S, S)
+            f_text, mask = self.text_features(texts)
+            logits, exist_logits = _forward_text_features(model, embedding.features, f_text, mask)
+            logits = logits[:, 0]  # (n, S, S)
             probs = torch.sigmoid(logits)
+            exist = None if exist_logits is None else torch.sigmoid(exist_logits.float()).cpu().numpy()
             ch, cw = embedding.extra["content_shape"]
             height, width = embedding.original_size
             results = []
@@ -128,14 +243,41 @@ class MedVLMSegmenter(SegmenterBase):
                 up = F.interpolate(logits[i, :ch, :cw][None, None], size=(height, width), mode="bilinear",
                                    align_corners=False)[0, 0]
                 binary = (torch.sigmoid(up) > self.threshold).cpu().numpy()
+                # "not in this image": the existence head overrules a mask the decoder would draw anyway
+                existence = None if exist is None else float(exist[i])
+                found = bool(binary.any()) and (existence is None or existence >= self.existence_threshold)
+                if not found:
+                    binary = np.zeros_like(binary)
                 inside = probs[i, :ch, :cw]
-                sel = inside > self.threshold
+                sel = (inside > self.threshold) if found else torch.zeros_like(inside, dtype=torch.bool)
                 # mean foreground probability of the predicted mask: a confidence in [0, 1], 0 when empty
                 score = float(inside[sel].mean()) if bool(sel.any()) else 0.0
                 results.append(SegmentationResult(
                     mask=Mask(np.asarray(binary, dtype=bool)), score=score,
                     logits=logits[i].float().cpu().numpy(), prompt=prompt,
                     meta={"backend": self.name, "text_read": texts[i], "structure": expanded[i][1],
-                          "text_level": self.text_level, "logits_frame": embedding.frame.name},
+                          "text_level": self.text_level, "logits_frame": embedding.frame.name,
+                          "found": found, "existence": existence},
                 ))
         return results
+
+
+def _forward_text_features(model: Any, features: Any, f_text: Any, mask: Any) -> tuple[Any, Any]:
+    """``MedVLM.forward_with_existence`` with the projected text features given instead of token ids.
+
+    ``features``: the image encoder's output for ONE image ``(1, C, g, g)`` (projected once, shared by the ``n``
+    texts); ``f_text (n, L, d)``, ``mask (n, L)`` bool from :meth:`MedVLMSegmenter.text_features`. Returns
+    ``(mask logits (n, 1, S, S), existence logits (n,) or None)``; ``tests/test_runtime.py`` checks that it
+    matches ``model.forward_with_existence``."""
+    import torch.nn.functional as F
+
+    n = f_text.shape[0]
+    f_im = model.image_proj(features)  # (1, d, g, g)
+    g = f_im.shape[-1]
+    tokens = f_im.flatten(2).transpose(1, 2).expand(n, -1, -1)
+    fused_im, fused_text = model.mixer(tokens, f_text, mask, model.im_pos)
+    logits = model.decoder(fused_im, fused_text, mask, g)
+    size = model.config.image_encoder.image_size
+    existence = getattr(model, "existence", None)
+    exist = None if existence is None else existence(fused_im, fused_text, mask)
+    return F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False), exist

@@ -84,6 +84,31 @@ def run_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def links_to_regions(links: list[Any]) -> tuple[list[Any], list[int], list[dict[str, Any]]]:
+    """Report links -> (all regions in order, the sentence number of each, one JSON entry per sentence)."""
+    regions: list[Any] = []
+    numbers: list[int] = []
+    sentences: list[dict[str, Any]] = []
+    for link in links:
+        ids = []
+        for r in link.regions:
+            regions.append(r)
+            numbers.append(link.number)
+            ids.append(len(regions))
+        sentences.append(link.to_json(region_ids=ids))
+    return regions, numbers, sentences
+
+
+def print_links(links: list[Any]) -> None:
+    """One line per sentence (+ grounded, - negated, ? not groundable), then its regions or the reason."""
+    marks = {"grounded": "+", "negated": "-", "not_groundable": "?"}
+    for link in links:
+        where = "; ".join(f"{r.label} [{' '.join(f'{v:.0f}' for v in r.box.to_list())}]" for r in link.regions)
+        print(f"{link.number:>2} {marks[link.status]} {link.status:<15} {link.text}")
+        if where or link.note:
+            print(f"     {where or link.note}")
+
+
 def run_link_report(args: argparse.Namespace) -> int:
     from agents.report import link_report
     from medvlm.outputs import write_regions
@@ -96,19 +121,8 @@ def run_link_report(args: argparse.Namespace) -> int:
     agent = build_agent(args)
     links = link_report(agent, image, report_path.read_text(encoding="utf-8", errors="replace"),
                         threshold=args.threshold)
-    regions, numbers, sentences = [], [], []
-    for link in links:
-        ids = []
-        for r in link.regions:
-            regions.append(r)
-            numbers.append(link.number)
-            ids.append(len(regions))
-        sentences.append(link.to_json(region_ids=ids))
-        marks = {"grounded": "+", "negated": "-", "not_groundable": "?"}
-        where = "; ".join(f"{r.label} [{' '.join(f'{v:.0f}' for v in r.box.to_list())}]" for r in link.regions)
-        print(f"{link.number:>2} {marks[link.status]} {link.status:<15} {link.text}")
-        if where or link.note:
-            print(f"     {where or link.note}")
+    print_links(links)
+    regions, numbers, sentences = links_to_regions(links)
     if args.out:
         stem = Path(args.image).name.split(".")[0]
         written = write_regions(args.out, stem, image, regions, numbers=numbers,
@@ -116,6 +130,60 @@ def run_link_report(args: argparse.Namespace) -> int:
                                        "threshold": args.threshold, "grounder": agent.grounder.name},
                                 title="numbers = report sentences")
         print(f"wrote {written.json_path} and {written.overlay_path}")
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """``medvlm demo [--out DIR]``: the main job on the embedded default, offline. The grounding agent (Med-VLM
+    text-guided masks, anatomy-checked) answers two chat questions on the bundled chest X-ray and links a
+    two-sentence report to it, then finds the liver on the bundled CT slice. Writes ``DIR/<stem>.ask.*``
+    (both answers' regions on one overlay), ``DIR/<stem>.report.*`` and ``DIR/<ct stem>.*``."""
+    import json
+
+    from agents.pipeline import GroundingAgent
+    from agents.report import link_report
+    from medvlm.assets import asset_path
+    from medvlm.io import load_image
+    from medvlm.outputs import write_regions
+
+    spec = json.loads(asset_path("demo.json").read_text())
+    out = Path(args.out)
+    agent = GroundingAgent("medvlm")
+    image = load_image(asset_path(spec["image"]))
+    stem = Path(spec["image"]).stem
+    print(f"medvlm demo: {spec['description']}")
+    print(f"image: {spec['image']} ({image.width}x{image.height}); grounder: medvlm (Med-VLM, bundled weights)\n")
+    regions: list[Any] = []
+    answers = []
+    for question in spec["questions"]:
+        answer = agent.ask(image, question)
+        answers.append(answer.to_json())
+        print(f"Q: {question}\nA: {answer.text}")
+        _print_regions(answer.regions)
+        print()
+        regions += answer.regions
+    written = write_regions(out / "ask", stem, image, regions, extra={"answers": answers,
+                                                                     "attribution": spec["attribution"]},
+                            title="medvlm ask: " + " | ".join(spec["questions"]))
+    print(f"overlay: {written.overlay_path}\n")
+    print(f"report: {spec['report']}")
+    links = link_report(agent, image, spec["report"])
+    print_links(links)
+    regions, numbers, sentences = links_to_regions(links)
+    written = write_regions(out / "report", stem, image, regions, numbers=numbers,
+                            extra={"report": spec["report"], "sentences": sentences},
+                            title="medvlm link-report: numbers = report sentences")
+    print(f"overlay: {written.overlay_path}\n")
+    ct = spec.get("ct")
+    if ct and asset_path(ct["image"]).is_file():
+        ct_image = load_image(asset_path(ct["image"]), modality=ct["modality"])
+        answer = agent.ask(ct_image, ct["question"])
+        print(f"CT slice {ct['image']}\nQ: {ct['question']}\nA: {answer.text}")
+        _print_regions(answer.regions)
+        written = write_regions(out / "ct", Path(ct["image"]).stem, ct_image, answer.regions,
+                                extra={"answer": answer.to_json(), "attribution": ct["attribution"]},
+                                title=f"medvlm ask: {ct['question']}")
+        print(f"overlay: {written.overlay_path}")
     return 0
 
 
@@ -144,7 +212,7 @@ BENCH_QUESTIONS = (
 
 def run_bench_ask(args: argparse.Namespace) -> int:
     """Per-question latency of ``medvlm ask`` with the embedded default (model load timed apart)."""
-    from medvlm.commands import DEMO_IMAGE, asset_path
+    from medvlm.assets import DEMO_IMAGE, asset_path
     from medvlm.io import load_image
     from medvlm.outputs import write_json_atomic
 
@@ -278,3 +346,42 @@ def run_refseg(args: argparse.Namespace) -> int:
         print(f"{Path(path).name}: {name} {found} {check}".rstrip() + f" -> {written.json_path}")
     return 0
 
+
+def run_heatmap(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from agents.heatmap import DEFAULT_MEDVLM_CAM_LAYER, HeatmapConfig, check_options, heatmap_overlay, localize
+    """``medvlm heatmap IMAGE FINDING [--gate anatomy|none] [--source medvlm|gradcam] [--out DIR]``: writes
+    ``DIR/<stem>.heatmap.overlay.png``, ``DIR/<stem>.heatmap.png`` (the final map, 8-bit, scaled to its maximum)
+    and ``DIR/<stem>.heatmap.json``; prints the box, peak and gate."""
+    from medvlm.io import load_image, save_png
+    from medvlm.outputs import write_json_atomic
+    from segmentation.textseg.predictor import MedVLMSegmenter
+
+    check_options(args.finding, args.gate, args.source)
+    config = HeatmapConfig(box_fraction=args.box_fraction, cam_layer=args.layer or DEFAULT_MEDVLM_CAM_LAYER)
+    image = load_image(args.image, slice_index=getattr(args, "slice_index", None))
+    segmenter = MedVLMSegmenter(args.checkpoint)
+    result = localize(segmenter, image, args.finding, source=args.source, gate=args.gate, config=config)
+    box = "none" if result.box is None else " ".join(f"{v:.0f}" for v in result.box.to_list())
+    print(f"{result.phrase}: finding {result.finding or '-'} | source {result.source} | gate {result.gate_used}"
+          + (f" ({', '.join(result.regions)})" if result.gate_used == "anatomy" else ""))
+    if result.gate_reason and args.gate != "none":
+        print(f"  not gated: {result.gate_reason}")
+    print(f"  box {box} | peak {result.peak[0]:.0f} {result.peak[1]:.0f} (value {result.peak_value:.3f})")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = Path(args.image).name.split(".")[0]
+    overlay_path, map_path, json_path = (out / f"{stem}.heatmap.overlay.png", out / f"{stem}.heatmap.png",
+                                         out / f"{stem}.heatmap.json")
+    save_png(heatmap_overlay(image, result), overlay_path)
+    top = float(result.final.max())
+    scaled = result.final / top if top > 0 else result.final
+    save_png(np.clip(scaled * 255.0 + 0.5, 0, 255).astype(np.uint8), map_path)
+    payload = {"image": str(image.source), "size": [image.height, image.width], **result.to_json(),
+               "box_fraction": config.box_fraction, "checkpoint": segmenter.checkpoint,
+               "cam": {"layer": config.cam_layer, "method": config.cam_method} if args.source == "gradcam" else None,
+               "overlay": overlay_path.name, "heatmap": map_path.name}
+    write_json_atomic(payload, json_path)
+    print(f"wrote {json_path}, {overlay_path} and {map_path}")
+    return 0

@@ -8,6 +8,9 @@ time (each under the grounding agent's lock, so requests and jobs share the mode
 already in ``results.jsonl``, so a server stopped mid-job picks the job up again at start and finishes it
 with every item exactly once.
 
+A finished job (``done`` or ``failed``) expires like a result: ``ttl_s`` seconds after it finished, its folder
+(uploaded images included) is deleted by a sweep at start and, at most every ``sweep_every_s``, on access.
+
 Statuses: ``queued`` -> ``running`` -> ``done`` | ``failed`` (``error`` says why; an unreadable image is not a
 job failure: its lines say ``"status": "error"``).
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import shutil
 import threading
 import time
 import zipfile
@@ -25,9 +29,9 @@ from pathlib import Path
 from queue import Empty, Queue
 from typing import Any
 
+from medvlm.app.server.errors import ApiError
+from medvlm.app.server.results import check_id, new_id
 from medvlm.outputs import write_json_atomic
-from medvlm.server.errors import ApiError
-from medvlm.server.results import check_id, new_id
 
 __all__ = ["JobManager"]
 
@@ -39,14 +43,18 @@ _SUFFIX = {"png": "png", "jpeg": "jpg", "dicom": "dcm", "nifti": "nii", "gzip": 
 class JobManager:
     """Creates jobs, runs them in a worker thread and answers their status and results.
 
-    ``services``: the :class:`~medvlm.server.services.Services` whose grounding agent runs the jobs;
+    ``services``: the :class:`~medvlm.app.server.services.Services` whose grounding agent runs the jobs;
     ``torch_threads``: torch intra-op threads of the worker thread.
     :meth:`start` re-queues every job found ``queued`` or ``running`` under ``root`` (a restart resumes them).
+    ``ttl_s``: seconds a finished job is kept (0 = for ever).
     """
 
-    def __init__(self, root: Path, services: Any, torch_threads: int = 1) -> None:
+    def __init__(self, root: Path, services: Any, torch_threads: int = 1, ttl_s: float = 0.0) -> None:
         self.root = Path(root)
         self.torch_threads = torch_threads
+        self.ttl_s = float(ttl_s)
+        self.sweep_every_s = min(60.0, self.ttl_s / 10.0)
+        self._last_sweep = float("-inf")
         self.root.mkdir(parents=True, exist_ok=True)
         self.services = services
         self._queue: Queue[str] = Queue()
@@ -60,6 +68,7 @@ class JobManager:
         """Start the worker and queue the unfinished jobs of an earlier run, oldest first."""
         if self._thread is not None:
             return
+        self.sweep()
         pending = []
         for folder in self.root.iterdir():
             state = self._read(folder.name) if (folder / "job.json").exists() else None
@@ -78,6 +87,29 @@ class JobManager:
             self._thread.join(timeout_s)
         self._thread = None
 
+    def sweep(self) -> int:
+        """Delete the folders of jobs that finished more than ``ttl_s`` ago; returns how many."""
+        self._last_sweep = time.monotonic()
+        if self.ttl_s <= 0:
+            return 0
+        now = time.time()
+        removed = 0
+        for folder in list(self.root.iterdir()):
+            path = folder / "job.json"
+            try:
+                age = now - path.stat().st_mtime
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            state = self._read(folder.name) if age > self.ttl_s else None
+            if state and state.get("status") in ("done", "failed"):
+                shutil.rmtree(folder, ignore_errors=True)
+                removed += 1
+        return removed
+
+    def maybe_sweep(self) -> None:
+        if self.ttl_s > 0 and time.monotonic() - self._last_sweep >= self.sweep_every_s:
+            self.sweep()
+
     # ------------------------------------------------------------------------------------------------- public
 
     def create(self, images: Sequence[tuple[bytes, str]], phrases: Sequence[str]) -> dict[str, Any]:
@@ -89,6 +121,7 @@ class JobManager:
         if not images:
             raise ApiError(422, "missing_image", "a job needs at least one image",
                            expected="one or more 'images' (file parts or base64)", fix="add the images")
+        self.maybe_sweep()
         job_id = new_id()
         folder = self.root / job_id
         (folder / "inputs").mkdir(parents=True)
@@ -102,7 +135,9 @@ class JobManager:
         return state
 
     def status(self, job_id: str) -> dict[str, Any]:
-        state = self._read(check_id(job_id, "job"))
+        check_id(job_id, "job")
+        self.maybe_sweep()
+        state = self._read(job_id)
         if state is None:
             raise ApiError(404, "not_found", "no job with this id", expected="the id returned by POST /v1/jobs",
                            fix="check the id")
@@ -179,7 +214,7 @@ class JobManager:
         state["status"] = "running"
         self._write(job_id, state)
         log.info("job %s: running (%d images x %d phrases)", job_id, len(inputs), len(state["phrases"]))
-        from medvlm.server.services import limit_torch_threads
+        from medvlm.app.server.services import limit_torch_threads
 
         limit_torch_threads(self.torch_threads)
         agent = self.services.agent()

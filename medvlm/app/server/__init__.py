@@ -12,19 +12,19 @@ Endpoints (all answer JSON unless a file is asked for; ``GET /openapi.json`` and
 - ``POST /v1/chat/completions``: OpenAI-compatible (the image as a data URL content part); the reply's
   ``choices[0].message.content`` answers and ``choices[0].message.regions`` / ``regions`` carry the regions.
 - ``GET /v1/results/{result_id}.json``, ``GET /v1/results/{result_id}/masks.{png,zip,nii.gz,dcm}``,
-  ``GET /v1/results/{result_id}/image.png``: a result kept on the server (:mod:`medvlm.server.results`).
+  ``GET /v1/results/{result_id}/image.png``: a result kept on the server (:mod:`medvlm.app.server.results`).
 - ``POST /v1/jobs``, ``GET /v1/jobs/{id}``, ``GET /v1/jobs/{id}/results`` (JSONL), ``.../results.zip``:
-  resumable batch grounding (:mod:`medvlm.server.jobs`).
+  resumable batch grounding (:mod:`medvlm.app.server.jobs`).
 
 Task endpoints take multipart/form-data (an ``image`` file part, JSON-valued fields as JSON text) or
 application/json (images as base64 or data URLs). Geometry is pixels of the ORIGINAL image (x = column,
-y = row); masks are row-major RLE (:mod:`medvlm.server.rle`). Every error is
+y = row); masks are row-major RLE (:mod:`medvlm.app.server.rle`). Every error is
 ``{"error": {"type", "message", "expected", "fix"}}`` with its HTTP status (400 malformed, 404 unknown id,
 409 export impossible, 413 too large, 415 not an image, 422 invalid, 504 timeout).
 
-Importing this package is cheap: FastAPI and the models load in :mod:`medvlm.server.app` and on first use.
+Importing this package is cheap: FastAPI and the models load in :mod:`medvlm.app.server.app` and on first use.
 """
 
-from medvlm.server.config import ServerConfig
+from medvlm.app.server.config import ServerConfig
 
 __all__ = ["ServerConfig"]

@@ -1,24 +1,33 @@
 """The FastAPI application of ``medvlm serve``: :func:`create_app` builds it from a :class:`ServerConfig`.
 
 Request flow: the body-limit middleware buffers the body (413 past ``max_upload_mb``, from Content-Length
-before reading and by counting while reading), :func:`medvlm.server.uploads.read_form` parses and validates it
+before reading and by counting while reading), :func:`medvlm.app.server.uploads.read_form` parses and validates it
 (415 / 400 / 422), then the model work runs in a worker thread (a bounded anyio limiter of
 ``worker_threads``; the event loop never runs a model) under ``request_timeout_s`` (504). Every error becomes
 ``{"error": {"type", "message", "expected", "fix"}}``.
 
+Security: with an API key (``medvlm serve --api-key`` / ``MEDVLM_API_KEY``) every route but ``/healthz``, the
+web page and the API documentation answers 401 unless the request carries ``Authorization: Bearer <key>`` (as
+OpenAI clients send their ``api_key``), compared in constant time; the check runs before the body is read.
+CORS is off unless ``--cors-origin`` names the origins allowed (Starlette's CORSMiddleware).
+
 Logging: one line per request (method, route template, status, milliseconds, request id). Nothing the client
-sent is logged: no file names (never read), no DICOM tags, no field values, no raw URL, and for an unexpected
-exception only its type and stack frames (not its message, which may quote the input).
+sent is logged: no file names (never read), no DICOM tags, no field values, no raw URL, no header (so never the
+API key), and for an unexpected exception only its type and stack frames (not its message, which may quote the
+input).
 """
 
 from __future__ import annotations
 
+import hmac
 import importlib
+import json
 import logging
+import re
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,28 +37,35 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from medvlm import __version__
+from medvlm.app.server import schemas as S
+from medvlm.app.server.config import ServerConfig
+from medvlm.app.server.errors import ApiError, error_payload, from_input_error
+from medvlm.app.server.jobs import JobManager
+from medvlm.app.server.results import ResultStore, check_id, new_id, strip_pixels
+from medvlm.app.server.rle import rle_encode
+from medvlm.app.server.services import Services, limit_torch_threads
+from medvlm.app.server.uploads import Form, Upload, read_form
 from medvlm.errors import InputError, MissingDependencyError
-from medvlm.server import schemas as S
-from medvlm.server.config import ServerConfig
-from medvlm.server.errors import ApiError, error_payload, from_input_error
-from medvlm.server.jobs import JobManager
-from medvlm.server.results import ResultStore, check_id, new_id, strip_pixels
-from medvlm.server.rle import rle_encode
-from medvlm.server.services import Services, limit_torch_threads
-from medvlm.server.uploads import Form, Upload, read_form
 
-__all__ = ["create_app"]
+__all__ = ["CHAT_MODELS", "OPEN_PATHS", "create_app"]
 
-log = logging.getLogger("medvlm.server")
+log = logging.getLogger("medvlm.app.server")
 
 T = TypeVar("T")
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+#: the model ids POST /v1/chat/completions accepts (GET /v1/models lists them)
+CHAT_MODELS: tuple[str, ...] = ("medvlm-grounding",)
+
+#: routes that answer without the API key: liveness, the web page and the API documentation (no data in them)
+OPEN_PATHS = frozenset({"/healthz", "/", "/favicon.ico", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+_OPEN_PREFIXES = ("/static/",)
 
 #: the request models documented as bodies (FastAPI does not see them: bodies are parsed by read_form)
 REQUEST_MODELS: tuple[type[Any], ...] = (S.SegmentRequest, S.GroundRequest, S.LinkReportRequest,
@@ -134,6 +150,50 @@ async def _send_error(send: Send, status: int, kind: str, message: str, expected
 
 async def _no_receive() -> Message:
     return {"type": "http.disconnect"}
+
+
+class BearerAuthMiddleware:
+    """Answers 401 (the API's error shape, ``WWW-Authenticate: Bearer``) to a request without
+    ``Authorization: Bearer <key>``, except on :data:`OPEN_PATHS`; runs before the body is read, so an
+    unauthenticated client cannot make the server buffer an upload. The key is compared with
+    :func:`hmac.compare_digest` and is never logged or echoed."""
+
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        self.app = app
+        self._key = key.encode("ascii")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or _is_open(str(scope.get("path", ""))):
+            await self.app(scope, receive, send)
+            return
+        token = _bearer_token(scope)
+        if token is not None and hmac.compare_digest(token, self._key):
+            await self.app(scope, receive, send)
+            return
+        if token is None:
+            message, challenge = "this server needs an API key", 'Bearer realm="medvlm"'
+        else:
+            message, challenge = "the API key is not valid", 'Bearer realm="medvlm", error="invalid_token"'
+        response = JSONResponse(error_payload(
+            "unauthorized", message, "an 'Authorization: Bearer <key>' header with the server's API key",
+            "send the key the server was started with (--api-key / MEDVLM_API_KEY); OpenAI clients: api_key=KEY"),
+            status_code=401, headers={"WWW-Authenticate": challenge})
+        await response(scope, _no_receive, send)
+
+
+def _is_open(path: str) -> bool:
+    return path in OPEN_PATHS or (path.startswith(_OPEN_PREFIXES) and "/.." not in path)
+
+
+def _bearer_token(scope: Scope) -> bytes | None:
+    """The token of the request's ``Authorization: Bearer`` header (scheme case-insensitive), or None."""
+    for name, value in scope.get("headers") or ():
+        if name == b"authorization":
+            scheme, _, token = value.strip().partition(b" ")
+            if scheme.lower() == b"bearer" and token.strip():
+                return bytes(token.strip())
+            return None
+    return None
 
 
 class RequestLogMiddleware:
@@ -254,8 +314,9 @@ class _App:
     def __init__(self, config: ServerConfig, services: Services) -> None:
         self.config = config
         self.services = services
-        self.results = ResultStore(config.data_dir / "results", config.max_results)
-        self.jobs = JobManager(config.data_dir / "jobs", services, config.intra_op_threads)
+        self.results = ResultStore(config.data_dir / "results", config.max_results, ttl_s=config.result_ttl_s)
+        self.jobs = JobManager(config.data_dir / "jobs", services, config.intra_op_threads, ttl_s=config.result_ttl_s)
+        self.started = int(time.time())
         self._limiter: anyio.CapacityLimiter | None = None
 
     @property
@@ -313,7 +374,7 @@ class _App:
         return payload
 
     def segment(self, form: Form) -> dict[str, Any]:
-        from medvlm.commands import build_prompts, segment_to_regions, text_prompts
+        from segmentation.requests import build_prompts, segment_to_regions, text_prompts
 
         f: S.SegmentRequest = form.fields
         upload = form.image("image")
@@ -453,7 +514,7 @@ class _App:
                   "question": question, "phrase": answer.phrase, "regions": regions}
         self.keep(stored, image, image_upload)
         return {"id": f"chatcmpl-{result_id[:24]}", "object": "chat.completion", "created": int(time.time()),
-                "model": body.model,
+                "model": body.model, "system_fingerprint": None,
                 "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
                              "message": {"role": "assistant", "content": answer.text, "regions": regions}}],
                 "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
@@ -463,7 +524,7 @@ class _App:
 
 def _chat_inputs(body: S.ChatCompletionRequest) -> tuple[Upload, str]:
     """The image (a data URL) and the question of the last user message that has them; 400 otherwise."""
-    from medvlm.server.uploads import check_upload, decode_base64
+    from medvlm.app.server.uploads import check_upload, decode_base64
 
     image_url: str | None = None
     texts: list[str] = []
@@ -496,6 +557,43 @@ def _chat_inputs(body: S.ChatCompletionRequest) -> tuple[Upload, str]:
     return check_upload(data, declared, "image_url"), texts[0]
 
 
+def _check_model(model: str) -> None:
+    if model not in CHAT_MODELS:
+        raise ApiError(404, "model_not_found", f"no chat model {model[:100]!r} on this server (GET /v1/models lists them)",
+                       expected=f"model one of {', '.join(CHAT_MODELS)} (GET /v1/models lists them)",
+                       fix=f"pass model=\"{CHAT_MODELS[0]}\"")
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("utf-8") + b"\n\n"
+
+
+def chat_stream_events(reply: dict[str, Any], include_usage: bool = False) -> list[bytes]:
+    """The server-sent events of a streamed chat completion ``reply`` (the non-streamed JSON): a first
+    ``chat.completion.chunk`` with the assistant role, one chunk per word of the answer (``delta.content``; their
+    concatenation is the answer), a last chunk with ``finish_reason: "stop"`` that also carries ``regions``,
+    ``result_id``, ``phrase`` and ``downloads`` as the non-streamed reply does, a usage chunk when
+    ``stream_options.include_usage`` asked for one, then ``data: [DONE]``. Rendered whole before the response
+    starts, so that any error is still an HTTP status rather than a cut stream."""
+    base = {"id": reply["id"], "object": "chat.completion.chunk", "created": reply["created"], "model": reply["model"],
+            "system_fingerprint": None}
+    usage = {"usage": None} if include_usage else {}
+
+    def chunk(delta: dict[str, Any], finish: str | None, **extra: Any) -> bytes:
+        return _sse({**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+                     **usage, **extra})
+
+    text = str(reply["choices"][0]["message"]["content"])
+    events = [chunk({"role": "assistant", "content": ""}, None)]
+    events += [chunk({"content": piece}, None) for piece in re.findall(r"\S+\s*|\s+", text)]
+    events.append(chunk({}, "stop", regions=reply["regions"], result_id=reply["result_id"], phrase=reply["phrase"],
+                        downloads=reply["downloads"]))
+    if include_usage:
+        events.append(_sse({**base, "choices": [], "usage": reply["usage"]}))
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
 def create_app(config: ServerConfig | None = None, services: Services | None = None) -> FastAPI:
     """The API app. ``config``: limits and data folder (default :class:`ServerConfig()`); ``services``: the
     models to share (default: a :class:`Services` that loads the real models on first use)."""
@@ -508,6 +606,7 @@ def create_app(config: ServerConfig | None = None, services: Services | None = N
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
+        core.results.sweep()
         core.jobs.start()
         try:
             yield
@@ -515,9 +614,19 @@ def create_app(config: ServerConfig | None = None, services: Services | None = N
             core.jobs.stop()
 
     app = FastAPI(title="medvlm", version=__version__, lifespan=lifespan,
-                  description=(importlib.import_module("medvlm.server").__doc__ or "").strip())
+                  description=(importlib.import_module("medvlm.app.server").__doc__ or "").strip())
     app.state.core = core
+    # the last added runs first: request log -> CORS -> API key -> body limit -> routes
     app.add_middleware(BodyLimitMiddleware, limit=config.max_upload_bytes)
+    if config.api_key:
+        app.add_middleware(BearerAuthMiddleware, key=config.api_key)
+    if config.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins),
+                           allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type"], expose_headers=["X-Request-ID"],
+                           allow_credentials=False, max_age=600)
     app.add_middleware(RequestLogMiddleware)
     _add_error_handlers(app)
     _add_routes(app, core)
@@ -531,6 +640,12 @@ def create_app(config: ServerConfig | None = None, services: Services | None = N
         _, defs = models_json_schema([(m, "validation") for m in REQUEST_MODELS],
                                      ref_template="#/components/schemas/{model}")
         schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+        if config.api_key:
+            schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            schema["security"] = [{"bearer": []}]
+            for path in OPEN_PATHS & set(schema.get("paths", {})):
+                for operation in schema["paths"][path].values():
+                    operation["security"] = []
         app.openapi_schema = schema
         return schema
 
@@ -625,17 +740,47 @@ def _add_routes(app: FastAPI, core: _App) -> None:
                            expected="application/json (an OpenAI chat.completions request)",
                            fix="send the request as JSON with the image as a data URL")
         body: S.ChatCompletionRequest = form.fields
-        if body.stream:
-            raise ApiError(400, "unsupported", "streaming is not supported", expected="stream: false",
-                           fix="drop stream or set it to false")
+        _check_model(body.model)
         upload, question = _chat_inputs(body)
-        return await core.run(core.chat, body, upload, question)
+        if not body.stream:
+            return await core.run(core.chat, body, upload, question)
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        events = await core.run(lambda: chat_stream_events(core.chat(body, upload, question), include_usage))
+
+        def stream() -> Iterator[bytes]:
+            yield from events
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/v1/models", response_model=S.ModelList, tags=["openai"])
+    async def list_models() -> dict[str, Any]:
+        """OpenAI-compatible model list: the model ids POST /v1/chat/completions accepts."""
+        return {"object": "list", "data": [_model_card(m) for m in CHAT_MODELS]}
+
+    @app.get("/v1/models/{model_id}", response_model=S.ModelCard, tags=["openai"],
+             responses={404: {"model": S.ErrorResponse}})
+    async def get_model(model_id: str) -> dict[str, Any]:
+        """One model of GET /v1/models (OpenAI ``models.retrieve``); 404 for another id."""
+        _check_model(model_id)
+        return _model_card(model_id)
+
+    def _model_card(model_id: str) -> dict[str, Any]:
+        return {"id": model_id, "object": "model", "created": core.started, "owned_by": "medvlm"}
 
     @app.get("/v1/results/{result_id}.json", response_model=None, tags=["results"],
              responses={404: {"model": S.ErrorResponse}})
     async def result_json(result_id: str) -> Any:
         """A kept result: the JSON its request answered (masks as RLE)."""
         return core.results.payload(result_id)
+
+    @app.delete("/v1/results/{result_id}", response_model=S.Deleted, tags=["results"],
+                responses={404: {"model": S.ErrorResponse}})
+    async def delete_result(result_id: str) -> dict[str, Any]:
+        """Delete a kept result now: its JSON, image rendering, exports and DICOM header (results also expire
+        after --ttl seconds)."""
+        await core.run(core.results.delete, result_id)
+        return {"result_id": result_id, "deleted": True}
 
     @app.get("/v1/results/{result_id}/masks.{kind}", response_model=None, tags=["results"],
              responses={404: {"model": S.ErrorResponse}, 409: {"model": S.ErrorResponse}},
@@ -652,9 +797,7 @@ def _add_routes(app: FastAPI, core: _App) -> None:
              responses={404: {"model": S.ErrorResponse}}, response_class=FileResponse)
     async def result_image(result_id: str) -> Any:
         """The image the result was computed on, windowed to 8-bit (DICOM and NIfTI included)."""
-        path = core.results.root / check_id(result_id) / "image.png"
-        if not path.is_file():
-            core.results.payload(result_id)  # 404 with the reason
+        path = await core.run(core.results.file, result_id, "image.png")
         return FileResponse(path, media_type="image/png")
 
     @app.post("/v1/jobs", response_model=S.JobStatus, status_code=202, responses=_ERRORS, tags=["jobs"],

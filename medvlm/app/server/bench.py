@@ -119,7 +119,7 @@ def start_server(data_dir: Path, *, timeout_s: float = 120.0,
     ``/healthz`` answers. The caller stops it (:func:`stop_server`)."""
     import httpx
 
-    cmd = [sys.executable, "-m", "medvlm.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--data-dir",
+    cmd = [sys.executable, "-m", "medvlm.app.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--data-dir",
            str(data_dir), *extra_args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -175,7 +175,7 @@ def bench_serve(base_url: str, *, concurrencies: tuple[int, ...] = (1, 4, 16), r
                 server_pid: int | None = None, warmup: bool = True) -> list[BenchRow]:
     """Every endpoint at every concurrency against the server at ``base_url`` (process ``server_pid`` for the
     memory column). ``warmup``: one untimed request per endpoint first (model load, image encoding)."""
-    from medvlm.commands import DEMO_IMAGE, asset_path
+    from medvlm.assets import DEMO_IMAGE, asset_path
 
     image = image if image is not None else asset_path(DEMO_IMAGE).read_bytes()
     rows = []

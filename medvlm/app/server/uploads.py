@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from medvlm.server.errors import ApiError
+from medvlm.app.server.errors import ApiError
 
 __all__ = ["Form", "Upload", "detect_format", "read_form"]
 

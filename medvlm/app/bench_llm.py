@@ -35,7 +35,7 @@ PHRASES = ("heart", "left lung", "right lung", "trachea", "aortic arch", "right 
 
 
 def _examples(png: str, n: int) -> list[dict[str, Any]]:
-    from finetune.tasks import _example, _grounding_question
+    from finetune.tasks import grounding_question, sft_example
     from medvlm.tokens import encode_box
     from medvlm.types import Box
 
@@ -43,7 +43,7 @@ def _examples(png: str, n: int) -> list[dict[str, Any]]:
     for k in range(n):
         box = Box(10.0 + 5 * k, 20.0 + 3 * k, 120.0 + 4 * k, 150.0 + 2 * k)
         phrase = PHRASES[k % len(PHRASES)]
-        out.append(_example("anatomy_grounding", [png], _grounding_question(phrase),
+        out.append(sft_example("anatomy_grounding", [png], grounding_question(phrase),
                             f"{phrase}: {encode_box(box, 256, 256)}"))
     return out
 
@@ -66,9 +66,9 @@ def bench_training(base: Path, work: Path, png: str, steps: int) -> tuple[list[d
 
 
 def _requests(n: int) -> list[str]:
-    from finetune.tasks import _grounding_question
+    from finetune.tasks import grounding_question
 
-    return [_grounding_question(PHRASES[k % len(PHRASES)]) for k in range(n)]
+    return [grounding_question(PHRASES[k % len(PHRASES)]) for k in range(n)]
 
 
 def _vllm_rate(url: str, model: str, image_url: str, questions: list[str], concurrency: int,
@@ -168,7 +168,7 @@ def run_bench_llm(args: argparse.Namespace) -> int:
 
     from finetune.mllm_data import render_image
     from finetune.tiny_mllm import build_tiny_qwen2vl
-    from medvlm.commands import DEMO_IMAGE, asset_path
+    from medvlm.assets import DEMO_IMAGE, asset_path
     from medvlm.io import load_image
     from medvlm.outputs import write_json_atomic
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,6 +11,11 @@ from medvlm.errors import input_error
 from medvlm.io import MAX_PIXELS_DEFAULT
 
 __all__ = ["ServerConfig"]
+
+#: an API key: printable ASCII without spaces (an HTTP header value), 8 to 4096 characters
+_KEY = re.compile(r"^[\x21-\x7e]{8,4096}$")
+#: a CORS origin as browsers send it: scheme://host[:port], no path
+_ORIGIN = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]+$")
 
 
 @dataclass(frozen=True)
@@ -26,6 +32,13 @@ class ServerConfig:
     ``max_images``: images in one request (reference-segment targets); ``max_job_images``: images in one job.
     ``torch_threads``: torch intra-op threads per worker thread; 0 = the CPU count divided by ``worker_threads``
     (at least 1), so that concurrent requests do not oversubscribe the cores.
+
+    Security: ``api_key``: when set, every route except ``/healthz``, the web page (``/``, ``/static/``) and the
+    API documentation (``/docs``, ``/redoc``, ``/openapi.json``) needs ``Authorization: Bearer <api_key>``
+    (401 otherwise); it is left out of the dataclass repr and never logged. ``cors_origins``: browser origins
+    allowed to call the API from another site (CORS is off when empty, the default). ``result_ttl_s``: results,
+    and finished batch jobs with their uploaded images, are deleted this many seconds after they were written
+    (0 = kept until evicted by ``max_results``).
     """
 
     host: str = "127.0.0.1"
@@ -41,6 +54,9 @@ class ServerConfig:
     max_job_images: int = 500
     medvlm_checkpoint: str | None = None
     torch_threads: int = 0
+    api_key: str | None = field(default=None, repr=False)
+    cors_origins: tuple[str, ...] = ()
+    result_ttl_s: float = 24 * 3600.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser().resolve())
@@ -58,6 +74,25 @@ class ServerConfig:
         if not 0 <= int(self.port) <= 65535:
             raise input_error("serve --port", expected="a port 0-65535 (0 = any free port)", received=repr(self.port),
                               fix="pass e.g. --port 8080")
+        if not isinstance(self.result_ttl_s, (int, float)) or not 0 <= self.result_ttl_s < float("inf"):
+            raise input_error("serve --ttl", expected="seconds a result is kept (0 = until evicted)",
+                              received=repr(self.result_ttl_s), fix="pass e.g. --ttl 86400")
+        if self.api_key is not None:
+            key = self.api_key
+            if not isinstance(key, str) or not _KEY.match(key):
+                # the key itself is never echoed: the message may reach a terminal or a log
+                length = len(key) if isinstance(key, str) else 0
+                raise input_error("serve --api-key / MEDVLM_API_KEY", expected="8 to 4096 printable ASCII characters "
+                                  "without spaces (it travels in an HTTP header)",
+                                  received=f"a key of {length} characters that is not", fix="generate one with "
+                                  "python -c 'import secrets; print(secrets.token_urlsafe(32))'")
+        origins = tuple(self.cors_origins)
+        for origin in origins:
+            if not isinstance(origin, str) or not (origin == "*" or _ORIGIN.match(origin)):
+                raise input_error("serve --cors-origin", expected="an origin scheme://host[:port] without a path "
+                                  "(e.g. https://viewer.example.org), or *", received=repr(origin),
+                                  fix="pass the origin exactly as the browser sends it in its Origin header")
+        object.__setattr__(self, "cors_origins", origins)
 
     @property
     def intra_op_threads(self) -> int:

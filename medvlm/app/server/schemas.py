@@ -3,7 +3,7 @@
 Coordinates everywhere are pixels of the ORIGINAL uploaded image (after DICOM/NIfTI slice selection): boxes
 ``[x0, y0, x1, y1]`` (left, top, right, bottom; x = column, y = row; the tight box of a mask is exclusive at
 the right/bottom edge), points ``{"x", "y", "label"}`` (label 1 = inside, 0 = outside). Masks are
-:mod:`medvlm.server.rle` objects on the same grid. Images in JSON bodies are base64 strings or
+:mod:`medvlm.app.server.rle` objects on the same grid. Images in JSON bodies are base64 strings or
 ``data:<type>;base64,...`` URLs; in multipart forms they are file parts and the JSON-valued fields (``box``,
 ``points``, ``phrases``...) are JSON text.
 """
@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 __all__ = [
     "ChatCompletion",
     "ChatCompletionRequest",
+    "Deleted",
     "ErrorResponse",
     "GroundRequest",
     "GroundResponse",
@@ -25,6 +26,8 @@ __all__ = [
     "JobStatus",
     "LinkReportRequest",
     "LinkReportResponse",
+    "ModelCard",
+    "ModelList",
     "ReferenceSegmentRequest",
     "ReferenceSegmentResponse",
     "RegionOut",
@@ -55,7 +58,7 @@ class PointsIn(_Request):
 
 
 class RLEMask(_Response):
-    """Uncompressed run-length mask (see medvlm.server.rle): runs of 0 and 1 alternating, starting with zeros, over
+    """Uncompressed run-length mask (see medvlm.app.server.rle): runs of 0 and 1 alternating, starting with zeros, over
     the mask read row by row; the counts sum to H * W."""
 
     size: list[int] = Field(description="[H, W] of the original image, pixels")
@@ -212,9 +215,12 @@ class ChatCompletionRequest(BaseModel):
     """OpenAI chat.completions request; the image is a data URL in an image_url content part of a user message."""
 
     model_config = ConfigDict(extra="allow")
-    model: str = "medvlm-grounding"
+    model: str = Field(default="medvlm-grounding", description="a model id of GET /v1/models")
     messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool = False
+    stream: bool = Field(default=False, description="true: server-sent events of chat.completion.chunk objects, the "
+                         "last with finish_reason 'stop' and the regions, then data: [DONE]")
+    stream_options: dict[str, Any] | None = Field(default=None, description="{\"include_usage\": true}: a usage "
+                                                  "chunk before [DONE]")
 
 
 class ChatChoiceMessage(_Response):
@@ -238,6 +244,25 @@ class ChatCompletion(_Response):
     usage: dict[str, int] = Field(default_factory=dict)
     regions: list[RegionOut] = Field(default_factory=list)
     result_id: str = ""
+
+
+class ModelCard(_Response):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(description="Unix time the server started")
+    owned_by: str = "medvlm"
+
+
+class ModelList(_Response):
+    """GET /v1/models in OpenAI's shape: the chat model ids POST /v1/chat/completions accepts."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Deleted(_Response):
+    result_id: str
+    deleted: bool = True
 
 
 class JobRequest(_Request):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -45,7 +46,10 @@ Run `medvlm COMMAND --help` for the options of one command.
 
 
 def _add_segment(p: argparse.ArgumentParser) -> None:
-    p.add_argument("image", help="image file: PNG/JPEG (8/16 bit), DICOM, or NIfTI (with --slice)")
+    p.add_argument("image", help="image file: PNG/JPEG (8/16 bit), DICOM, or NIfTI (with --slice); with --text and "
+                   "no --slice also a 3D NIfTI or a folder holding one DICOM series: every axial slice is segmented "
+                   "and DIR gets <stem>.seg.nii.gz (label k = k-th --text, the input's grid and affine), .seg.dcm "
+                   "(DICOM input), .json, .overlay.png and .montage.png")
     p.add_argument("--box", nargs=4, type=float, action="append", metavar=("X0", "Y0", "X1", "Y1"), default=[],
                    help="box prompt in pixels of the original image (left top right bottom); repeat for several")
     p.add_argument("--point", nargs=2, type=float, action="append", metavar=("X", "Y"), default=[],
@@ -64,10 +68,12 @@ def _add_segment(p: argparse.ArgumentParser) -> None:
                    "offline), sam2 (needs --checkpoint or MEDVLM_SAM2_CHECKPOINT), medvlm (default for --text)")
     p.add_argument("--checkpoint", default=None, help="segmenter checkpoint: sam2 .pt path or hub id, or a Med-VLM "
                    "checkpoint folder (default: the shipped one)")
-    p.add_argument("--slice", type=int, default=None, dest="slice_index", help="slice index for a 3D NIfTI/DICOM")
+    p.add_argument("--slice", type=int, default=None, dest="slice_index", help="slice index for a 3D NIfTI/DICOM "
+                   "(segments that one slice; without it --text segments the whole volume)")
     p.add_argument("--axis", type=int, default=2, help="slice axis for 3D NIfTI (default 2, axial)")
     p.add_argument("--window", nargs=2, type=float, metavar=("CENTER", "WIDTH"), default=None,
-                   help="display window for CT/MR (e.g. 40 400 for soft tissue); default: from DICOM or min-max")
+                   help="display window for CT/MR (e.g. 40 400 for soft tissue); default: from DICOM or min-max "
+                   "(volumes: 40 400 for CT, the 0.5-99.5 percentile range otherwise)")
     p.add_argument("--out", default="out", help="output directory (default: out)")
 
 
@@ -115,6 +121,9 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
                    help="training config the ablation variants start from (default: %(default)s)")
     t.add_argument("--ablation-steps", type=int, default=300, help="training steps per variant (default 300)")
     t.add_argument("--ablation-out", default="runs/ablation", help="folder for the variants' runs")
+    t.add_argument("--all", action="store_true", dest="all_folders",
+                   help="every folder of ../shared/data with masks: one table per kind of image (3D Dice for volume "
+                   "folders) and the 'not in this image' table (matched phrases found vs mismatched ones masked)")
     _add_eval_grounding(sub)
     _add_eval_codec(sub)
     _add_eval_link_report(sub)
@@ -297,8 +306,8 @@ def _add_serve_llm(p: argparse.ArgumentParser) -> None:
 
 
 def _add_serve(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only; the API "
-                   "has no authentication)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only; without "
+                   "an API key the API has no authentication)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 = any free port, printed)")
     p.add_argument("--max-upload-mb", type=float, default=32.0, help="largest request body, MiB (default 32)")
     p.add_argument("--max-pixels", type=int, default=60_000_000,
@@ -317,6 +326,15 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help="Med-VLM checkpoint folder (default: the shipped one)")
     p.add_argument("--preload", action="store_true", help="load every model before listening (default: on first "
                    "use)")
+    p.add_argument("--api-key", default=None, metavar="KEY", help="require 'Authorization: Bearer KEY' on every route "
+                   "but /healthz, the web page and /docs (default: $MEDVLM_API_KEY, which is preferred: a command "
+                   "line is visible to other users; unset = no authentication)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser pages of ORIGIN (e.g. https://viewer.example.org) to call the API "
+                   "(repeatable; default: CORS off)")
+    p.add_argument("--ttl", type=float, default=24 * 3600.0, metavar="SECONDS",
+                   help="delete results and finished jobs (uploads included) this long after they were written "
+                   "(default 86400 = 24 h; 0 = keep until evicted by --max-results)")
 
 
 def _add_grounding(p: argparse.ArgumentParser, *, check: bool = True) -> None:
@@ -434,28 +452,47 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     m.add_argument("--json", default=None, dest="json_out", help="also write the table as JSON")
 
 
+#: commands that take --precision (see _add_precision)
+PRECISION_COMMANDS = ("segment", "ask", "link-report", "batch", "refseg", "heatmap", "eval", "bench")
+
+
+def _add_precision(p: argparse.ArgumentParser) -> None:
+    """``--precision`` on ``p``, or on each of its sub-commands (eval SUITE, bench KIND). main() exports it as
+    $MEDVLM_PRECISION for the command's duration; every LiteMedSAM and Med-VLM image encoder built reads it."""
+    subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+    parsers = list({id(c): c for s in subs for c in s.choices.values()}.values()) or [p]
+    for parser in parsers:
+        parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
+                            help="image encoders of LiteMedSAM and Med-VLM on CPU: auto (default, or "
+                            "$MEDVLM_PRECISION): OpenVINO bf16 on CPUs with AVX512-BF16/AMX, else OpenVINO fp32; "
+                            "fp32: the torch reference; bf16: OpenVINO bf16")
+
+
 # name -> (help, add_arguments, "module:function")
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] = {
-    "segment": ("segment structures from box/point prompts", _add_segment, "medvlm.commands:run_segment"),
-    "demo": ("segment heart and lungs in the bundled chest X-ray", _add_demo, "medvlm.commands:run_demo"),
-    "train": ("train a model from a YAML recipe", _add_train, "finetune.recipes:run_train"),
-    "export": ("merge a fine-tuned adapter into a standalone model", _add_export, "finetune.recipes:run_export"),
+    "segment": ("segment structures from box/point prompts", _add_segment, "medvlm.app.commands:run_segment"),
+    "demo": ("ask, link a report and find the liver on the bundled images (offline)", _add_demo,
+             "medvlm.app.agent_commands:run_demo"),
+    "train": ("train a model from a YAML recipe", _add_train, "medvlm.app.train_commands:run_train"),
+    "export": ("merge a fine-tuned adapter into a standalone model", _add_export,
+               "medvlm.app.train_commands:run_export"),
     "build-mini": ("assemble the small real multimodal LLM medvlm-mini from two pinned pretrained parts",
-                   _add_build_mini, "finetune.mini:run_build_mini"),
+                   _add_build_mini, "medvlm.app.train_commands:run_build_mini"),
     "serve": ("the HTTP API (and web page) over the segmenters and the grounding agent", _add_serve,
-              "medvlm.server.run:run_serve"),
+              "medvlm.app.server.run:run_serve"),
     "serve-llm": ("serve a (fine-tuned) multimodal LLM with vLLM's OpenAI-compatible API", _add_serve_llm,
-                  "agents.commands:run_serve_llm"),
-    "refseg": ("segment in targets what a reference image shows", _add_refseg, "agents.commands:run_refseg"),
-    "eval": ("benchmark suites on annotated data", _add_eval, "eval.suites:run_eval"),
-    "ask": ("answer where a phrase is in an image", _add_ask, "agents.commands:run_ask"),
-    "link-report": ("link report sentences to image regions", _add_link_report, "agents.commands:run_link_report"),
-    "batch": ("ground phrases on many images, resumable", _add_batch, "agents.commands:run_batch_cli"),
+                  "medvlm.app.agent_commands:run_serve_llm"),
+    "refseg": ("segment in targets what a reference image shows", _add_refseg, "medvlm.app.agent_commands:run_refseg"),
+    "eval": ("benchmark suites on annotated data", _add_eval, "medvlm.app.eval_commands:run_eval"),
+    "ask": ("answer where a phrase is in an image", _add_ask, "medvlm.app.agent_commands:run_ask"),
+    "link-report": ("link report sentences to image regions", _add_link_report,
+                    "medvlm.app.agent_commands:run_link_report"),
+    "batch": ("ground phrases on many images, resumable", _add_batch, "medvlm.app.agent_commands:run_batch_cli"),
     "heatmap": ("weak localization of a finding as an (anatomy-gated) heatmap, box and peak", _add_heatmap,
-                "agents.heatmap:run_heatmap"),
-    "bench": ("speed and memory benchmarks", _add_bench, "medvlm.commands:run_bench"),
+                "medvlm.app.agent_commands:run_heatmap"),
+    "bench": ("speed and memory benchmarks", _add_bench, "medvlm.app.commands:run_bench"),
     "models": ("list model presets and whether their weights are present", _add_models,
-               "medvlm.registry:run_models"),
+               "medvlm.app.registry:run_models"),
 }
 
 
@@ -465,7 +502,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, add_args, _) in COMMANDS.items():
-        add_args(sub.add_parser(name, help=help_text, description=help_text))
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(command)
+        if name in PRECISION_COMMANDS:
+            _add_precision(command)
     return parser
 
 
@@ -479,11 +519,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     module_name, func_name = COMMANDS[args.command][2].split(":")
     handler = getattr(importlib.import_module(module_name), func_name)
+    previous = os.environ.get("MEDVLM_PRECISION")
+    if getattr(args, "precision", None):
+        os.environ["MEDVLM_PRECISION"] = args.precision  # read by every LiteMedSAM / Med-VLM the command builds
     try:
         return int(handler(args) or 0)
     except MedvlmError as exc:
         print(f"medvlm {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if previous is None:
+            os.environ.pop("MEDVLM_PRECISION", None)
+        else:
+            os.environ["MEDVLM_PRECISION"] = previous
 
 
 if __name__ == "__main__":

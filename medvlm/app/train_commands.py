@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -54,10 +55,36 @@ def run_export(args: argparse.Namespace) -> int:
     from finetune.mllm_train import export_merged
 
     if args.model == "mini":
-        from finetune.mini import run_export_mini
-
         return run_export_mini(args)
 
     out = export_merged(args.adapter, args.out, base_model=args.base_model)
     print(f"merged model written to {out}; serve it with: medvlm serve-llm --model {out}")
+    return 0
+
+
+def run_build_mini(args: argparse.Namespace) -> int:
+    """``medvlm build-mini [--out DIR] [--force] [--seed N] [--parts DIR]``."""
+    import time
+
+    from agents.mini import BUILD_VERSION, base_build, default_model_dir
+    from finetune.mini import assemble_mini
+
+    start = time.perf_counter()
+    target = Path(args.out) if args.out else default_model_dir()
+    kept = base_build(target) == BUILD_VERSION and not args.force
+    out = assemble_mini(target, seed=args.seed, parts_dir=args.parts, force=args.force)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    what = "kept the existing build (--force rebuilds)" if kept else f"built in {time.perf_counter() - start:.0f} s"
+    print(f"medvlm-mini in {out} ({size / 2**20:.0f} MiB, {what}); serve it with: medvlm serve-llm --model {out}")
+    return 0
+
+
+def run_export_mini(args: argparse.Namespace) -> int:
+    """``medvlm export mini ADAPTER [--out DIR]``."""
+    from finetune.mini import pack_adapter
+
+    out = pack_adapter(args.adapter, args.out)
+    size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    print(f"medvlm-mini adapter packed in {out} ({size / 2**20:.1f} MiB); use it with: medvlm ask IMAGE QUESTION "
+          f"--grounder mini")
     return 0

@@ -1,0 +1,127 @@
+"""Med-VLM v2 plumbing: the existence head ("not in this image"), negatives from other kinds of image, thinning
+of volume slices, and a tiny training run that learns with all of them and writes a loadable checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medvlm.datasets.kinds import kind_of, mismatched_structures
+from medvlm.errors import InputError
+from segmentation.textseg.config import MedVLMConfig, tiny_test_config
+from tests.conftest import data_dir
+
+
+def _tiny(existence: bool = True) -> MedVLMConfig:
+    cfg = tiny_test_config()
+    return MedVLMConfig.from_json({**cfg.to_json(), "existence_head": existence})
+
+
+def test_existence_head_shapes_and_config_round_trip() -> None:
+    from segmentation.textseg.model import build_medvlm
+
+    torch.manual_seed(0)
+    model = build_medvlm(_tiny()).eval()
+    assert model.config.existence_head is True
+    assert MedVLMConfig.from_json(model.config.to_json()).existence_head is True
+    size = model.config.image_encoder.image_size
+    feats = model.image_encoder(torch.rand(3, 3, size, size))
+    ids, am = model.text_encoder.tokenize(["liver", "left lung", "polyp"], feats.device)
+    logits, exist = model.forward_with_existence(feats, ids, am)
+    assert logits.shape == (3, 1, size, size) and exist is not None and exist.shape == (3,)
+    assert torch.equal(model.forward_encoded(feats, ids, am), logits)  # the old entry point is the same model
+    assert "existence.mlp.fc1.weight" in model.trainable_state_dict()
+    plain = build_medvlm(_tiny(existence=False))
+    assert plain.existence is None and plain.forward_with_existence(feats, ids, am)[1] is None
+    with pytest.raises(InputError, match="existence_head"):
+        MedVLMConfig.from_json({**_tiny().to_json(), "existence_head": "yes"})
+
+
+def test_mismatched_structures_by_kind() -> None:
+    assert kind_of("mr_brats2015_slices") == "brain_mr" and kind_of("/x/y/cxr_jsrt_scr/") == "chest_xray"
+    brain = mismatched_structures("mr_brats2015_slices")
+    assert "liver" in brain and "polyp" in brain and "left lung" in brain
+    assert "hippocampus" not in brain and "brain" not in brain  # the same kind of image
+    cxr = mismatched_structures("cxr_jsrt_scr")
+    # chest radiographs, body CT and cardiac MR share anatomy: none is a negative for another
+    assert "liver" not in cxr and "left ventricle" not in cxr and "whole tumor" in cxr and "polyp" in cxr
+    assert "brain" not in mismatched_structures("us_hc18_fetal_head")  # a fetal head holds a brain
+    assert mismatched_structures("unknown_folder") == ()
+
+
+def test_thin_per_case_keeps_every_kth_slice_of_each_case() -> None:
+    from finetune.textseg_train import thin_per_case
+
+    ids = [f"v{v}_z{k:03d}" for v in (1, 2) for k in range(7)]
+    kept = thin_per_case(ids, 3, lambda i: i.split("_z")[0])
+    assert kept == ["v1_z000", "v1_z003", "v1_z006", "v2_z000", "v2_z003", "v2_z006"]
+
+
+@pytest.mark.data
+def test_training_with_existence_and_foreign_negatives(tmp_path: Path) -> None:
+    """Tiny random model on 4 JSRT images: foreign negatives (other kinds' structures, empty target) enter the
+    batch, the existence BCE is part of the loss, the checkpoint keeps the head, and the predictor reports
+    ``found`` / ``existence`` per prompt."""
+    import random
+
+    from finetune.textseg_cache import FeatureCache
+    from finetune.textseg_train import DataSource, TrainConfig, sample_batch, train_medvlm
+    from medvlm.datasets import open_dataset
+    from segmentation.base import Prompt
+    from segmentation.textseg.model import build_medvlm
+    from segmentation.textseg.predictor import MedVLMSegmenter
+
+    folder = data_dir("cxr_jsrt_scr")
+    cfg = TrainConfig(model=_tiny().to_json(), data=[DataSource(str(folder), 1, 1.0, limit=4)],
+                      out_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), steps=3, batch_images=2,
+                      texts_per_image=3, warmup_steps=1, eval_every=3, checkpoint_every=3, val_fraction=0.25,
+                      foreign_negative_prob=1.0, negatives_per_image=2, balance="source")
+    summary = train_medvlm(cfg, progress=False)
+    assert summary["steps"] == 3
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert np.isfinite(log[-1]["loss_ema"])
+
+    model = build_medvlm(_tiny())
+    cache = FeatureCache(tmp_path / "cache", model.image_encoder)
+    entries = [e for e in cache.entries if e.structures]
+    weights = np.full(len(entries), 1.0 / len(entries))
+    _, rows, texts, targets, _ = sample_batch(entries, weights, cache, cfg, random.Random(0),
+                                              np.random.default_rng(0))
+    # 2 images x (1 structure + 2 foreign negatives); every negative has an empty target
+    assert len(texts) == 6 and rows == [0, 0, 0, 1, 1, 1]
+    empty = [float(t.sum()) == 0 for t in targets]
+    assert sum(empty) >= 4
+
+    seg = MedVLMSegmenter(tmp_path / "run" / "last")
+    assert seg.model.config.existence_head
+    sample = open_dataset(folder).load(open_dataset(folder).ids()[0])
+    results = seg.segment(sample.image, [Prompt(text="heart"), Prompt(text="polyp")])
+    for r in results:
+        assert isinstance(r.meta["found"], bool) and 0.0 <= r.meta["existence"] <= 1.0
+        assert r.meta["found"] == bool(r.mask.data.any())
+
+
+@pytest.mark.data
+def test_init_from_a_checkpoint_without_the_head(tmp_path: Path) -> None:
+    """Fine-tuning the shipped architecture with a new existence head copies every trained weight it has."""
+    from finetune.textseg_train import DataSource, TrainConfig, train_medvlm
+    from segmentation.textseg.checkpoint import load_medvlm, save_medvlm
+    from segmentation.textseg.model import build_medvlm
+
+    torch.manual_seed(1)
+    base = build_medvlm(_tiny(existence=False))
+    save_medvlm(base, tmp_path / "base")
+    folder = data_dir("cxr_jsrt_scr")
+    cfg = TrainConfig(model=_tiny().to_json(), data=[DataSource(str(folder), 1, 1.0, limit=3)],
+                      out_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), steps=1, batch_images=1,
+                      texts_per_image=1, warmup_steps=1, eval_every=1, checkpoint_every=1, lr=0.0,
+                      init_from=str(tmp_path / "base"))
+    train_medvlm(cfg, progress=False)
+    tuned, _ = load_medvlm(tmp_path / "run" / "last")
+    a, b = base.trainable_state_dict(), tuned.trainable_state_dict()
+    assert set(b) - set(a) == {k for k in b if k.startswith("existence.")}
+    assert all(torch.equal(a[k], b[k]) for k in a)
