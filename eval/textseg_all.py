@@ -119,7 +119,7 @@ def volume_suite(data: str | Path, segmenter: Any, *, split: str = "auto", limit
 
         raise input_error("text-seg 3D", expected="a folder of 3D volumes (e.g. mr_hippocampus_msd)",
                           received=str(data), fix="use the 2D suite (medvlm eval text-seg --data FOLDER)")
-    every_slice = type(dataset)(dataset.root, all_slices=True)
+    every_slice: Any = type(dataset)(dataset.root, all_slices=True)  # type: ignore[call-arg]
     chosen, used = checkpoint_split_ids(segmenter.meta, dataset.ids(), split, data)
     volumes = sorted({dataset.group(i) for i in chosen})
     trained_on = sum(1 for v in volumes if v not in {dataset.group(i) for i in segmenter.meta.get("val_ids", [])})
@@ -128,7 +128,7 @@ def volume_suite(data: str | Path, segmenter: Any, *, split: str = "auto", limit
     per_volume: list[dict[str, Any]] = []
     n_slices, started = 0, time.perf_counter()
     for vid in volumes:
-        vol = dataset.volume(vid)
+        vol = every_slice.volume(vid)
         labels = dict(vol.labels)
         for whole in sorted({w for name in labels for w in wholes_of(name)}):
             labels.setdefault(whole, np.logical_or.reduce([labels[p] for p in parts_of(whole) if p in labels]))

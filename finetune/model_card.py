@@ -1,7 +1,8 @@
 """Write the model card (README.md) of a Med-VLM checkpoint from what was measured.
 
     python -m finetune.model_card CHECKPOINT_DIR --text-seg out/textseg_val.json \
-        [--oracle out/oracle_val.json] [--command "medvlm train medvlm ..."] [--train-seconds S]
+        [--oracle out/oracle_val.json] [--all out/textseg_all.json] [--command "medvlm train medvlm ..."] \
+        [--train-seconds S] [--train-log RUN/log.jsonl] [--config finetune/configs/medvlm_v2.yaml]
 
 Every number in the card comes from the JSON files written by ``medvlm eval ... --json`` and from the
 checkpoint's own config.json (training config, seed, val ids, training log); nothing is typed in by hand.
@@ -25,7 +26,8 @@ def _table(payload: dict[str, Any]) -> list[str]:
 
 
 def write_card(checkpoint: Path, text_seg: dict[str, Any], oracle: dict[str, Any] | None, command: str,
-               train_seconds: float | None, train_log: list[dict[str, Any]]) -> Path:
+               train_seconds: float | None, train_log: list[dict[str, Any]], all_folders: dict[str, Any] | None = None,
+               config_path: str = "finetune/configs/medvlm_default.yaml") -> Path:
     config = json.loads((checkpoint / "config.json").read_text())
     meta = config.get("meta", {})
     tc = meta.get("train_config", {})
@@ -44,7 +46,7 @@ def write_card(checkpoint: Path, text_seg: dict[str, Any], oracle: dict[str, Any
         "",
         "## Training",
         "",
-        f"- Command: `{command}` (config `finetune/configs/medvlm_default.yaml`), step {meta.get('step')} of "
+        f"- Command: `{command}` (config `{config_path}`), step {meta.get('step')} of "
         f"{tc.get('steps')}, seed {tc.get('seed')}, AdamW lr {tc.get('lr')}, batch {tc.get('batch_images')} images"
         f" x up to {tc.get('texts_per_image')} texts, text levels {tc.get('level_weights')}.",
         "- Data (../shared/data): " + ", ".join(f"{d['name']} ({d['variants']} cached variant(s) per image)"
@@ -57,12 +59,12 @@ def write_card(checkpoint: Path, text_seg: dict[str, Any], oracle: dict[str, Any
         lines.append(f"- Time: {train_seconds / 60:.0f} min of training on 2 CPU cores, after the one-off "
                      "feature cache (~1.2 s per image variant).")
     if train_log:
+        names = sorted({k for rec in train_log for k in rec["val_dice"]})
         lines += ["", "Validation Dice during training (256 x 256 letterbox frame, complex descriptions):", "",
-                  "| step | " + " | ".join(sorted(train_log[0]["val_dice"])) + " |",
-                  "|---|" + "---|" * len(train_log[0]["val_dice"])]
+                  "| step | loss | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
         for rec in train_log:
-            lines.append(f"| {rec['step']} | " + " | ".join(f"{v:.3f}" for _, v in sorted(rec["val_dice"].items()))
-                         + " |")
+            cells = [f"{rec['val_dice'][n]:.3f}" if n in rec["val_dice"] else "-" for n in names]
+            lines.append(f"| {rec['step']} | {rec.get('loss_ema', float('nan')):.3f} | " + " | ".join(cells) + " |")
     lines += ["", "## Measured on the held-out JSRT/SCR val split (original 1024 x 1024 grid, 0.35 mm/px)", "",
               f"`medvlm eval text-seg --data ../shared/data/cxr_jsrt_scr` ({text_seg['n_images']} images, "
               f"split {text_seg.get('split')}, {text_seg.get('n_trained_on', 0)} seen in training, "
@@ -70,6 +72,16 @@ def write_card(checkpoint: Path, text_seg: dict[str, Any], oracle: dict[str, Any
     if oracle is not None:
         lines += ["", f"For comparison, LiteMedSAM given the perfect box on the same {oracle['n_images']} images "
                   "(`medvlm eval oracle-box --ids val_ids.txt`):", "", *_table(oracle)]
+    if all_folders is not None:
+        from eval.suites import format_table
+        from eval.textseg_all import format_existence_table
+
+        lines += ["", "## Measured on every kind of image (each folder's val split, by case)", "",
+                  f"`medvlm eval text-seg --all --checkpoint {checkpoint}` (3D Dice for volume folders):", ""]
+        for name, entry in all_folders["folders"].items():
+            lines += [f"### {name} ({entry['kind']})", "", "```text", format_table(entry["segmentation"]), "```", ""]
+        lines += ["### Not in this image", "", "```text",
+                  format_existence_table([e["existence"] for e in all_folders["folders"].values()]), "```"]
     lines += ["", "Licences: the training images' terms are in ../shared/data (JSRT/SCR research use; V7 masks "
               "CC BY 4.0; ...); the weights here are derived from them and meant for research use.", ""]
     path = checkpoint / "README.md"
@@ -85,11 +97,14 @@ def main() -> None:
     ap.add_argument("--command", default="medvlm train medvlm finetune/configs/medvlm_default.yaml")
     ap.add_argument("--train-seconds", type=float, default=None)
     ap.add_argument("--train-log", default=None, help="log.jsonl of the run")
+    ap.add_argument("--all", default=None, dest="all_folders", help="JSON of medvlm eval text-seg --all")
+    ap.add_argument("--config", default="finetune/configs/medvlm_default.yaml", help="the training config")
     args = ap.parse_args()
     log = [json.loads(x) for x in Path(args.train_log).read_text().splitlines()] if args.train_log else []
     oracle = json.loads(Path(args.oracle).read_text()) if args.oracle else None
     path = write_card(Path(args.checkpoint), json.loads(Path(args.text_seg).read_text()), oracle, args.command,
-                      args.train_seconds, log)
+                      args.train_seconds, log,
+                      json.loads(Path(args.all_folders).read_text()) if args.all_folders else None, args.config)
     print(f"wrote {path}")
 
 

@@ -141,7 +141,8 @@ def build_cache(encoder: Any, items: Iterable[tuple[str, Sample, int, Sequence[s
         with torch.no_grad():
             prefixes = run(torch.from_numpy(np.stack([chw for _, chw, _, _ in pending]))).to(torch.float16)
         for (path, _, content, masks), prefix in zip(pending, prefixes):
-            payload = {"prefix": prefix.contiguous(), "content": torch.tensor(content),
+            # clone: a row of the batch is a view, and torch.save would write the whole batch's storage
+            payload = {"prefix": prefix.clone(), "content": torch.tensor(content),
                        "masks": {name: torch.from_numpy(letterbox_mask(m, size)) for name, m in masks.items()}}
             with atomic_open(path, "wb") as fh:
                 torch.save(payload, fh)
@@ -215,5 +216,5 @@ class FeatureCache:
         self.masks: dict[str, dict[str, torch.Tensor]] = {}
         for e in entries:
             payload = torch.load(root / f"{e.key}.pt", map_location="cpu", weights_only=True)
-            self.prefix[e.key] = payload["prefix"]
+            self.prefix[e.key] = payload["prefix"].clone()  # own storage (files of older builds held views)
             self.masks[e.key] = payload["masks"]

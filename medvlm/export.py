@@ -51,6 +51,7 @@ __all__ = [
     "geometry_of",
     "label_map",
     "safe_slug",
+    "segment_codes",
     "write_dicom_seg",
     "write_label_png",
     "write_mask_zip",
@@ -231,10 +232,15 @@ def write_nifti(masks: Sequence[npt.ArrayLike], geometry: ExportGeometry, path: 
 # Labels whose last words name a structure pydicom's SNOMED CT dictionary knows; anything else is coded as
 # the generic "Anatomical Structure" and keeps its text in SegmentLabel.
 _SCT_KEYWORDS = ("Heart", "Lung", "Clavicle", "Liver", "Spleen", "Kidney", "Stomach", "Pancreas", "Aorta",
-                 "Trachea", "Esophagus", "Bladder", "Brain", "Rib", "Diaphragm", "Mediastinum", "Nodule", "Mass")
+                 "Trachea", "Esophagus", "Bladder", "Brain", "Rib", "Diaphragm", "Mediastinum", "Gallbladder",
+                 "Duodenum", "Colon", "Nodule", "Mass")
 
 
-def _segment_codes(label: str) -> tuple[Any, Any]:
+def segment_codes(label: str) -> tuple[Any, Any]:
+    """``(category, type)`` SNOMED CT codes (pydicom ``Code``) of a DICOM SEG segment named ``label``: the last
+    word of the label that pydicom's SNOMED CT dictionary knows ("left lung" -> Lung), else the generic
+    Anatomical Structure (the label text is kept in SegmentLabel); nodules and masses are morphologically
+    abnormal structures. Shared by the 2D and the series DICOM SEG writers."""
     from pydicom.sr.codedict import codes
 
     category = codes.SCT.AnatomicalStructure
@@ -295,7 +301,7 @@ def write_dicom_seg(masks: Sequence[npt.ArrayLike], labels: Sequence[str], sourc
                                                    family=codes.cid7162.ArtificialIntelligence)
     descriptions = []
     for k, label in enumerate(labels, start=1):
-        category, kind = _segment_codes(str(label))
+        category, kind = segment_codes(str(label))
         descriptions.append(hd.seg.SegmentDescription(
             segment_number=k, segment_label=str(label)[:64] or f"region {k}",
             segmented_property_category=category, segmented_property_type=kind,

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import gzip
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFont
 
 from medvlm.errors import input_error, missing_dependency
+from medvlm.export import segment_codes
 from medvlm.io import atomic_open, save_png
 from medvlm.outputs import write_json_atomic
 from medvlm.types import Mask, Region
@@ -210,32 +210,6 @@ def _write_label_nifti(data: npt.NDArray[Any], volume: Volume, path: Path) -> No
 
 # ------------------------------------------------------------------------------------------------- DICOM SEG
 
-# Words whose SNOMED CT concept pydicom's code dictionary has; others are coded "Anatomical Structure" and keep
-# their text in SegmentLabel (the same choice as medvlm.export for 2D DICOM SEG).
-_SCT_KEYWORDS = ("Heart", "Lung", "Clavicle", "Liver", "Spleen", "Kidney", "Stomach", "Pancreas", "Aorta",
-                 "Trachea", "Esophagus", "Bladder", "Brain", "Rib", "Diaphragm", "Mediastinum", "Gallbladder",
-                 "Duodenum", "Colon", "Nodule", "Mass")
-
-
-def _codes_for(label: str) -> tuple[Any, Any]:
-    from pydicom.sr.codedict import codes
-
-    category = codes.SCT.AnatomicalStructure
-    for word in reversed(re.findall(r"[a-z]+", label.lower())):
-        key = word.capitalize()
-        if key.endswith("s") and key[:-1] in _SCT_KEYWORDS:
-            key = key[:-1]
-        if key in _SCT_KEYWORDS:
-            try:
-                code = getattr(codes.SCT, key)
-            except AttributeError:
-                continue
-            if key in ("Nodule", "Mass"):
-                category = codes.SCT.MorphologicallyAbnormalStructure
-            return category, code
-    return category, codes.SCT.AnatomicalStructure
-
-
 def write_series_seg(masks: Sequence[npt.NDArray[np.bool_]], labels: Sequence[str], volume: Volume,
                      path: str | Path, *, series_description: str = "medvlm segmentation",
                      software_version: str = "") -> Path:
@@ -258,7 +232,7 @@ def write_series_seg(masks: Sequence[npt.NDArray[np.bool_]], labels: Sequence[st
                                                    family=codes.cid7162.ArtificialIntelligence)
     descriptions = []
     for k, label in enumerate(labels, start=1):
-        category, kind = _codes_for(str(label))
+        category, kind = segment_codes(str(label))
         descriptions.append(hd.seg.SegmentDescription(
             segment_number=k, segment_label=str(label)[:64] or f"segment {k}",
             segmented_property_category=category, segmented_property_type=kind,

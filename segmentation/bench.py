@@ -16,10 +16,11 @@ includes everything loaded before the bench; ``rss_mib_before``/``rss_mib_after`
 ``/proc/self/statm`` around the bench, and ``peak_rss_delta_mib`` how much the peak grew during it. On CUDA,
 ``cuda_peak_mib`` is ``torch.cuda.max_memory_allocated`` during the bench.
 
-Precision paths (``medvlm bench segment``): :func:`bench_path` times one segmenter built at one precision
-(encode median, per-prompt decode p50/p90, images/s of a mini-batched :meth:`encode_batch`, peak RSS of the
-phase: on Linux the peak is reset by writing 5 to ``/proc/self/clear_refs`` and read back as ``VmHWM``, so
-each path gets its own peak, which still includes every model already loaded in the process).
+Precision paths (``medvlm bench segment``): :func:`bench_paths` times segmenters built at different precisions
+side by side, interleaving every measurement (encode median, per-prompt decode p50/p90, images/s of a
+mini-batched ``encode_batch``, peak RSS of each path's phases: on Linux the peak is reset by writing 5 to
+``/proc/self/clear_refs`` and read back as ``VmHWM``, so each path gets its own peak, which still includes
+every model already loaded in the process).
 :func:`compare_paths` segments annotated images with a reference (torch fp32) and a candidate segmenter and
 reports how far the candidate's masks are from the reference's (Dice between them) and from the ground truth.
 """
@@ -40,7 +41,7 @@ import numpy as np
 from medvlm.errors import input_error
 from segmentation.base import ImageInput, Prompt, PromptableSegmenter, image_size_of
 
-__all__ = ["bench_path", "bench_segmenter", "compare_paths", "dice", "peak_rss_mib", "percentile", "reset_peak_rss"]
+__all__ = ["bench_paths", "bench_segmenter", "compare_paths", "dice", "peak_rss_mib", "percentile", "reset_peak_rss"]
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -209,15 +210,19 @@ def _encode_many(segmenter: Any, images: Sequence[ImageInput]) -> None:
             segmenter.encode(image)
 
 
-def bench_path(segmenter: Any, image: ImageInput, prompts: Sequence[Prompt], *, repeats: int = 3,
-               batch_images: int = 16) -> dict[str, Any]:
-    """Time one segmenter (one precision path) on ``image``; returns a JSON-ready dict (seconds, ms, MiB).
+def bench_paths(segmenters: Sequence[Any], image: ImageInput, prompts: Sequence[Prompt], *, repeats: int = 3,
+                batch_images: int = 16, batch_rounds: int = 2) -> list[dict[str, Any]]:
+    """Time several segmenters (e.g. one per precision path) on ``image``, INTERLEAVED: every measurement is
+    taken for each segmenter in turn, so that a machine shared with other jobs slows them alike. Returns one
+    JSON-ready dict per segmenter (seconds, ms, MiB).
 
     ``prepare_s``: the first encode + decode (OpenVINO conversion or IR load and compilation happen there);
     ``encode_s_median`` over ``repeats`` encodes; ``decode_ms_p50/p90`` over ``repeats`` x N single-prompt
     decodes (Med-VLM: with its text cache cleared before each, so the text encoder runs; ``cached_decode_ms_p50``
-    with the text cached); ``images_per_s``: ``batch_images`` copies of ``image`` through ``encode_batch``
-    (mini-batches of the segmenter's ``encode_batch_size``); ``peak_rss_mib``: the peak during this call.
+    with the text cached); ``images_per_s``: ``batch_images`` copies of ``image`` through ``encode_batch`` (in
+    ``batch_rounds`` alternating rounds; mini-batches of the segmenter's ``encode_batch_size``);
+    ``peak_rss_mib``: the process's peak RSS while that segmenter encoded its batches (everything loaded in the
+    process included), ``prepare_peak_rss_mib`` the same during its preparation.
     """
     prompts = list(prompts)
     if not prompts:
@@ -227,55 +232,76 @@ def bench_path(segmenter: Any, image: ImageInput, prompts: Sequence[Prompt], *, 
         raise input_error("bench repeats", expected="repeats >= 1", received=str(repeats), fix="use repeats=3")
     import torch
 
-    reset = reset_peak_rss()
-    rss_before = _rss_mib()
-    t0 = time.perf_counter()
-    emb = segmenter.encode(image)
-    segmenter.predict(emb, prompts[0])
-    prepare = time.perf_counter() - t0
-    encode_s = []
+    n = len(segmenters)
+    reset = False
+    prepare = [0.0] * n
+    prepare_peak = [0.0] * n
+    embeddings = []
+    for k, seg in enumerate(segmenters):
+        reset = reset_peak_rss()
+        t0 = time.perf_counter()
+        emb = seg.encode(image)
+        seg.predict(emb, prompts[0])
+        prepare[k] = time.perf_counter() - t0
+        prepare_peak[k] = peak_rss_mib()
+        embeddings.append(emb)
+    encode_s: list[list[float]] = [[] for _ in segmenters]
     for _ in range(repeats):
-        t = time.perf_counter()
-        emb = segmenter.encode(image)
-        encode_s.append(time.perf_counter() - t)
-    clear = getattr(segmenter, "clear_text_cache", None)
-    decode_s: list[float] = []
-    cached_s: list[float] = []
+        for k, seg in enumerate(segmenters):
+            t = time.perf_counter()
+            embeddings[k] = seg.encode(image)
+            encode_s[k].append(time.perf_counter() - t)
+    decode_s: list[list[float]] = [[] for _ in segmenters]
+    cached_s: list[list[float]] = [[] for _ in segmenters]
     for _ in range(repeats):
         for p in prompts:
-            if callable(clear):
-                clear()
-            t = time.perf_counter()
-            segmenter.predict(emb, p)
-            decode_s.append(time.perf_counter() - t)
-            if callable(clear):
+            for k, seg in enumerate(segmenters):
+                clear = getattr(seg, "clear_text_cache", None)
+                if callable(clear):
+                    clear()
                 t = time.perf_counter()
-                segmenter.predict(emb, p)
-                cached_s.append(time.perf_counter() - t)
-    t = time.perf_counter()
-    _encode_many(segmenter, [image] * batch_images)
-    batch_s = time.perf_counter() - t
-    info = segmenter.encoder_info() if callable(getattr(segmenter, "encoder_info", None)) else {}
-    return {
-        "backend": getattr(segmenter, "name", type(segmenter).__name__),
-        "encoder": info,
-        "n_prompts": len(prompts),
-        "repeats": repeats,
-        "prepare_s": prepare,
-        "encode_s_median": statistics.median(encode_s),
-        "encode_samples": [round(v, 4) for v in encode_s],
-        "decode_ms_p50": 1000 * percentile(decode_s, 50),
-        "decode_ms_p90": 1000 * percentile(decode_s, 90),
-        "cached_decode_ms_p50": 1000 * percentile(cached_s, 50) if cached_s else None,
-        "batch_images": batch_images,
-        "batch_s": batch_s,
-        "images_per_s": batch_images / batch_s if batch_s > 0 else float("nan"),
-        "rss_mib_before": rss_before,
-        "peak_rss_mib": peak_rss_mib(),
-        "peak_rss_method": "VmHWM after resetting it through /proc/self/clear_refs" if reset else
-                           "ru_maxrss (peak since the process started)",
-        "torch_threads": torch.get_num_threads(),
-    }
+                seg.predict(embeddings[k], p)
+                decode_s[k].append(time.perf_counter() - t)
+                if callable(clear):
+                    t = time.perf_counter()
+                    seg.predict(embeddings[k], p)
+                    cached_s[k].append(time.perf_counter() - t)
+    rounds = max(1, min(batch_rounds, batch_images))
+    sizes = [batch_images // rounds + (1 if r < batch_images % rounds else 0) for r in range(rounds)]
+    batch_s = [0.0] * n
+    peak = [0.0] * n
+    for size in sizes:
+        for k, seg in enumerate(segmenters):
+            reset_peak_rss()
+            t = time.perf_counter()
+            _encode_many(seg, [image] * size)
+            batch_s[k] += time.perf_counter() - t
+            peak[k] = max(peak[k], peak_rss_mib())
+    rows = []
+    for k, seg in enumerate(segmenters):
+        info = seg.encoder_info() if callable(getattr(seg, "encoder_info", None)) else {}
+        rows.append({
+            "backend": getattr(seg, "name", type(seg).__name__),
+            "encoder": info,
+            "n_prompts": len(prompts),
+            "repeats": repeats,
+            "prepare_s": prepare[k],
+            "encode_s_median": statistics.median(encode_s[k]),
+            "encode_samples": [round(v, 4) for v in encode_s[k]],
+            "decode_ms_p50": 1000 * percentile(decode_s[k], 50),
+            "decode_ms_p90": 1000 * percentile(decode_s[k], 90),
+            "cached_decode_ms_p50": 1000 * percentile(cached_s[k], 50) if cached_s[k] else None,
+            "batch_images": batch_images,
+            "batch_s": batch_s[k],
+            "images_per_s": batch_images / batch_s[k] if batch_s[k] > 0 else float("nan"),
+            "peak_rss_mib": peak[k],
+            "prepare_peak_rss_mib": prepare_peak[k],
+            "peak_rss_method": "VmHWM after resetting it through /proc/self/clear_refs" if reset else
+                               "ru_maxrss (peak since the process started)",
+            "torch_threads": torch.get_num_threads(),
+            "interleaved_with": n,
+        })
+    return rows
 
 
 def compare_paths(reference: Any, candidate: Any,

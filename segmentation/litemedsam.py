@@ -276,7 +276,8 @@ class LiteMedSAMSegmenter(SegmenterBase):
                 feats.append(self._run_encoder(chunk))
         features = torch.cat(feats, dim=0).to(self.device)
         per_image = (time.perf_counter() - t0) / len(rgbs)
-        return [self._embedding(rgb, features[i:i + 1], content, per_image)
+        # clone: an embedding must not keep the whole batch's features alive
+        return [self._embedding(rgb, features[i:i + 1].clone(), content, per_image)
                 for i, (rgb, (_, content)) in enumerate(zip(rgbs, prepared))]
 
     def _decode(self, embedding: ImageEmbedding, prompts: Sequence[Prompt],

@@ -17,8 +17,10 @@ Only the CPU is handled: on a CUDA device the segmenters keep torch fp32 whateve
 :func:`compile_encoder` converts a torch module once with ``openvino.convert_model``, saves the IR
 (``openvino.save_model``, weights kept f32) under :func:`openvino_cache_dir` keyed by a sha256 of the module's
 weights, the input shape and the OpenVINO version, so a later process reads the IR instead of converting it;
-compiled models are kept in a bounded in-process LRU (:data:`LRU_SIZE`). OpenVINO is imported only inside the
-functions that use it.
+compiled models are kept in a bounded in-process LRU (:data:`LRU_SIZE`). :func:`compile_text_encoder` does the
+same for a BERT-family text encoder (batch and length dynamic). OpenVINO is imported only inside the functions
+that use it. The disk cache is never pruned: one folder per model version (LiteMedSAM's TinyViT ~25 MB, MiniLM
+~90 MB); delete the folder to reclaim the space (the next use converts again, ~15-50 s per model on 2 cores).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -49,10 +52,12 @@ __all__ = [
     "PRECISIONS",
     "PRECISION_ENV",
     "CompiledEncoder",
+    "CompiledTextEncoder",
     "EncoderPlan",
     "Precision",
     "clear_compiled_cache",
     "compile_encoder",
+    "compile_text_encoder",
     "cpu_has_bf16",
     "encoder_plan",
     "openvino_available",
@@ -80,7 +85,7 @@ IR_FORMAT = 1
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 _STATS: dict[str, int] = {"conversions": 0, "ir_loads": 0, "compiles": 0, "lru_hits": 0, "torch_fallbacks": 0}
-_LRU: OrderedDict[tuple[Any, ...], CompiledEncoder] = OrderedDict()
+_LRU: OrderedDict[tuple[Any, ...], Any] = OrderedDict()  # compiled image and text encoders
 _LRU_LOCK = threading.Lock()
 _COMPILE_LOCK = threading.RLock()  # one conversion/compilation at a time (two callers never convert the same module)
 
@@ -304,12 +309,14 @@ class _OpenVINOEncoder(CompiledEncoder):
         return torch.from_numpy(out)
 
 
-def _module_digest(module: torch.nn.Module, example: torch.Tensor, key: str | None, ov_version: str) -> str:
+def _module_digest(module: torch.nn.Module, examples: Sequence[torch.Tensor], key: str | None, ov_version: str,
+                   shapes: str) -> str:
     import torch
 
     h = hashlib.sha256()
     h.update(f"medvlm-openvino-ir/{IR_FORMAT}|{type(module).__module__}.{type(module).__qualname__}|key={key}|"
-             f"openvino={ov_version}|rank={example.dim()}|shape={tuple(example.shape[1:])}".encode())
+             f"openvino={ov_version}|ranks={[e.dim() for e in examples]}|dtypes={[str(e.dtype) for e in examples]}|"
+             f"shapes={shapes}".encode())
     for name, tensor in module.state_dict().items():
         t = tensor.detach().to("cpu").contiguous().reshape(-1)
         h.update(f"|{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
@@ -334,12 +341,15 @@ def _type_name(value: Any) -> str:
     return str(getter()) if callable(getter) else str(value)
 
 
-def _convert(module: torch.nn.Module, example: torch.Tensor) -> Any:
+def _convert(module: torch.nn.Module, examples: Sequence[torch.Tensor], static_tail: bool) -> Any:
+    """``openvino.convert_model`` of ``module`` traced with ``examples``; with ``static_tail`` the (single) input
+    gets a dynamic batch and the example's other dimensions, else every dimension stays dynamic."""
     import openvino as ov
     import torch
 
     was_training = module.training
     module.eval()
+    example: Any = examples[0] if len(examples) == 1 else tuple(examples)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             # tracing warns about every Python-level shape check of the module ("might not generalize"): the
@@ -350,12 +360,15 @@ def _convert(module: torch.nn.Module, example: torch.Tensor) -> Any:
     finally:
         module.train(was_training)
     _STATS["conversions"] += 1
-    if len(model.inputs) != 1 or len(model.outputs) < 1:
-        raise input_error("compile_encoder module", expected="one tensor input and a tensor output",
+    if len(model.inputs) != len(examples) or len(model.outputs) < 1:
+        raise input_error("compile module", expected=f"{len(examples)} tensor input(s) and a tensor output",
                           received=f"{len(model.inputs)} inputs, {len(model.outputs)} outputs",
-                          fix="wrap the module so that forward(x) -> tensor")
-    # batch dynamic, the other dimensions static (faster kernels; the encoders take a fixed input size)
-    model.reshape(ov.PartialShape([-1, *(int(d) for d in example.shape[1:])]))
+                          fix="wrap the module so that forward(*inputs) -> tensor")
+    if static_tail:
+        # batch dynamic, the other dimensions static (faster kernels; the encoders take a fixed input size)
+        model.reshape(ov.PartialShape([-1, *(int(d) for d in examples[0].shape[1:])]))
+    else:
+        model.reshape({k: ov.PartialShape([-1] * e.dim()) for k, e in enumerate(examples)})
     return model
 
 
@@ -377,6 +390,76 @@ def _save_ir(model: Any, folder: Path, info: dict[str, Any]) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _Built:
+    """What :func:`_build_openvino` returns: the compiled model and how it was obtained."""
+
+    def __init__(self, compiled: Any, actual: str, xml: Path, converted: bool, seconds: float) -> None:
+        self.compiled = compiled
+        self.actual = actual
+        self.xml = xml
+        self.converted = converted
+        self.seconds = seconds
+
+
+def _build_openvino(module: torch.nn.Module, examples: Sequence[torch.Tensor], *, key: str | None, digest: str,
+                    resolved: ResolvedPrecision, threads: int, static_tail: bool) -> _Built:
+    """Read the IR ``digest`` from the disk cache or convert (and save) it, then compile it for the CPU."""
+    import openvino as ov
+
+    t0 = time.perf_counter()
+    folder = openvino_cache_dir() / digest
+    xml = folder / "model.xml"
+    converted = False
+    model: Any = None
+    if xml.is_file() and (folder / "model.bin").is_file():
+        try:
+            model = _core().read_model(str(xml))
+            _STATS["ir_loads"] += 1
+        except RuntimeError as exc:  # a truncated or foreign file: convert again
+            log.warning("could not read the cached OpenVINO IR %s (%s); converting again", xml, exc)
+            model = None
+    if model is None:
+        model = _convert(module, examples, static_tail)
+        converted = True
+        info = {"key": key, "module": f"{type(module).__module__}.{type(module).__qualname__}",
+                "openvino": ov.__version__, "inputs": [list(e.shape) for e in examples], "format": IR_FORMAT}
+        try:
+            _save_ir(model, folder, info)
+        except OSError as exc:  # a read-only home still gets a working (uncached) encoder
+            log.warning("could not save the OpenVINO IR to %s (%s); it will be converted again next time", folder, exc)
+    config = {"INFERENCE_PRECISION_HINT": "bf16" if resolved == "bf16" else "f32",
+              "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    compiled = _core().compile_model(model, "CPU", config)
+    _STATS["compiles"] += 1
+    actual = _type_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    actual = {"float32": "f32", "bfloat16": "bf16"}.get(actual, actual)
+    if resolved == "bf16" and actual != "bf16":
+        log.warning("bf16 was requested but this CPU has no bf16 units (%s): OpenVINO runs %s in %s",
+                    " / ".join(BF16_FLAGS), key or type(module).__name__, actual)
+    seconds = time.perf_counter() - t0
+    log.info("OpenVINO %s: %s in %.1f s (%s, %d threads)", key or type(module).__name__,
+             "converted" if converted else "IR loaded", seconds, actual, threads)
+    return _Built(compiled, actual, xml, converted, seconds)
+
+
+def _cached(lru_key: tuple[Any, ...], make: Any) -> Any:
+    """The LRU entry ``lru_key``, made by ``make()`` (one build at a time) when absent."""
+    with _COMPILE_LOCK:
+        with _LRU_LOCK:
+            hit = _LRU.get(lru_key)
+            if hit is not None:
+                _LRU.move_to_end(lru_key)
+                _STATS["lru_hits"] += 1
+                return hit
+        made = make()
+        with _LRU_LOCK:
+            _LRU[lru_key] = made
+            _LRU.move_to_end(lru_key)
+            while len(_LRU) > LRU_SIZE:
+                _LRU.popitem(last=False)
+        return made
 
 
 def compile_encoder(module: torch.nn.Module, example: torch.Tensor, precision: str | None, *,
@@ -415,63 +498,77 @@ def compile_encoder(module: torch.nn.Module, example: torch.Tensor, precision: s
     import openvino as ov
 
     threads = max(1, int(torch.get_num_threads()))
-    digest = _module_digest(module, example, key, ov.__version__)
-    lru_key = (digest, resolved, threads, int(max_batch))
-    with _COMPILE_LOCK:
-        with _LRU_LOCK:
-            hit = _LRU.get(lru_key)
-            if hit is not None:
-                _LRU.move_to_end(lru_key)
-                _STATS["lru_hits"] += 1
-                return hit
-        encoder = _compile_openvino(module, example, key=key, digest=digest, resolved=resolved, threads=threads,
-                                    max_batch=max_batch)
-        with _LRU_LOCK:
-            _LRU[lru_key] = encoder
-            _LRU.move_to_end(lru_key)
-            while len(_LRU) > LRU_SIZE:
-                _LRU.popitem(last=False)
-        return encoder
+    digest = _module_digest(module, [example], key, ov.__version__, f"batch+{list(sample_shape)}")
+
+    def make() -> CompiledEncoder:
+        built = _build_openvino(module, [example], key=key, digest=digest, resolved=resolved, threads=threads,
+                                static_tail=True)
+        return _OpenVINOEncoder(built.compiled, precision=resolved, inference_precision=built.actual,
+                                sample_shape=sample_shape, max_batch=max_batch, prepare_s=built.seconds,
+                                ir_path=built.xml, converted=built.converted)
+
+    encoder: CompiledEncoder = _cached(("image", digest, resolved, threads, int(max_batch)), make)
+    return encoder
 
 
-def _compile_openvino(module: torch.nn.Module, example: torch.Tensor, *, key: str | None, digest: str,
-                      resolved: ResolvedPrecision, threads: int, max_batch: int) -> CompiledEncoder:
+class CompiledTextEncoder:
+    """A compiled text encoder: ``encoder(input_ids (B, L) int64, attention_mask (B, L) int64)`` -> float32
+    ``(B, L, d)`` (B and L dynamic). Thread-safe. Attributes as :class:`CompiledEncoder` (``engine`` is always
+    ``openvino``)."""
+
+    engine = "openvino"
+
+    def __init__(self, compiled: Any, *, precision: str, inference_precision: str, prepare_s: float,
+                 ir_path: Path, converted: bool) -> None:
+        self.compiled = compiled
+        self.request = compiled.create_infer_request()
+        self.precision = precision
+        self.inference_precision = inference_precision
+        self.prepare_s = prepare_s
+        self.ir_path = ir_path
+        self.converted = converted
+        self._lock = threading.Lock()
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        import numpy as np
+        import torch
+
+        ids = np.ascontiguousarray(input_ids.detach().cpu().numpy(), dtype=np.int64)
+        mask = np.ascontiguousarray(attention_mask.detach().cpu().numpy(), dtype=np.int64)
+        with self._lock:
+            self.request.infer({0: ids, 1: mask}, share_inputs=True)
+            out = np.array(self.request.get_output_tensor(0).data, dtype=np.float32, copy=True)
+        return torch.from_numpy(out)
+
+    def describe(self) -> dict[str, Any]:
+        return {"engine": self.engine, "precision": self.precision, "inference_precision": self.inference_precision,
+                "ir_path": str(self.ir_path), "converted": self.converted, "prepare_s": round(self.prepare_s, 3)}
+
+
+def compile_text_encoder(module: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         precision: str | None, *, key: str | None = None) -> CompiledTextEncoder:
+    """Compile a BERT-family text encoder ``forward(input_ids (B, L), attention_mask (B, L)) -> (B, L, d)`` with
+    OpenVINO (batch and length dynamic), cached on disk and in the LRU like :func:`compile_encoder`.
+
+    Trace it with an example batch whose ``attention_mask`` holds padding (zeros): a mask of ones lets the model
+    skip masking, and tracing would freeze that branch. Requires OpenVINO (callers check
+    :func:`openvino_available`; there is no torch fallback object here)."""
     import openvino as ov
+    import torch
 
-    sample_shape = tuple(int(d) for d in example.shape[1:])
-    t0 = time.perf_counter()
-    folder = openvino_cache_dir() / digest
-    xml = folder / "model.xml"
-    converted = False
-    model: Any = None
-    if xml.is_file() and (folder / "model.bin").is_file():
-        try:
-            model = _core().read_model(str(xml))
-            _STATS["ir_loads"] += 1
-        except RuntimeError as exc:  # a truncated or foreign file: convert again
-            log.warning("could not read the cached OpenVINO IR %s (%s); converting again", xml, exc)
-            model = None
-    if model is None:
-        model = _convert(module, example)
-        converted = True
-        info = {"key": key, "module": f"{type(module).__module__}.{type(module).__qualname__}",
-                "openvino": ov.__version__, "sample_shape": list(sample_shape), "format": IR_FORMAT}
-        try:
-            _save_ir(model, folder, info)
-        except OSError as exc:  # a read-only home still gets a working (uncached) encoder
-            log.warning("could not save the OpenVINO IR to %s (%s); it will be converted again next time", folder, exc)
-    config = {"INFERENCE_PRECISION_HINT": "bf16" if resolved == "bf16" else "f32",
-              "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
-    compiled = _core().compile_model(model, "CPU", config)
-    _STATS["compiles"] += 1
-    actual = _type_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
-    actual = {"float32": "f32", "bfloat16": "bf16"}.get(actual, actual)
-    if resolved == "bf16" and actual != "bf16":
-        log.warning("bf16 was requested but this CPU has no bf16 units (%s): OpenVINO runs the image encoder in %s",
-                    " / ".join(BF16_FLAGS), actual)
-    encoder = _OpenVINOEncoder(compiled, precision=resolved, inference_precision=actual, sample_shape=sample_shape,
-                               max_batch=max_batch, prepare_s=time.perf_counter() - t0, ir_path=xml,
-                               converted=converted)
-    log.info("OpenVINO image encoder %s: %s in %.1f s (%s, %d threads)", key or type(module).__name__,
-             "converted" if converted else "IR loaded", encoder.prepare_s, actual, threads)
+    if not bool((attention_mask == 0).any()):
+        raise input_error("compile_text_encoder example", expected="an attention_mask with padding (some zeros)",
+                          received="a mask of ones", fix="tokenize two texts of different lengths together")
+    resolved = resolve_precision(precision)
+    threads = max(1, int(torch.get_num_threads()))
+    examples = [input_ids, attention_mask]
+    digest = _module_digest(module, examples, key, ov.__version__, "dynamic")
+
+    def make() -> CompiledTextEncoder:
+        built = _build_openvino(module, examples, key=key, digest=digest, resolved=resolved, threads=threads,
+                                static_tail=False)
+        return CompiledTextEncoder(built.compiled, precision=resolved, inference_precision=built.actual,
+                                   prepare_s=built.seconds, ir_path=built.xml, converted=built.converted)
+
+    encoder: CompiledTextEncoder = _cached(("text", digest, resolved, threads), make)
     return encoder

@@ -64,6 +64,24 @@ class BoxFillSegmenter(SegmenterBase):
         return out
 
 
+class TextFillSegmenter(BoxFillSegmenter):
+    """A text-guided stand-in for Med-VLM: every text prompt 'finds' the centre quarter of the image."""
+
+    name = "medvlm"
+    accepts_text = True
+    accepts_geometry = False
+
+    def _decode(self, embedding: ImageEmbedding, prompts: Sequence[Prompt],
+                multimask: bool) -> list[SegmentationResult]:
+        h, w = embedding.original_size
+        out = []
+        for p in prompts:
+            m = np.zeros((h, w), bool)
+            m[h // 4: max(h // 4 + 1, 3 * h // 4), w // 4: max(w // 4 + 1, 3 * w // 4)] = True
+            out.append(SegmentationResult(Mask(m), 0.7, None, p, {"structure": str(p.text).strip().lower()}))
+        return out
+
+
 class FakeAgent:
     """A grounding agent that answers every phrase with the centre quarter of the image."""
 
@@ -95,7 +113,7 @@ class FakeAgent:
 def fake_services(encode_s: float = 0.0, **kwargs: Any) -> Any:
     from medvlm.app.server.services import Services
 
-    return Services(loaders={"litemedsam": lambda: BoxFillSegmenter(encode_s), "medvlm": lambda: BoxFillSegmenter(),
+    return Services(loaders={"litemedsam": lambda: BoxFillSegmenter(encode_s), "medvlm": TextFillSegmenter,
                              "grounding_agent": FakeAgent}, **kwargs)
 
 

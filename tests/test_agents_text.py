@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import pytest
 
-from agents.text import Mention, extract_target, find_mentions, parse_phrase, split_sentences
+from agents.text import (
+    Mention,
+    assert_target,
+    assertion_triggers,
+    extract_target,
+    find_mentions,
+    parse_phrase,
+    refine_sentences,
+    split_sentences,
+)
 from medvlm.errors import InputError
 
 BOTH_LUNGS = ["right lung", "left lung"]
@@ -143,9 +152,9 @@ def test_split_sentences_rejects_non_text():
         _m("nodule in the left upper lobe", "nodule", None, ["left upper lung zone", "left mid lung zone"],
            side="left"),
         _m("effusion", "pleural effusion", None, EFFUSION, "absent")]),
-    ("Retrocardiac opacity, possibly atelectasis.", [
+    ("Retrocardiac opacity, possibly atelectasis.", [  # the atelectasis takes the opacity's side
         _m("Retrocardiac opacity", "opacity", None, ["left lower lung zone"], side="left"),
-        _m("atelectasis", "atelectasis", None, BOTH_LUNGS, "uncertain")]),
+        _m("atelectasis", "atelectasis", None, ["left lung"], "uncertain", side="left")]),
     ("Pneumonia in the lingula.", [
         _m("Pneumonia in the lingula", "pneumonia", None, ["left mid lung zone", "left lower lung zone"],
            side="left")]),
@@ -221,8 +230,8 @@ def test_report_mentions_end_to_end():
         ("cardiomediastinal silhouette", None, "normal", ["cardiac silhouette", "mediastinum"]),
         ("nodule in the left upper lobe", "nodule", "present", ["left upper lung zone", "left mid lung zone"]),
         ("Right lower lobe opacity", "opacity", "present", ["right mid lung zone", "right lower lung zone"]),
-        ("atelectasis", "atelectasis", "uncertain", BOTH_LUNGS),
-        ("pneumonia", "pneumonia", "uncertain", BOTH_LUNGS),
+        ("atelectasis", "atelectasis", "uncertain", ["right lung"]),  # the sentence's side carries
+        ("pneumonia", "pneumonia", "uncertain", ["right lung"]),
         ("pulmonary edema", "edema", "absent", BOTH_LUNGS),
     ]
 
@@ -280,3 +289,157 @@ def test_parse_phrase_rejects_empty(phrase):
 def test_placement_verbs_keep_the_location(sentence: str, regions: list[str]) -> None:
     [mention] = find_mentions(sentence)
     assert mention.regions == regions
+
+
+# ---------------------------------------------------------------------------------------- faults of real reports
+
+
+@pytest.mark.parametrize(("sentence", "text", "regions", "side"), [
+    ("A small left pleural effusion with adjacent atelectasis.", "atelectasis", ["left lung"], "left"),
+    ("Persistent right pleural effusion with adjacent atelectasis.", "atelectasis", ["right lung"], "right"),
+    ("Right lower lobe opacity, likely atelectasis.", "atelectasis", ["right lung"], "right"),
+    ("Left apical pneumothorax and adjacent effusion.", "effusion",
+     ["left costophrenic angle", "left lower lung zone"], "left"),
+    ("Bibasilar opacities with small effusions.", "effusions", EFFUSION, "bilateral"),
+])
+def test_a_sentence_side_carries_to_its_other_findings(sentence, text, regions, side):
+    mention = next(m for m in find_mentions(sentence) if m.text == text)
+    assert (mention.regions, mention.side) == (regions, side)
+
+
+@pytest.mark.parametrize(("sentence", "text", "mention"), [
+    # a negated finding neither takes nor gives a side
+    ("Left effusion, no pneumothorax.", "pneumothorax", _m("pneumothorax", "pneumothorax", None, PTX, "absent")),
+    ("No left effusion. Atelectasis.", "Atelectasis", _m("Atelectasis", "atelectasis", None, BOTH_LUNGS)),
+    # a midline finding keeps its region; a finding with its own side keeps it
+    ("Left upper lobe nodule and cardiomegaly.", "cardiomegaly", _m("cardiomegaly", "cardiomegaly", None, HEART)),
+    ("Left effusion and right basilar atelectasis.", "right basilar atelectasis",
+     _m("right basilar atelectasis", "atelectasis", None, ["right lower lung zone"], side="right")),
+])
+def test_side_does_not_carry(sentence, text, mention):
+    assert next(m for m in find_mentions(sentence) if m.text == text) == mention
+
+
+@pytest.mark.parametrize(("sentence", "text"), [
+    ("Pacemaker leads terminate in the right atrium.", "right atrium"),
+    ("The tip is in the upper right atrium.", "upper right atrium"),  # IU: "upper" is the chamber's, not a zone
+    ("Cardiac defibrillator XXXX overlies the right ventricle.", "right ventricle"),  # IU
+    ("A left-sided hemodialysis catheter is in XXXX with its distal tip at the right atrium.", "right atrium"),  # IU
+])
+def test_a_device_sentence_grounds_the_named_heart_chamber(sentence, text):
+    # the chest vocabulary has no chamber: the cardiac silhouette, midline (the side word is the chamber's)
+    assert find_mentions(sentence) == [_m(text, None, "cardiac silhouette", HEART)]
+
+
+def test_heart_chamber_phrases_parse_to_the_cardiac_silhouette():
+    assert parse_phrase("right atrium") == _m("right atrium", None, "cardiac silhouette", HEART)
+    assert parse_phrase("left ventricle").regions == HEART
+    [mention] = find_mentions("Mass in the right atrium.")
+    assert (mention.finding, mention.regions, mention.side) == ("mass", HEART, None)
+
+
+def test_both_faults_at_the_text_level_of_link_report():
+    from agents.report import sentence_links
+
+    links = sentence_links("A small left pleural effusion with adjacent atelectasis. "
+                           "Pacemaker leads terminate in the right atrium.", method="rules")
+    assert [link.status for link in links] == ["grounded", "grounded"]
+    effusion, atelectasis = links[0].mentions
+    assert effusion["regions"] == ["left costophrenic angle", "left lower lung zone"]
+    assert (atelectasis["regions"], atelectasis["side"]) == (["left lung"], "left")
+    assert atelectasis["grounded_as"] == "left atelectasis"  # the grounder reads the phrase alone
+    assert parse_phrase("left atelectasis").regions == ["left lung"]
+    [atrium] = links[1].mentions
+    assert (atrium["regions"], atrium["structure"]) == (HEART, "cardiac silhouette") and "grounded_as" not in atrium
+
+
+# ------------------------------------------------------------------------------------------------ assert_target
+
+
+@pytest.mark.parametrize(("sentence", "target", "assertion"), [
+    ("Extremities reveal no peripheral cyanosis or EDEMA.", "edema", "absent"),
+    ("No pneumothorax, but a small left effusion.", "left effusion", "present"),
+    ("Pneumothorax cannot be excluded.", "pneumothorax", "uncertain"),
+    ("The right pleural effusion has resolved.", "right pleural effusion", "absent"),
+    ("No change in the   small calcified nodule.", "small  calcified nodule", "present"),  # pseudo; spaces free
+    ("HYPERTENSION.", "Hypertension", "present"),
+    ("The oral mucosa is moist with no erythema.", "oral mucosa is moist with no erythema", "present"),  # inside
+    ("No edema", (3, 8), "absent"),
+])
+def test_assert_target(sentence, target, assertion):
+    assert assert_target(sentence, target) == assertion
+
+
+@pytest.mark.parametrize("target", ["pneumonia", (0, 99), (5, 5), ""])
+def test_assert_target_rejects_a_target_outside_the_sentence(target):
+    with pytest.raises(InputError, match="How to fix"):
+        assert_target("No pleural effusion.", target)
+
+
+def test_assertion_triggers_for_other_engines():
+    triggers = assertion_triggers()
+    assert ("no change", "pseudo", "forward") in triggers
+    assert ("cannot be excluded", "uncertain", "backward") in triggers
+    assert ("versus", "uncertain", "both") in triggers and ("has resolved", "negated", "backward") in triggers
+    assert all(kind in ("negated", "uncertain", "pseudo") for _, kind, _ in triggers)
+    assert not any(phrase == "normal" for phrase, _, _ in triggers)
+
+
+# ------------------------------------------------------------------------------------------------ refine_sentences
+
+
+@pytest.mark.parametrize(("pieces", "sentences"), [
+    (["Chest radiograph from Dr.", "Smith's office, approx.", "2 weeks ago."],
+     ["Chest radiograph from Dr. Smith's office, approx. 2 weeks ago."]),
+    (["No acute cardiopulmonary abnormality. 2. 1.7 cm nodular opacity within the right hilum."],  # IU CXR729
+     ["No acute cardiopulmonary abnormality.", "1.7 cm nodular opacity within the right hilum."]),
+    (["No pleural effusions or pneumothoraces.", "cardiomegaly."],  # IU CXR50: a lower-case start stays apart
+     ["No pleural effusions or pneumothoraces.", "cardiomegaly."]),
+    (["No evidence of acute cardiopulmonary process. 2."], ["No evidence of acute cardiopulmonary process."]),
+    ([], []),
+])
+def test_refine_sentences(pieces, sentences):
+    assert refine_sentences(pieces) == sentences
+
+
+# ------------------------------------------------------------------------------------------------ on the image
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from agents.pipeline import GroundingAgent
+    from medvlm.assets import DEMO_IMAGE, asset_path
+    from medvlm.io import load_image
+
+    return GroundingAgent("medvlm"), load_image(asset_path(DEMO_IMAGE))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["rules", "combined"])
+def test_faults_on_the_bundled_chest_xray(demo, method):
+    """The real offline Med-VLM grounder on the bundled PA chest X-ray (cardiomegaly with a pacemaker)."""
+    import numpy as np
+
+    from agents import clinical_nlp
+    from agents.report import link_report
+
+    if method != "rules" and not clinical_nlp.available():
+        pytest.skip("medspaCy is not installed")
+    agent, image = demo
+    effusion, device = link_report(agent, image, "A small left pleural effusion with adjacent atelectasis. "
+                                   "Pacemaker leads terminate in the right atrium.", method=method)
+    assert (effusion.status, device.status) == ("grounded", "grounded")
+    # (a) two regions, both on the patient's LEFT (the image right of the midline); none on the right
+    assert [r.provenance["regions"] for r in effusion.regions] == [
+        ["left costophrenic angle", "left lower lung zone"], ["left lung"]]
+    midline = agent.anatomy(image).midline_x()
+    for region in effusion.regions:
+        columns = np.nonzero(region.mask.data)[1]
+        assert (columns > midline).mean() > 0.95
+    assert effusion.regions[1].label == "left lung, where the phrase places the atelectasis"
+    # (b) the named anatomy: the cardiac silhouette, segmented
+    [heart] = device.regions
+    assert heart.provenance["regions"] == ["cardiac silhouette"] and heart.label == "right atrium"
+    assert heart.provenance["localisation"] == "segmented" and heart.provenance["sentence"] == 2
+    x0, y0, x1, _ = heart.box.to_list()
+    assert x0 < midline < x1 and y0 > image.height * 0.35  # straddles the midline, in the lower chest

@@ -80,7 +80,7 @@ def test_demo_asks_links_a_report_and_finds_the_liver(tmp_path: Path, capsys: py
     heart, apex = payload["regions"]
     assert heart["label"] == "heart" and heart["mask"]
     # the right apical zone is on the image left (patient's right) and in the upper third of the image
-    x0, y0, x1, y1 = apex["box"]
+    x0, _y0, x1, y1 = apex["box"]
     assert (x0 + x1) / 2 < 512 and y1 < 1024 / 3
     report = json.loads((tmp_path / "report" / "nih_cxr14_00009745_000.json").read_text())
     assert [s["status"] for s in report["sentences"]] == ["grounded", "negated"]

@@ -203,3 +203,123 @@ def test_suite_on_two_jsrt_val_images() -> None:
     assert result["per_status"]["negated"]["accuracy"] == 1.0
     assert result["per_status"]["not_groundable"]["accuracy"] == 1.0
     assert result["per_kind"]["normal anatomy"]["miou"] > 0.5
+
+
+# ------------------------------------------------------------------------------------------------ eval negation
+
+
+def _negex_folder(tmp_path: Any) -> Any:
+    import csv
+
+    rows = [("1", "edema", "Extremities reveal no peripheral cyanosis or EDEMA.", "Negated"),
+            ("2", "chest pain", "She denies any CHEST PAIN.", "Negated"),  # the rules lack "denies"
+            ("3", "pneumonia", "Possible PNEUMONIA.", "Affirmed"),
+            ("4", "effusion", "Small left EFFUSION.", "Affirmed"),
+            ("5", "nodule", "The NODULE has resolved.", "Affirmed"),  # a labelled error the rules follow
+            ("6", "CHEST: 1. THYMOMA", "CHEST:     1.", "Affirmed")]  # condition not in the sentence: skipped
+    with (tmp_path / "sentences.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "condition", "sentence", "negation", "temporality", "experiencer"])
+        writer.writerows([(*r, "Recent", "Patient") for r in rows])
+    return tmp_path
+
+
+def test_negation_suite_counts_and_table(tmp_path: Any) -> None:
+    from eval.negation import format_negation_table, load_negex, negation_suite
+
+    folder = _negex_folder(tmp_path)
+    assert [r.negated for r in load_negex(folder)] == [True, True, False, False, False, False]
+    result = negation_suite(folder, methods=["rules"])
+    assert (result["n_rows"], result["n_scored"], result["skipped"]) == (6, 5, ["6"])
+    rules = result["methods"]["rules"]
+    assert {k: rules[k] for k in ("tp", "fp", "fn", "tn", "n_uncertain")} == \
+        {"tp": 1, "fp": 1, "fn": 1, "tn": 2, "n_uncertain": 1}
+    assert rules["precision"] == rules["recall"] == rules["f1"] == 0.5
+    assert [(e["id"], e["predicted"]) for e in rules["errors"]] == [("2", "present"), ("5", "absent")]
+    table = format_negation_table(result)
+    assert "5 of 6 sentences scored (1 whose condition is not in the sentence skipped)" in table
+    assert "rules          0.500   0.500  0.500     1     1     1     2" in table
+    with pytest.raises(InputError, match="--method"):
+        negation_suite(folder, methods=["negex"])
+    with pytest.raises(InputError, match=r"sentences\.csv"):
+        negation_suite(tmp_path / "nowhere")
+
+
+def test_negation_suite_library_methods(tmp_path: Any) -> None:
+    from agents import clinical_nlp
+    from eval.negation import negation_suite
+
+    if not clinical_nlp.available():
+        pytest.skip("medspaCy is not installed")
+    result = negation_suite(_negex_folder(tmp_path), methods=["medspacy", "combined"])
+    counts = {method: tuple(m[k] for k in ("tp", "fp", "fn", "tn")) for method, m in result["methods"].items()}
+    # both find "denies"; "has resolved" (after the target) is a negation only to the rules, which combined adds
+    assert counts == {"medspacy": (2, 0, 0, 3), "combined": (2, 1, 0, 2)}
+
+
+def test_report_status_suite_and_table(tmp_path: Any) -> None:
+    from eval.negation import format_report_status_table, load_iu_reports, report_status_suite
+
+    (tmp_path / "reports.csv").write_text(
+        "report_id,findings,impression\n"
+        'CXR1,"The heart size is normal. No pneumothorax.",Clear lungs.\n'
+        "CXR2,,No acute cardiopulmonary abnormality.\n"
+        "CXR3,,\n")
+    assert load_iu_reports(tmp_path) == [
+        ("CXR1", "FINDINGS: The heart size is normal. No pneumothorax.\nIMPRESSION: Clear lungs."),
+        ("CXR2", "IMPRESSION: No acute cardiopulmonary abnormality.")]
+    result = report_status_suite(tmp_path, methods=["rules"])
+    rules = result["methods"]["rules"]
+    assert result["n_reports"] == 2 and rules["counts"] == {"grounded": 2, "negated": 1, "not_groundable": 1}
+    assert rules["per_report"] == {"grounded": 1.0, "negated": 0.5, "not_groundable": 0.5}
+    assert rules["sentences_per_report"] == 2.0 and result["agreement"] == {}
+    assert "rules              4      2.000     1.000    0.500      0.500" in format_report_status_table(result)
+
+
+@pytest.mark.data
+def test_negation_on_the_negex_test_set() -> None:
+    from agents import clinical_nlp
+    from eval.negation import negation_suite
+
+    folder = data_dir("negation_negex_testset")
+    methods = ["rules", "medspacy", "combined"] if clinical_nlp.available() else ["rules"]
+    result = negation_suite(folder, methods=methods)
+    assert (result["n_rows"], result["n_scored"]) == (2376, 2365)
+    rules = result["methods"]["rules"]
+    assert (rules["tp"], rules["fp"], rules["fn"], rules["tn"]) == (385, 19, 106, 1855)  # P 0.953, R 0.784
+    if "combined" in result["methods"]:
+        medspacy, combined = result["methods"]["medspacy"], result["methods"]["combined"]
+        assert (medspacy["tp"], medspacy["fp"], medspacy["fn"]) == (470, 23, 21)  # P 0.953, R 0.957, F1 0.955
+        assert (combined["tp"], combined["fp"], combined["fn"]) == (476, 23, 15)  # P 0.954, R 0.969, F1 0.962
+        assert combined["f1"] > medspacy["f1"] > rules["f1"]
+
+
+@pytest.mark.data
+def test_report_statuses_on_iu_reports() -> None:
+    from agents import clinical_nlp
+    from eval.negation import report_status_suite
+
+    folder = data_dir("reports_iu_xray")
+    rules = report_status_suite(folder, methods=["rules"])["methods"]["rules"]
+    assert rules["counts"] == {"grounded": 2596, "negated": 1191, "not_groundable": 2014}
+    if clinical_nlp.available():
+        result = report_status_suite(folder, methods=["rules", "combined"], limit=100)
+        combined = result["methods"]["combined"]
+        assert result["n_reports"] == 100 and combined["sentences_per_report"] > 5
+        assert 0.8 < result["agreement"]["rules vs combined"] < 1.0
+
+
+def test_cli_parses_eval_negation(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from medvlm.app.cli import build_parser, main
+
+    args = build_parser().parse_args(["eval", "negation", "--method", "rules", "--limit", "3"])
+    assert (args.suite, args.methods, args.limit, args.json_out) == ("negation", ["rules"], 3, None)
+    assert args.data.endswith("negation_negex_testset") and args.reports.endswith("reports_iu_xray")
+    folder = _negex_folder(tmp_path)
+    out = tmp_path / "negation.json"
+    assert main(["eval", "negation", "--data", str(folder), "--reports", "", "--method", "rules",
+                 "--json", str(out)]) == 0
+    assert "negation | NegEx test set" in capsys.readouterr().out
+    assert json.loads(out.read_text())["methods"]["rules"]["tp"] == 1

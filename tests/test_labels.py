@@ -16,7 +16,7 @@ def test_place_label_avoids_every_placed_box() -> None:
         x, y = place_label((120, 14), (50, 40), placed, 400, 400, margin=2)
         placed.append((x, y, x + 120, y + 14))
     for i, a in enumerate(placed):
-        assert 0 <= a[1] and a[3] <= 400
+        assert a[1] >= 0 and a[3] <= 400
         for b in placed[i + 1:]:
             assert a[3] <= b[1] or b[3] <= a[1] or a[2] <= b[0] or b[2] <= a[0], (a, b)
     # no room left: the anchor is returned rather than an off-image spot
@@ -35,7 +35,7 @@ def test_overlay_with_many_regions_keeps_labels_apart() -> None:
     from scipy import ndimage
 
     black = (out == 0).all(axis=2)
-    labels, n = ndimage.label(black)
+    labels, _ = ndimage.label(black)
     sizes = np.bincount(labels.ravel())[1:]
     assert int((sizes > 300).sum()) == 12  # (thin black contour and box dashes are far smaller)
 

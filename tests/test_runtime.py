@@ -261,12 +261,17 @@ def test_litemedsam_fp32_and_bf16_masks_agree():
 @pytest.mark.slow
 def test_forced_fp32_uses_no_openvino():
     # in a fresh process, as `MEDVLM_PRECISION=fp32 medvlm segment ...` (the path of a machine without OpenVINO)
-    code = (
+    code = (  # (not importing this test module: its skip mark imports openvino)
         "import sys, json\n"
-        "from tests.test_runtime import _demo\n"
+        "from medvlm.assets import DEMO_IMAGE, asset_path\n"
+        "from medvlm.io import load_image\n"
+        "from medvlm.types import Box\n"
+        "from segmentation.base import Prompt\n"
         "from segmentation.registry import build_segmenter\n"
         "from segmentation.runtime import runtime_stats\n"
-        "image, prompts = _demo()\n"
+        "spec = json.loads(asset_path('demo.json').read_text())\n"
+        "prompts = [Prompt(box=Box(*r['box'])) for r in spec['regions']][:3]\n"
+        "image = load_image(asset_path(DEMO_IMAGE))\n"
         "seg = build_segmenter('litemedsam')\n"
         "masks = seg.segment(image, prompts)\n"
         "print(json.dumps({'engine': seg.plan.engine, 'openvino': 'openvino' in sys.modules,\n"
@@ -353,6 +358,20 @@ def test_medvlm_encoder_through_openvino_matches_torch(ov_home: Path, tmp_path: 
     prompt = Prompt(text="heart")
     assert ref.predict(ref.encode(images[1]), prompt).mask.data.shape == (40, 70)
     assert ov.predict(batch[1], prompt).mask.data.shape == (40, 70)
+    # the text encoder (+ projection) through OpenVINO: padded batches and lengths other than the traced ones
+    texts = ["a", "a round opacity in the right upper zone of the lung", "left clavicle"]
+    with torch.inference_mode():
+        ids, mask = ref.model.text_encoder.tokenize(texts)
+        want = ref.model.encode_text(ids, mask)
+        got = ov._encode_text(ids, mask)
+        keep = mask.bool()
+        if ov.precision == "fp32":
+            torch.testing.assert_close(got[keep], want[keep], atol=1e-4, rtol=1e-3)
+        else:
+            assert float((got[keep] - want[keep]).norm() / want[keep].norm()) < 3e-2
+        single = ov._encode_text(*ref.model.text_encoder.tokenize(texts[1:2]))
+        torch.testing.assert_close(single[0], got[1], atol=1e-4, rtol=1e-3)
+    assert ov.encoder_info()["text"]["engine"] == "openvino"
 
 
 def test_registry_passes_precision(monkeypatch: pytest.MonkeyPatch):
@@ -392,3 +411,68 @@ def test_cli_precision_option_sets_the_environment_for_the_command(monkeypatch: 
     assert cli.main(["segment", "x.png", "--precision", "fp32"]) == 0
     assert seen["env"] == "fp32"
     assert "MEDVLM_PRECISION" not in __import__("os").environ  # restored after the command
+
+
+# ------------------------------------------------------------------------------------------------------ bench
+
+
+class _FakePath:
+    """A segmenter stand-in that records the order of its calls (bench_paths interleaves the paths)."""
+
+    name = "fake"
+
+    def __init__(self, tag: str, log: list, offset: int = 0) -> None:
+        self.tag, self.log, self.offset = tag, log, offset
+        self.cleared = 0
+
+    def encode(self, image):
+        self.log.append((self.tag, "encode"))
+        return image
+
+    def encode_batch(self, images):
+        self.log.append((self.tag, f"batch{len(images)}"))
+        return list(images)
+
+    def predict(self, embedding, prompt):
+        self.log.append((self.tag, "predict"))
+
+    def clear_text_cache(self):
+        self.cleared += 1
+
+    def encoder_info(self):
+        return {"requested": self.tag}
+
+    def segment(self, image, prompts):
+        from medvlm.types import Mask
+        from segmentation.base import SegmentationResult
+
+        mask = np.zeros((10, 10), dtype=bool)
+        mask[2:6, 2 + self.offset:6 + self.offset] = True
+        return [SegmentationResult(mask=Mask(mask), score=1.0, logits=None, prompt=p, meta={}) for p in prompts]
+
+
+def test_bench_paths_interleaves_and_reports_each_path():
+    from segmentation.base import Prompt
+    from segmentation.bench import bench_paths, compare_paths
+
+    log: list = []
+    a, b = _FakePath("fp32", log), _FakePath("auto", log, offset=1)
+    image = np.zeros((10, 10), dtype=np.uint8)
+    rows = bench_paths([a, b], image, [Prompt(text="heart"), Prompt(text="lung")], repeats=2, batch_images=5)
+    assert [r["encoder"]["requested"] for r in rows] == ["fp32", "auto"]
+    encodes = [tag for tag, what in log if what == "encode"]
+    assert encodes == ["fp32", "auto"] * 3  # warm-up, then the repeats alternate
+    assert [what for tag, what in log if tag == "auto" and what.startswith("batch")] == ["batch3", "batch2"]
+    for r in rows:
+        assert r["images_per_s"] > 0 and r["peak_rss_mib"] > 0 and len(r["encode_samples"]) == 2
+        assert r["decode_ms_p90"] >= r["decode_ms_p50"] >= 0 and r["cached_decode_ms_p50"] is not None
+    assert a.cleared == b.cleared == 4
+
+    truth = np.zeros((10, 10), dtype=bool)
+    truth[2:6, 2:6] = True
+    cases = iter([("x", image, [Prompt(text="heart")], [truth])] * 2)
+    acc = compare_paths(a, b, cases)
+    assert acc["n_images"] == 2 and acc["n_masks"] == 2 and acc["identical"] == 0
+    assert acc["agreement_dice_mean"] == pytest.approx(0.75)  # 12 of 16 pixels shared
+    assert acc["dice_gt_reference"] == 1.0 and acc["dice_gt_candidate"] == pytest.approx(0.75)
+    assert acc["abs_dice_diff_max"] == pytest.approx(0.25)

@@ -431,3 +431,31 @@ def test_medvlm_serve_cli_starts_on_an_ephemeral_port(tmp_path: Path) -> None:
     finally:
         stop_server(proc)
     assert proc.returncode is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("duration_s", [20.0])
+def test_mixed_load_32_concurrent_for_a_bounded_time(tmp_path: Path, duration_s: float, record_property: Any,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """32 requests in flight for ``duration_s`` seconds on a real `medvlm serve` process with the real models and
+    an API key, cycling segment / ground / chat / streamed chat / result JSON / model list / healthz: 0 errors.
+    Prints requests/s, p50/p95 latency and the server's peak RSS."""
+    from medvlm.app.server.bench import MIXED, format_table, peak_rss_mib, run_mixed_load, start_server, stop_server
+    from medvlm.assets import DEMO_IMAGE, asset_path
+
+    key = "load-test-key-0123456789"
+    image = asset_path(DEMO_IMAGE).read_bytes()
+    proc, url = start_server(tmp_path / "serve", timeout_s=300, extra_args=("--preload",),
+                             env={"MEDVLM_API_KEY": key})
+    try:
+        row = run_mixed_load(url, 32, duration_s, image, headers={"Authorization": f"Bearer {key}"})
+        row.peak_rss_mib = peak_rss_mib(proc.pid)
+    finally:
+        stop_server(proc)
+    record_property("mixed_load", {"rps": row.rps, "p50_ms": row.p50_ms, "p95_ms": row.p95_ms,
+                                   "peak_rss_mib": row.peak_rss_mib, "requests": row.requests})
+    with capsys.disabled():
+        print(f"\nmedvlm serve mixed load, 32 in flight for {duration_s:g} s ({row.seconds:.1f} s with the last "
+              f"ones), requests per kind {row.kinds}:\n{format_table([row])}")
+    assert row.errors == 0, row.error_examples
+    assert row.requests >= 32 and set(row.kinds) == set(MIXED) and row.p95_ms >= row.p50_ms > 0

@@ -473,3 +473,22 @@ def test_results_and_finished_jobs_expire(tmp_path: Path) -> None:
         assert not (folder / fresh).exists() and not (tmp_path / "serve" / "jobs" / job).exists()
         assert c.get(f"/v1/results/{keep}.json").status_code == 200
         assert_error(c.get(f"/v1/jobs/{job}"), 404)
+
+
+def test_prompt_and_finding_counts_are_bounded(client: TestClient) -> None:
+    """10,000 boxes (or a report with hundreds of findings) would hold a model for minutes: a clear 422 instead."""
+    b64 = base64.b64encode(IMAGE).decode()
+    err = assert_error(client.post("/v1/segment", json={"image": b64, "box": [[1, 1, 20, 20]] * 10_000}), 422)
+    assert "box" in err["message"] and "64" in err["message"]
+    err = assert_error(client.post("/v1/segment", json={"image": b64, "points": {"positive": [[5, 5]] * 10_000}}), 422)
+    assert "points.positive" in err["message"]
+    assert client.post("/v1/segment", json={"image": b64, "box": [[1, 1, 20, 20]] * 64}).status_code == 200
+    report = "The heart is enlarged. " * 70
+    err = assert_error(client.post("/v1/link-report", json={"image": b64, "report": report}), 422)
+    assert "70 findings" in err["message"] and "split the report" in err["fix"]
+    assert client.post("/v1/link-report", json={"image": b64, "report": "The heart is enlarged. " * 3}).status_code \
+        == 200
+    # NaN / inf coordinates are refused when the body is read
+    body = b'{"image": "' + b64.encode() + b'", "box": [NaN, 1, 20, Infinity]}'
+    assert "finite" in assert_error(client.post("/v1/segment", content=body,
+                                                headers={"content-type": "application/json"}), 422)["message"]

@@ -106,7 +106,8 @@ def test_chat_stream_is_server_sent_events(server_url: str) -> None:
     assert {"regions", "result_id", "phrase", "downloads"} <= set(final)
     # an error before the stream starts is still an HTTP status with the API's JSON error
     bad = {"model": MODEL, "messages": [{"role": "user", "content": QUESTION}], "stream": True}
-    r = httpx.post(server_url + "/v1/chat/completions", json=bad, timeout=30, headers={"Authorization": f"Bearer {KEY}"})
+    r = httpx.post(server_url + "/v1/chat/completions", json=bad, timeout=30,
+                   headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "missing_image"
 
 

@@ -120,7 +120,7 @@ def run_link_report(args: argparse.Namespace) -> int:
     image = _load(args)
     agent = build_agent(args)
     links = link_report(agent, image, report_path.read_text(encoding="utf-8", errors="replace"),
-                        threshold=args.threshold)
+                        threshold=args.threshold, method=getattr(args, "nlp", None))
     print_links(links)
     regions, numbers, sentences = links_to_regions(links)
     if args.out:

@@ -40,6 +40,8 @@ Commands:
               bench llm: adapter training samples/s, vLLM vs transformers requests/s;
               bench serve: HTTP API requests/s and latency under load)
   models      list every model preset, where its weights come from and whether they are present
+  pacs        on a DICOMweb PACS: find studies, segment a series or link a report to a radiograph, and
+              store the DICOM SEG / SR back (--store)
 
 Run `medvlm COMMAND --help` for the options of one command.
 """
@@ -165,6 +167,20 @@ def _add_eval_link_report(sub: Any) -> None:
     r.add_argument("--split", choices=("auto", "val", "all"), default="auto",
                    help="auto: the Med-VLM checkpoint's val ids when they are in this folder, else all")
     r.add_argument("--seed", type=int, default=0, help="seed of the report templates (default 0)")
+    n = sub.add_parser("negation", help="report text reading per method (rules, medspacy, combined): negation "
+                       "precision / recall / F1 on the NegEx test set, sentence statuses on IU X-ray reports",
+                       description="Assert the condition of every NegEx test sentence with each method and score "
+                       "'negated' (precision, recall, F1); then read the IU chest X-ray reports with each method "
+                       "and count sentences per report grounded / negated / abstained (text only, no image). "
+                       "medspacy and combined need medspaCy (pip install medspacy==1.3.1, see requirements.lock).")
+    n.add_argument("--data", default="../shared/data/negation_negex_testset",
+                   help="NegEx test set folder (default: %(default)s)")
+    n.add_argument("--reports", default="../shared/data/reports_iu_xray",
+                   help="IU reports folder (default: %(default)s); '' skips the report table")
+    n.add_argument("--method", action="append", default=None, dest="methods",
+                   choices=("rules", "medspacy", "combined"), help="only these methods; repeatable (default: all)")
+    n.add_argument("--limit", type=int, default=None, help="only the first N sentences and the first N reports")
+    n.add_argument("--json", default=None, dest="json_out", help="write the results as JSON to this path")
 
 
 def _add_eval_refseg(sub: Any) -> None:
@@ -375,6 +391,9 @@ def _add_link_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("image", help="image file (PNG/JPEG/DICOM)")
     p.add_argument("report", help="text file with the report")
     _add_grounding(p)
+    p.add_argument("--nlp", choices=("combined", "medspacy", "rules"), default=None,
+                   help="report understanding: combined (medspaCy sentences + ConText negation, then our rules; the "
+                   "default when medspaCy is installed), medspacy alone, or rules (agents/text.py)")
     p.add_argument("--threshold", type=float, default=0.5,
                    help="abstain (not_groundable) when every region of a sentence scores below this (default 0.5)")
     p.add_argument("--slice", type=int, default=None, dest="slice_index", help="slice index for a 3D image")
@@ -452,8 +471,79 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     m.add_argument("--json", default=None, dest="json_out", help="also write the table as JSON")
 
 
+def _add_pacs_connection(p: argparse.ArgumentParser) -> None:
+    """Where the PACS is and how to log in (every ``pacs`` sub-command)."""
+    p.add_argument("--url", required=True, help="DICOMweb base URL of the PACS (QIDO-RS, WADO-RS and STOW-RS below "
+                   "it), e.g. http://127.0.0.1:8042/dicom-web for Orthanc; no credentials in the URL")
+    p.add_argument("--user", default=None, help="HTTP basic auth user (default: $MEDVLM_PACS_USER)")
+    p.add_argument("--password", default=None, help="HTTP basic auth password (default: $MEDVLM_PACS_PASSWORD, "
+                   "which is preferred: a command line is visible to other users)")
+    p.add_argument("--token", default=None, help="bearer token instead of user/password (default: "
+                   "$MEDVLM_PACS_TOKEN, preferred for the same reason)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per HTTP request (default 30)")
+    p.add_argument("--retries", type=int, default=3, help="further attempts after a connection failure, a timeout "
+                   "or HTTP 408/429/5xx, with exponential backoff from 1 s (default 3)")
+    p.add_argument("--cache-dir", default=None, help="cache of retrieved instances, one <SOP Instance UID>.dcm each "
+                   "(default: $MEDVLM_HOME/pacs or ~/.cache/medvlm/pacs)")
+
+
+def _add_pacs(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="pacs_command", metavar="ACTION")
+    sub.required = True
+    f = sub.add_parser("find", help="studies and their series (QIDO-RS) as a table",
+                       description="List the studies matching the filters and their series: study UID, date, "
+                       "patient id, modality, series UID, number of instances, description.")
+    _add_pacs_connection(f)
+    f.add_argument("--patient", default=None, help="Patient ID (exact, or with * and ? wildcards)")
+    f.add_argument("--modality", type=str.upper, choices=("CT", "CR", "DX", "MR"), default=None,
+                   help="only studies (and series) of this modality")
+    f.add_argument("--since", default=None, metavar="YYYYMMDD", help="only studies on or after this date")
+    f.add_argument("--limit", type=int, default=100, help="at most this many studies (default 100)")
+    s = sub.add_parser("segment", help="segment a series of a study from text and write (and --store) a DICOM SEG",
+                       description="Retrieve the series (WADO-RS; the study's only image series, or --series): "
+                       "CT/MR series are segmented as a volume, CR/DX images one by one with the text-guided "
+                       "Med-VLM. Writes the usual outputs and a DICOM SEG (one segment per --text, SNOMED CT coded "
+                       "where known) referencing the source series to --out; --store sends the SEG to the PACS "
+                       "(STOW-RS) after it has been checked.")
+    _add_pacs_connection(s)
+    s.add_argument("--study", required=True, help="Study Instance UID (medvlm pacs find lists them)")
+    s.add_argument("--series", default=None, help="Series Instance UID (default: the study's only CT/MR/CR/DX "
+                   "series)")
+    s.add_argument("--text", action="append", required=True, help="phrase to segment, e.g. liver; repeatable (one "
+                   "segment each)")
+    s.add_argument("--label", action="append", default=[], help="segment label of each --text, in order (default: "
+                   "the text)")
+    s.add_argument("--checkpoint", default=None, help="Med-VLM checkpoint folder (default: the shipped one)")
+    s.add_argument("--window", nargs=2, type=float, metavar=("CENTER", "WIDTH"), default=None,
+                   help="display window the images are segmented with (default: 40 400 for CT, else the "
+                   "image's own)")
+    s.add_argument("--store", action="store_true", help="store the DICOM SEG in the PACS (STOW-RS)")
+    s.add_argument("--out", default="out/pacs", help="output folder (default: out/pacs)")
+    r = sub.add_parser("link-report", help="link a report's sentences to the study's radiograph; write (and "
+                       "--store) a DICOM SR and SEG",
+                       description="Ground every sentence of the report on the study's radiograph (CR/DX) with the "
+                       "grounding agent: grounded / negated / not groundable. Writes a Comprehensive SR (one item "
+                       "per sentence: text, status, outlines on the image) and a DICOM SEG of the grounded masks "
+                       "to --out; --store sends both to the PACS in one STOW-RS request after they have been "
+                       "checked.")
+    _add_pacs_connection(r)
+    r.add_argument("--study", required=True, help="Study Instance UID (medvlm pacs find lists them)")
+    r.add_argument("--series", default=None, help="Series Instance UID of the radiograph (default: the study's "
+                   "only CR/DX series)")
+    r.add_argument("--instance", default=None, help="SOP Instance UID of the radiograph when the series has "
+                   "several")
+    g = r.add_mutually_exclusive_group(required=True)
+    g.add_argument("--report", default=None, help="text file with the report")
+    g.add_argument("--report-text", default=None, help="the report itself")
+    _add_grounding(r)
+    r.add_argument("--threshold", type=float, default=0.5,
+                   help="abstain (not_groundable) when every region of a sentence scores below this (default 0.5)")
+    r.add_argument("--store", action="store_true", help="store the DICOM SR and SEG in the PACS (STOW-RS)")
+    r.add_argument("--out", default="out/pacs", help="output folder (default: out/pacs)")
+
+
 #: commands that take --precision (see _add_precision)
-PRECISION_COMMANDS = ("segment", "ask", "link-report", "batch", "refseg", "heatmap", "eval", "bench")
+PRECISION_COMMANDS = ("segment", "ask", "link-report", "batch", "refseg", "heatmap", "eval", "bench", "pacs")
 
 
 def _add_precision(p: argparse.ArgumentParser) -> None:
@@ -493,6 +583,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] 
     "bench": ("speed and memory benchmarks", _add_bench, "medvlm.app.commands:run_bench"),
     "models": ("list model presets and whether their weights are present", _add_models,
                "medvlm.app.registry:run_models"),
+    "pacs": ("find studies, segment series and link reports on a DICOMweb PACS; store DICOM SEG / SR back",
+             _add_pacs, "medvlm.app.pacs_commands:run_pacs"),
 }
 
 

@@ -159,8 +159,9 @@ def _path_label(info: dict[str, Any]) -> str:
 
 def _format_precision_table(rows: Sequence[dict[str, Any]]) -> str:
     w = max([28, *(len(str(r.get("path", ""))) for r in rows)])
+    n = max([0, *(int(r.get("batch_images", 0)) for r in rows)])
     head = (f"{'backend':<11} {'path':<{w}} {'encode s':>9} {'prompt ms p50':>14} {'p90':>7} {'cached-text p50':>15} "
-            f"{'img/s (16)':>10} {'peak MiB':>9} {'prepare s':>10}")
+            f"{f'img/s ({n})':>10} {'peak MiB':>9} {'prepare s':>10}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
@@ -202,7 +203,7 @@ def _run_bench_segment(args: argparse.Namespace) -> int:
     from medvlm.io import load_image
     from medvlm.outputs import write_json_atomic
     from segmentation.base import Prompt
-    from segmentation.bench import bench_path, compare_paths
+    from segmentation.bench import bench_paths, compare_paths
     from segmentation.registry import SEGMENTERS, build_segmenter
     from segmentation.runtime import cpu_has_bf16, encoder_plan, openvino_available
 
@@ -223,21 +224,22 @@ def _run_bench_segment(args: argparse.Namespace) -> int:
         paths: list[str | None] = ["fp32"]
         if preset is not None and preset.supports_precision and plan.compiled:
             paths.append(chosen or plan.requested)
-        built: list[Any] = []
-        for path in paths:
-            row: dict[str, Any]
-            try:
-                if name == "sam2-random":
-                    segmenter = build_segmenter("sam2", random_init=True)
-                else:
-                    segmenter = build_segmenter(name, precision=path)
-                row = bench_path(segmenter, image, prompts, repeats=args.repeats, batch_images=BENCH_BATCH_IMAGES)
-                row["path"] = _path_label(row["encoder"]) if row["encoder"] else "fp32 (torch)"
-                built.append(segmenter)
-            except Exception as exc:  # a missing optional backend is a row, not a crash of the whole table
-                row = {"backend": name, "path": str(path), "error": f"{type(exc).__name__}: {exc}"[:200]}
+        try:
+            if name == "sam2-random":
+                built = [build_segmenter("sam2", random_init=True)]
+            else:
+                built = [build_segmenter(name, precision=path) for path in paths]
+            measured = bench_paths(built, image, prompts, repeats=args.repeats, batch_images=BENCH_BATCH_IMAGES)
+        except Exception as exc:  # a missing optional backend is a row, not a crash of the whole table
+            rows.append({"backend": name, "path": "/".join(map(str, paths)),
+                         "error": f"{type(exc).__name__}: {exc}"[:200]})
+            print(f"skipped {name}: {exc}", file=sys.stderr)
+            continue
+        for row in measured:
+            row["backend"] = name
+            row["path"] = _path_label(row["encoder"]) if row["encoder"] else "fp32 (torch)"
             rows.append(row)
-            print(f"measured {name} {row.get('path', path)}", file=sys.stderr)
+        print(f"measured {name}: {', '.join(r['path'] for r in measured)}", file=sys.stderr)
         if len(built) == 2 and name in ("litemedsam", "medvlm"):
             pairs[name] = (built[0], built[1])
 
@@ -264,7 +266,8 @@ def _run_bench_segment(args: argparse.Namespace) -> int:
                 print(f"compared {name} on {len(ids)} images", file=sys.stderr)
 
     print(f"medvlm bench segment: {image.width}x{image.height} image, {args.prompts} prompts (boxes for litemedsam, "
-          f"texts for medvlm), {args.repeats} repeats, {BENCH_BATCH_IMAGES} images for img/s; torch threads "
+          f"texts for medvlm), {args.repeats} repeats, {BENCH_BATCH_IMAGES} images for img/s, paths interleaved; "
+          f"peak MiB: whole process while the path encodes its batch; torch threads "
           f"{torch.get_num_threads()}; CPU {platform.machine()} bf16 units: {'yes' if cpu_has_bf16() else 'no'}; "
           f"OpenVINO: {'yes' if openvino_available() else 'not installed'}; chosen: {plan.requested} "
           f"({plan.reason})")

@@ -79,6 +79,21 @@ def run_eval(args: argparse.Namespace) -> int:
 
         result = link_report_suite(args.data, split=args.split, limit=args.limit, ids_file=args.ids, seed=args.seed)
         return _emit(result, format_link_report_table(result), args.json_out)
+    elif args.suite == "negation":
+        from eval.negation import (
+            format_negation_table,
+            format_report_status_table,
+            negation_suite,
+            report_status_suite,
+        )
+
+        methods = args.methods or ("rules", "medspacy", "combined")
+        result = negation_suite(args.data, methods=methods, limit=args.limit)
+        table = format_negation_table(result)
+        if args.reports:
+            result = {**result, "reports": report_status_suite(args.reports, methods=methods, limit=args.limit)}
+            table += "\n\n" + format_report_status_table(result["reports"])
+        return _emit(result, table, args.json_out)
     elif args.suite == "refseg":
         from eval.refseg import format_refseg_table, refseg_suite
 
@@ -98,7 +113,8 @@ def run_eval(args: argparse.Namespace) -> int:
         payload, worst = text_seg(args.data, checkpoint=args.checkpoint, split=args.split, level=args.level,
                                   limit=args.limit, ids_file=args.ids)
     else:
-        raise input_error("medvlm eval", expected="a known suite (oracle-box, text-seg, grounding, link-report)",
+        raise input_error("medvlm eval",
+                          expected="a known suite (oracle-box, text-seg, grounding, link-report, negation)",
                           received=repr(args.suite), fix="run `medvlm eval --help`")
     print(format_table(payload))
     if args.json_out:

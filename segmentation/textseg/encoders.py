@@ -340,6 +340,34 @@ class TextEncoder(nn.Module):
         super().train(False)  # frozen base: no dropout; LoRA dropout is 0 by default
         return self
 
+    def export_module(self, proj: nn.Module | None = None) -> nn.Module:
+        """A frozen deep copy for inference runtimes (``segmentation.runtime.compile_text_encoder``) with the LoRA
+        merged into the base weights: ``forward(input_ids (B,L), attention_mask (B,L)) -> (B, L, hidden)``, or
+        ``proj`` of that (``(B, L, d)``) when ``proj`` (e.g. Med-VLM's ``text_proj``) is given. ``self`` is left
+        untouched."""
+        import copy
+
+        model = copy.deepcopy(self.model)
+        merge_lora_(model)
+        out = _ExportedText(model, copy.deepcopy(proj) if proj is not None else nn.Identity())
+        out.eval()
+        for p in out.parameters():
+            p.requires_grad_(False)
+        return out
+
+
+class _ExportedText(nn.Module):
+    """``proj(model(input_ids, attention_mask).last_hidden_state)``: what :meth:`TextEncoder.export_module` gives."""
+
+    def __init__(self, model: nn.Module, proj: nn.Module):
+        super().__init__()
+        self.model = model
+        self.proj = proj
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        out: Tensor = self.proj(self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state)
+        return out
+
 
 def build_text_encoder(config: TextEncoderConfig) -> TextEncoder:
     """Load the text encoder named by ``config`` (or build a random one) with its LoRA adapter."""

@@ -5,10 +5,11 @@ then costs one text-encoder + mixer + decoder pass on the cached features. Masks
 resolution (pixel grid of the input image), like the promptable backends' masks.
 
 Precision (``precision=`` / ``--precision`` / ``$MEDVLM_PRECISION``, see :mod:`segmentation.runtime`): the image
-encoder (TinyViT with its LoRA merged into the base weights) runs through OpenVINO for ``auto`` (bf16 on CPUs
-with bf16 units, else f32) and ``bf16``; ``fp32`` keeps the torch reference. The text encoder, mixer and
-decoder stay torch fp32. The text features of the last ``text_cache_size`` distinct texts are cached (keyed by
-the exact text the model reads), so a repeated vocabulary phrase skips the text encoder.
+encoder (TinyViT with its LoRA merged into the base weights) and the text encoder (MiniLM with its LoRA merged,
+plus the text projection; batch and length dynamic) run through OpenVINO for ``auto`` (bf16 on CPUs with bf16
+units, else f32) and ``bf16``; ``fp32`` keeps the torch reference. The mixer and decoder stay torch fp32. The
+text features of the last ``text_cache_size`` distinct texts are cached (keyed by the exact text the model
+reads), so a repeated vocabulary phrase skips the text encoder.
 """
 
 from __future__ import annotations
@@ -29,13 +30,21 @@ from medvlm.coords import letterbox_frame
 from medvlm.errors import input_error
 from medvlm.types import Mask
 from segmentation.base import ImageEmbedding, ImageInput, Prompt, SegmentationResult, SegmenterBase, as_rgb_uint8
-from segmentation.runtime import CompiledEncoder, EncoderPlan, compile_encoder, encoder_plan
+from segmentation.runtime import (
+    CompiledEncoder,
+    CompiledTextEncoder,
+    EncoderPlan,
+    compile_encoder,
+    compile_text_encoder,
+    encoder_plan,
+)
 
 __all__ = ["DEFAULT_CHECKPOINT_ENV", "MedVLMSegmenter", "default_checkpoint_dir", "expand_text"]
 
 DEFAULT_CHECKPOINT_ENV = "MEDVLM_TEXTSEG_CHECKPOINT"
 #: names the forward code of the exported Med-VLM image encoder in the OpenVINO IR cache key
 IMAGE_EXPORT_KEY = "medvlm-image-encoder/1"
+TEXT_EXPORT_KEY = "medvlm-text-encoder+proj/1"
 
 
 def default_checkpoint_dir() -> Path:
@@ -106,6 +115,7 @@ class MedVLMSegmenter(SegmenterBase):
         self.model, self.meta = _load(str(directory.resolve()), device)
         self._lock = threading.Lock()
         self._compiled: CompiledEncoder | None = None
+        self._compiled_text: CompiledTextEncoder | None = None
         self._text_cache: OrderedDict[str, Any] = OrderedDict()  # text read -> (L, d) projected text features
 
     @property
@@ -122,7 +132,22 @@ class MedVLMSegmenter(SegmenterBase):
         info: dict[str, Any] = self.plan.to_json()
         if self._compiled is not None:
             info.update(self._compiled.describe())
+        if self._compiled_text is not None:
+            info["text"] = self._compiled_text.describe()
         return info
+
+    def _encode_text(self, ids: Any, mask: Any) -> Any:
+        """``model.encode_text`` (text encoder + projection): ``(m, L)`` token ids and mask -> ``(m, L, d)``
+        float32; through OpenVINO when the plan says so (built on first use). The caller holds the lock."""
+        model = self.model
+        if self.plan.engine != "openvino":
+            return model.encode_text(ids, mask)
+        if self._compiled_text is None:
+            # an example WITH padding: tracing must keep the attention-mask branch (module docstring of runtime)
+            ex_ids, ex_mask = model.text_encoder.tokenize(["chest", "the heart lies in the middle mediastinum"])
+            self._compiled_text = compile_text_encoder(model.text_encoder.export_module(model.text_proj), ex_ids,
+                                                       ex_mask, self.plan.requested, key=TEXT_EXPORT_KEY)
+        return self._compiled_text(ids, mask).to(self.device)
 
     def _run_encoder(self, pixels: Any) -> Any:
         """``pixels (B, 3, S, S)`` float32 -> features ``(B, C, g, g)``; the caller holds the lock."""
@@ -178,7 +203,8 @@ class MedVLMSegmenter(SegmenterBase):
                 feats.append(self._run_encoder(chunk))
         features = torch.cat(feats, dim=0)
         per_image = (time.perf_counter() - t0) / len(rgbs)
-        return [self._embedding(im, rgb, features[i:i + 1], content, per_image)
+        # clone: an embedding must not keep the whole batch's features alive
+        return [self._embedding(im, rgb, features[i:i + 1].clone(), content, per_image)
                 for i, (im, rgb, (_, content)) in enumerate(zip(images, rgbs, prepared))]
 
     def clear_text_cache(self) -> None:
@@ -197,7 +223,7 @@ class MedVLMSegmenter(SegmenterBase):
         fresh: dict[str, Any] = {}
         if missing:
             ids, mask = model.text_encoder.tokenize(missing, self.device)
-            encoded = model.encode_text(ids, mask)  # (m, L, d)
+            encoded = self._encode_text(ids, mask)  # (m, L, d)
             lengths = mask.sum(dim=1).tolist()
             fresh = {t: encoded[k, : int(lengths[k])].clone() for k, t in enumerate(missing)}
         rows = []

@@ -27,7 +27,7 @@ import re
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -74,6 +74,7 @@ REQUEST_MODELS: tuple[type[Any], ...] = (S.SegmentRequest, S.GroundRequest, S.Li
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": S.ErrorResponse, "description": what} for code, what in (
         (400, "malformed body (JSON, multipart) or a chat request without image or text"),
+        (401, "no or wrong API key (when the server was started with one)"),
         (413, "body over --max-upload-mb, image over --max-pixels, or too many images"),
         (415, "not multipart/JSON, or an upload that is not PNG/JPEG/DICOM/NIfTI"),
         (422, "invalid field or unreadable image (the loader's message)"),
@@ -274,6 +275,18 @@ def image_info(image: Any) -> dict[str, Any]:
             "modality": image.modality, "format": str((image.meta or {}).get("format", ""))}
 
 
+#: the command-line option names in the messages of the prompt builders shared with `medvlm segment` -> API fields
+_CLI_WORDS = (("--negative-point", "'points.negative'"), ("--point", "'points.positive'"), ("--label", "'label'"),
+              ("--box", "'box'"), ("--text", "'text'"), ("--phrase", "'phrases'"), ("one command", "one request"))
+
+
+def _in_api_words(err: ApiError) -> ApiError:
+    """``err`` with the CLI option names of a shared library message replaced by the API's field names."""
+    for cli, field in _CLI_WORDS:
+        err.message, err.expected, err.fix = (t.replace(cli, field) for t in (err.message, err.expected, err.fix))
+    return err
+
+
 def _downloads(result_id: str, dicom: bool) -> dict[str, str]:
     base = f"/v1/results/{result_id}"
     out = {"json": f"{base}.json", "png": f"{base}/masks.png", "zip": f"{base}/masks.zip",
@@ -343,6 +356,11 @@ class _App:
                            fix="retry (models load on the first request), send a smaller image, or start the "
                            "server with a larger --timeout") from None
 
+    async def io(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` (file work: a delete, a stat) in a thread outside the model limiter, so that it never
+        waits behind model requests."""
+        return await anyio.to_thread.run_sync(lambda: fn(*args))
+
     async def form(self, request: Request, model: type[Any], images: tuple[str, ...],
                    json_fields: tuple[str, ...] = (), max_images: int | None = None) -> Form:
         return await read_form(request, model, images=images, json_fields=json_fields,
@@ -408,7 +426,7 @@ class _App:
                     regions += segment_to_regions(self.services.medvlm(), image, prompts, names)
                 timings["medvlm"] = time.perf_counter() - t1
         except InputError as exc:
-            raise from_input_error(exc) from None
+            raise _in_api_words(from_input_error(exc)) from None
         timings["total"] = time.perf_counter() - t0
         payload = {"result_id": new_id(), "image": image_info(image),
                    "regions": [region_json(k, r, image.spacing_mm) for k, r in enumerate(regions, start=1)],
@@ -443,7 +461,8 @@ class _App:
         image = self.load(upload, f.slice)
         try:
             with self.services.lock("grounding_agent"):
-                links = link_report(self.services.agent(), image, f.report, threshold=f.threshold)
+                links = link_report(_PhraseCap(self.services.agent(), S.MAX_PROMPTS), image, f.report,
+                                    threshold=f.threshold)
         except InputError as exc:
             raise from_input_error(exc) from None
         regions: list[dict[str, Any]] = []
@@ -522,6 +541,25 @@ class _App:
                 "downloads": stored["downloads"]}
 
 
+class _PhraseCap:
+    """A grounding agent that refuses (422) to ground more than ``limit`` phrases in one call: a 20,000-character
+    report can hold hundreds of findings, each a model pass, which would hold the agent for minutes."""
+
+    def __init__(self, agent: Any, limit: int) -> None:
+        self.agent = agent
+        self.limit = limit
+
+    def ground_phrases(self, image: Any, phrases: list[str]) -> Any:
+        if len(phrases) > self.limit:
+            raise ApiError(422, "invalid_input", f"the report has {len(phrases)} findings to ground",
+                           expected=f"at most {self.limit} findings per request",
+                           fix="split the report and send the parts in separate requests")
+        return self.agent.ground_phrases(image, phrases)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.agent, name)
+
+
 def _chat_inputs(body: S.ChatCompletionRequest) -> tuple[Upload, str]:
     """The image (a data URL) and the question of the last user message that has them; 400 otherwise."""
     from medvlm.app.server.uploads import check_upload, decode_base64
@@ -538,8 +576,8 @@ def _chat_inputs(body: S.ChatCompletionRequest) -> tuple[Upload, str]:
             if kind == "image_url" and image_url is None:
                 url = part.get("image_url")
                 image_url = url.get("url") if isinstance(url, dict) else url if isinstance(url, str) else None
-            elif kind == "text" and not texts and str(part.get("text") or "").strip():
-                texts.append(str(part["text"]).strip())
+            elif kind == "text" and not texts and isinstance(part.get("text"), str) and part["text"].strip():
+                texts.append(part["text"].strip())
         if image_url is not None and texts:
             break
     if image_url is None:
@@ -550,6 +588,15 @@ def _chat_inputs(body: S.ChatCompletionRequest) -> tuple[Upload, str]:
         raise ApiError(400, "missing_text", "the chat request has no question",
                        expected="a user message content part {\"type\": \"text\", \"text\": \"where is the heart?\"}",
                        fix="add the question as a text part of the user message")
+    try:
+        texts[0].encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800"): the answer, which quotes it, could not be sent
+        raise ApiError(422, "invalid_input", "the question is not valid Unicode text (it holds a lone surrogate)",
+                       expected="UTF-8 encodable text", fix="send the question as plain text") from None
+    if len(texts[0]) > S.MAX_QUESTION_CHARS:
+        raise ApiError(422, "invalid_input", f"the question has {len(texts[0])} characters",
+                       expected=f"at most {S.MAX_QUESTION_CHARS} characters (as the text of POST /v1/ground)",
+                       fix="ask about one structure or finding at a time")
     if not isinstance(image_url, str) or not image_url.startswith("data:"):
         raise ApiError(400, "invalid_image_url", "only data URLs are accepted: the server fetches nothing",
                        expected="data:image/png;base64,...", fix="inline the image as a base64 data URL")
@@ -559,7 +606,8 @@ def _chat_inputs(body: S.ChatCompletionRequest) -> tuple[Upload, str]:
 
 def _check_model(model: str) -> None:
     if model not in CHAT_MODELS:
-        raise ApiError(404, "model_not_found", f"no chat model {model[:100]!r} on this server (GET /v1/models lists them)",
+        raise ApiError(404, "model_not_found",
+                       f"no chat model {model[:100]!r} on this server (GET /v1/models lists them)",
                        expected=f"model one of {', '.join(CHAT_MODELS)} (GET /v1/models lists them)",
                        fix=f"pass model=\"{CHAT_MODELS[0]}\"")
 
@@ -731,7 +779,9 @@ def _add_routes(app: FastAPI, core: _App) -> None:
               openapi_extra=_body_doc(S.ChatCompletionRequest, (), multipart=False))
     async def chat_completions(request: Request) -> Any:
         """OpenAI-compatible chat completion: the last user message's image (data URL) and text are answered by
-        the grounding agent; ``choices[0].message.regions`` and ``regions`` carry the regions."""
+        the grounding agent; ``choices[0].message.regions`` and ``regions`` carry the regions. ``"stream": true``
+        answers server-sent ``chat.completion.chunk`` events: the answer word by word, a last chunk with
+        ``finish_reason: "stop"`` and the ``regions``, then ``data: [DONE]``."""
         form = await read_form(request, S.ChatCompletionRequest, images=(), max_images=1,
                                max_part_bytes=core.config.max_upload_bytes) \
             if request.headers.get("content-type", "").startswith("application/json") else None
@@ -746,11 +796,7 @@ def _add_routes(app: FastAPI, core: _App) -> None:
             return await core.run(core.chat, body, upload, question)
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         events = await core.run(lambda: chat_stream_events(core.chat(body, upload, question), include_usage))
-
-        def stream() -> Iterator[bytes]:
-            yield from events
-
-        return StreamingResponse(stream(), media_type="text/event-stream",
+        return StreamingResponse(iter(events), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get("/v1/models", response_model=S.ModelList, tags=["openai"])
@@ -779,7 +825,7 @@ def _add_routes(app: FastAPI, core: _App) -> None:
     async def delete_result(result_id: str) -> dict[str, Any]:
         """Delete a kept result now: its JSON, image rendering, exports and DICOM header (results also expire
         after --ttl seconds)."""
-        await core.run(core.results.delete, result_id)
+        await core.io(core.results.delete, result_id)
         return {"result_id": result_id, "deleted": True}
 
     @app.get("/v1/results/{result_id}/masks.{kind}", response_model=None, tags=["results"],
@@ -797,7 +843,7 @@ def _add_routes(app: FastAPI, core: _App) -> None:
              responses={404: {"model": S.ErrorResponse}}, response_class=FileResponse)
     async def result_image(result_id: str) -> Any:
         """The image the result was computed on, windowed to 8-bit (DICOM and NIfTI included)."""
-        path = await core.run(core.results.file, result_id, "image.png")
+        path = await core.io(core.results.file, result_id, "image.png")
         return FileResponse(path, media_type="image/png")
 
     @app.post("/v1/jobs", response_model=S.JobStatus, status_code=202, responses=_ERRORS, tags=["jobs"],

@@ -11,24 +11,30 @@ image encoding.
 
 - ``segment``: ``POST /v1/segment`` with one box (LiteMedSAM);
 - ``ground``: ``POST /v1/ground`` with a question (grounding agent: Med-VLM anatomy + answer).
+
+:func:`run_mixed_load` instead keeps ``concurrency`` requests in flight for ``duration_s`` seconds, cycling through
+:data:`MIXED`: the two above, a chat completion (plain and streamed), a kept result's JSON, the model list and
+``/healthz`` (each answered in full; a streamed chat is read to its ``[DONE]``).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import itertools
 import os
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from medvlm.errors import input_error
 
-__all__ = ["ENDPOINTS", "BenchRow", "bench_serve", "format_table", "peak_rss_mib", "run_bench_serve", "run_load",
-           "start_server"]
+__all__ = ["ENDPOINTS", "MIXED", "BenchRow", "bench_serve", "format_table", "peak_rss_mib", "run_bench_serve",
+           "run_load", "run_mixed_load", "start_server", "stop_server"]
 
 #: endpoint name -> (path, form fields); the image is the bundled NIH chest X-ray unless another is given
 ENDPOINTS: dict[str, tuple[str, dict[str, str]]] = {
@@ -52,6 +58,7 @@ class BenchRow:
     errors: int
     peak_rss_mib: float | None = None
     error_examples: tuple[str, ...] = ()
+    kinds: dict[str, int] = field(default_factory=dict)
 
 
 def peak_rss_mib(pid: int) -> float | None:
@@ -113,16 +120,101 @@ def run_load(base_url: str, endpoint: str, concurrency: int, requests: int, imag
                     p95_ms=_percentile(latencies, 95), errors=len(errors), error_examples=tuple(errors[:3]))
 
 
-def start_server(data_dir: Path, *, timeout_s: float = 120.0,
-                 extra_args: tuple[str, ...] = ()) -> tuple[subprocess.Popen[str], str]:
+#: the request kinds of :func:`run_mixed_load`, in the order they are cycled through
+MIXED = ("segment", "ground", "chat", "result", "chat-stream", "models", "healthz")
+
+
+def run_mixed_load(base_url: str, concurrency: int, duration_s: float, image: bytes, *,
+                   headers: dict[str, str] | None = None, timeout_s: float = 300.0) -> BenchRow:
+    """Keep ``concurrency`` requests in flight for ``duration_s`` seconds (the last ones finish after it), the
+    kinds of :data:`MIXED` in turn; ``headers`` go with every request (e.g. the API key). A request fails when it
+    raises or answers a status other than 200 (or a stream that does not end in ``[DONE]``)."""
+    import httpx
+
+    if concurrency < 1 or duration_s <= 0:
+        raise input_error("bench mixed load", expected="concurrency >= 1 and a positive duration",
+                          received=f"concurrency {concurrency}, duration {duration_s}", fix="pass positive numbers")
+    url = "data:image/png;base64," + base64.b64encode(image).decode()
+    chat = {"model": "medvlm-grounding", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "where is the heart?"}]}]}
+    segment_path, segment_fields = ENDPOINTS["segment"]
+    ground_path, ground_fields = ENDPOINTS["ground"]
+    latencies: list[float] = []
+    errors: list[str] = []
+    kinds: dict[str, int] = {}
+    lock = threading.Lock()
+    order = itertools.cycle(MIXED)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    with httpx.Client(base_url=base_url, timeout=timeout_s, limits=limits, headers=headers or {}) as client:
+        first = client.post(segment_path, data=segment_fields, files={"image": ("image.png", image, "image/png")})
+        if first.status_code != 200:
+            raise input_error("bench mixed load", expected="HTTP 200 from the warm-up request",
+                              received=f"HTTP {first.status_code}: {first.text[:200]}", fix="check the server's log")
+        result_path = f"/v1/results/{first.json()['result_id']}.json"
+
+        def send(kind: str) -> tuple[bool, str]:
+            files = {"image": ("image.png", image, "image/png")}
+            if kind == "segment":
+                r = client.post(segment_path, data=segment_fields, files=files)
+            elif kind == "ground":
+                r = client.post(ground_path, data=ground_fields, files=files)
+            elif kind == "chat":
+                r = client.post("/v1/chat/completions", json=chat)
+            elif kind == "chat-stream":
+                with client.stream("POST", "/v1/chat/completions", json={**chat, "stream": True}) as r:
+                    body = r.read()
+                if r.status_code == 200 and not body.rstrip().endswith(b"data: [DONE]"):
+                    return False, "a stream without [DONE]"
+            elif kind == "result":
+                r = client.get(result_path)
+            elif kind == "models":
+                r = client.get("/v1/models")
+            else:
+                r = client.get("/healthz")
+            return r.status_code == 200, f"{kind}: HTTP {r.status_code}: {r.text[:200]}"
+
+        deadline = time.perf_counter() + duration_s
+
+        def worker(_: int) -> None:
+            while time.perf_counter() < deadline:
+                with lock:
+                    kind = next(order)
+                t0 = time.perf_counter()
+                try:
+                    ok, why = send(kind)
+                except httpx.HTTPError as exc:
+                    ok, why = False, f"{kind}: {type(exc).__name__}: {exc}"
+                dt = (time.perf_counter() - t0) * 1000.0
+                with lock:
+                    latencies.append(dt)
+                    kinds[kind] = kinds.get(kind, 0) + 1
+                    if not ok:
+                        errors.append(why)
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            list(pool.map(worker, range(concurrency)))
+        wall = time.perf_counter() - t0
+    n = len(latencies)
+    return BenchRow(endpoint="mixed", concurrency=concurrency, requests=n, seconds=wall,
+                    rps=n / wall if wall > 0 else 0.0, p50_ms=_percentile(latencies, 50) if n else 0.0,
+                    p95_ms=_percentile(latencies, 95) if n else 0.0, errors=len(errors),
+                    error_examples=tuple(errors[:3]), kinds=kinds)
+
+
+def start_server(data_dir: Path, *, timeout_s: float = 120.0, extra_args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None,
+                 output: list[str] | None = None) -> tuple[subprocess.Popen[str], str]:
     """Start ``medvlm serve --port 0`` on 127.0.0.1 with ``data_dir``; return (process, base URL) once
-    ``/healthz`` answers. The caller stops it (:func:`stop_server`)."""
+    ``/healthz`` answers. ``env``: variables added to this process's environment (e.g. ``MEDVLM_API_KEY``);
+    ``output``: a list that receives every line the server prints (else they are read and dropped).
+    The caller stops it (:func:`stop_server`)."""
     import httpx
 
     cmd = [sys.executable, "-m", "medvlm.app.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--data-dir",
            str(data_dir), *extra_args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout_s
     url = None
@@ -134,6 +226,8 @@ def start_server(data_dir: Path, *, timeout_s: float = 120.0,
             raise input_error("medvlm serve", expected="a server that starts", received="it exited: " +
                               " | ".join(seen[-5:]), fix="run `medvlm serve --port 0` by hand to see why")
         seen.append(line.strip())
+        if output is not None:
+            output.append(line)
         if "listening on " in line:
             url = line.split("listening on ")[1].split()[0]
         if time.monotonic() > deadline:
@@ -141,7 +235,7 @@ def start_server(data_dir: Path, *, timeout_s: float = 120.0,
             raise input_error("medvlm serve", expected=f"a server up within {timeout_s:.0f} s", received="no answer",
                               fix="check the machine's load")
     # keep reading its output so that a full pipe never blocks the server
-    threading.Thread(target=_drain, args=(proc,), daemon=True).start()
+    threading.Thread(target=_drain, args=(proc, output), daemon=True).start()
     while time.monotonic() < deadline:
         try:
             if httpx.get(url + "/healthz", timeout=5).status_code == 200:
@@ -154,9 +248,10 @@ def start_server(data_dir: Path, *, timeout_s: float = 120.0,
                       fix="check the machine's load")
 
 
-def _drain(proc: subprocess.Popen[str]) -> None:
-    for _ in proc.stdout or ():
-        pass
+def _drain(proc: subprocess.Popen[str], output: list[str] | None = None) -> None:
+    for line in proc.stdout or ():
+        if output is not None:
+            output.append(line)
 
 
 def stop_server(proc: subprocess.Popen[str]) -> None:

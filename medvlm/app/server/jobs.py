@@ -171,7 +171,12 @@ class JobManager:
             zf.writestr("results.jsonl", body)
             if masks.is_dir():
                 for mask in sorted(masks.iterdir()):
-                    zf.write(mask, f"masks/{mask.name}")
+                    if mask.name.startswith("."):
+                        continue  # a mask being written (atomic_open's temporary file), renamed away any moment
+                    try:
+                        zf.write(mask, f"masks/{mask.name}")
+                    except FileNotFoundError:
+                        continue
         return buf.getvalue()
 
     # ------------------------------------------------------------------------------------------------ worker

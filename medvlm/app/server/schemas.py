@@ -10,11 +10,13 @@ the right/bottom edge), points ``{"x", "y", "label"}`` (label 1 = inside, 0 = ou
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "MAX_PROMPTS",
+    "MAX_QUESTION_CHARS",
     "ChatCompletion",
     "ChatCompletionRequest",
     "Deleted",
@@ -39,6 +41,21 @@ _IMAGE = ("the image: base64 of a PNG, JPEG, DICOM or NIfTI file, or a data URL 
           "(multipart form)")
 
 
+#: most prompts (boxes, points per list, texts, labels) in one segment request: each one is a decoder pass, and
+#: 10,000 boxes would hold the model for minutes
+MAX_PROMPTS = 64
+
+#: a coordinate in pixels: a finite number (NaN / inf are refused when the body is read)
+Coord = Annotated[float, Field(allow_inf_nan=False)]
+BoxIn = Annotated[list[Coord], Field(min_length=4, max_length=4, description="[x0, y0, x1, y1], pixels")]
+PointIn = Annotated[list[Coord], Field(min_length=2, max_length=2, description="[x, y], pixels")]
+#: longest question or phrase of POST /v1/ground (and of a chat question)
+MAX_QUESTION_CHARS = 2000
+
+#: a phrase, a structure name or a label
+Name = Annotated[str, Field(max_length=500)]
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -53,8 +70,10 @@ class _Response(BaseModel):
 class PointsIn(_Request):
     """Point prompts in pixels of the original image: ``[[x, y], ...]``."""
 
-    positive: list[list[float]] = Field(default_factory=list, description="points inside the target, [[x, y], ...]")
-    negative: list[list[float]] = Field(default_factory=list, description="points outside the target, [[x, y], ...]")
+    positive: list[PointIn] = Field(default_factory=list, max_length=MAX_PROMPTS,
+                                    description="points inside the target, [[x, y], ...]")
+    negative: list[PointIn] = Field(default_factory=list, max_length=MAX_PROMPTS,
+                                    description="points outside the target, [[x, y], ...]")
 
 
 class RLEMask(_Response):
@@ -128,11 +147,14 @@ class SegmentRequest(_Request):
     """POST /v1/segment: box and/or point prompts (LiteMedSAM) and/or text prompts (Med-VLM) on one image."""
 
     image: str = Field(description=_IMAGE)
-    box: list[float] | list[list[float]] | None = Field(
-        default=None, description="[x0, y0, x1, y1] or a list of them, pixels of the original image; one region each")
+    box: BoxIn | Annotated[list[BoxIn], Field(max_length=MAX_PROMPTS)] | None = Field(
+        default=None, description=f"[x0, y0, x1, y1] or a list of at most {MAX_PROMPTS} of them, pixels of the "
+        "original image; one region each")
     points: PointsIn | None = Field(default=None, description="points; they join the box when there is one box")
-    text: str | list[str] | None = Field(default=None, description="structure(s) to segment from text (Med-VLM)")
-    label: str | list[str] | None = Field(default=None, description="name of each box's structure, in order")
+    text: Name | Annotated[list[Name], Field(max_length=MAX_PROMPTS)] | None = Field(
+        default=None, description="structure(s) to segment from text (Med-VLM)")
+    label: Name | Annotated[list[Name], Field(max_length=MAX_PROMPTS)] | None = Field(
+        default=None, description="name of each box's structure, in order")
     slice: int | None = Field(default=None, ge=0, description="slice of a 3D NIfTI (along its third array axis) / "
                               "frame of a multi-frame DICOM")
     multimask: bool = Field(default=False, description="LiteMedSAM: keep the best of 3 masks by predicted IoU")
@@ -146,7 +168,7 @@ class GroundRequest(_Request):
     """POST /v1/ground: a phrase or a question -> the grounding agent's answer and regions."""
 
     image: str = Field(description=_IMAGE)
-    text: str = Field(min_length=1, max_length=2000, description="a phrase ('left lung') or a question")
+    text: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS, description="a phrase ('left lung') or a question")
     slice: int | None = Field(default=None, ge=0)
 
 
@@ -185,7 +207,7 @@ class ReferenceSegmentRequest(_Request):
     reference: str = Field(description="the reference image (see image)")
     reference_mask: str | None = Field(default=None, description="PNG mask of the structure on the reference "
                                        "(white = structure), same size as the reference")
-    reference_box: list[float] | None = Field(default=None, description="[x0, y0, x1, y1] on the reference, pixels")
+    reference_box: BoxIn | None = Field(default=None, description="[x0, y0, x1, y1] on the reference, pixels")
     target: str | list[str] = Field(description="one or more target images")
     label: str = Field(default="structure", max_length=200, description="name of the structure")
     mask_source: Literal["vote", "segmenter"] = Field(default="vote", description="vote: label-transfer map; "
@@ -269,7 +291,7 @@ class JobRequest(_Request):
     """POST /v1/jobs: ground every phrase on every image in the background (resumable)."""
 
     images: str | list[str] = Field(description="the images (base64 in JSON; file parts named 'images')")
-    phrases: list[str] = Field(min_length=1, max_length=64, description="phrases to ground on every image")
+    phrases: list[Name] = Field(min_length=1, max_length=64, description="phrases to ground on every image")
 
 
 class JobProgress(BaseModel):

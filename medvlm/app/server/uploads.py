@@ -119,17 +119,24 @@ def decode_base64(value: Any, name: str) -> tuple[bytes, str]:
             raise ApiError(422, "invalid_input", f"field '{name}': a data URL must be base64-encoded",
                            expected="data:<type>;base64,<data>", fix="use ;base64 data URLs")
         declared, text = head[5:].split(";")[0], body
-    elif text.startswith(("http://", "https://", "file:", "/", ".")):
-        raise ApiError(422, "invalid_input", f"field '{name}': URLs and paths are not fetched or opened",
-                       expected="the image itself, base64-encoded or as a data URL",
-                       fix="send the file's bytes (multipart file part or base64)")
+    elif text.lower().startswith(("http:", "https:", "file:", "ftp:")):
+        raise _not_fetched(name)
     try:
         data = base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError) as exc:
+        # '/' is a base64 digit (a JPEG's base64 starts with '/9j/'), so a path is only named as one here
+        if text.startswith(("/", ".", "~", "\\")) or text[1:3] in (":\\", ":/"):
+            raise _not_fetched(name) from None
         raise ApiError(422, "invalid_input", f"field '{name}': not valid base64 ({exc})",
                        expected="standard base64 (A-Z, a-z, 0-9, +, /, = padding)",
                        fix="encode the file's bytes with base64, e.g. base64.b64encode(open(f, 'rb').read())") from exc
     return data, declared
+
+
+def _not_fetched(name: str) -> ApiError:
+    return ApiError(422, "invalid_input", f"field '{name}': URLs and paths are not fetched or opened",
+                    expected="the image itself, base64-encoded or as a data URL",
+                    fix="send the file's bytes (multipart file part or base64)")
 
 
 def _validation_error(exc: ValidationError) -> ApiError:
@@ -157,9 +164,11 @@ async def read_form(request: Any, model: type[BaseModel], *, images: Sequence[st
         body = await request.body()
         try:
             obj = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, "malformed_json", f"the body is not valid JSON ({exc})",
-                           expected="a JSON object", fix="check the request body (quotes, commas, brackets)") from exc
+        except (ValueError, RecursionError) as exc:
+            # ValueError: JSONDecodeError, UnicodeDecodeError, and an integer of more than 4300 digits;
+            # RecursionError: arrays/objects nested thousands deep
+            raise ApiError(400, "malformed_json", f"the body is not valid JSON ({_json_problem(exc)})",
+                           expected="a JSON object", fix="check the request body (quotes, commas, brackets)") from None
         if not isinstance(obj, dict):
             raise ApiError(422, "invalid_input", f"the JSON body is a {type(obj).__name__}, not an object",
                            expected="a JSON object with the documented fields", fix="send {\"image\": ..., ...}")
@@ -228,10 +237,21 @@ def _json_field(name: str, value: str) -> Any:
     the model to validate."""
     try:
         parsed = json.loads(value)
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:
         if not value.lstrip().startswith(("[", "{")):
             return value
-        raise ApiError(400, "malformed_json", f"field '{name}' is not valid JSON ({exc})",
+        raise ApiError(400, "malformed_json", f"field '{name}' is not valid JSON ({_json_problem(exc)})",
                        expected=f"'{name}' as a JSON value, e.g. [120, 80, 480, 620]",
-                       fix="send JSON-valued form fields as JSON text") from exc
+                       fix="send JSON-valued form fields as JSON text") from None
     return parsed if isinstance(parsed, (list, dict)) else value
+
+
+def _json_problem(exc: BaseException) -> str:
+    """What is wrong with a JSON text, without quoting the text."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg}: line {exc.lineno} column {exc.colno} (char {exc.pos})"
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8/16/32 text at byte {exc.start}"
+    return str(exc).split(";")[0][:200]  # e.g. an integer of more than 4300 digits
