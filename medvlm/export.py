@@ -52,6 +52,7 @@ __all__ = [
     "label_map",
     "safe_slug",
     "segment_codes",
+    "segment_descriptions",
     "write_dicom_seg",
     "write_label_png",
     "write_mask_zip",
@@ -260,6 +261,25 @@ def segment_codes(label: str) -> tuple[Any, Any]:
     return category, codes.SCT.AnatomicalStructure
 
 
+def segment_descriptions(labels: Sequence[str], software_version: str = "") -> list[Any]:
+    """highdicom ``SegmentDescription``s, numbered 1.. in the order of ``labels`` (label text cut to 64
+    characters, SNOMED CT codes from :func:`segment_codes`, algorithm "medvlm", automatic). Shared by the 2D and
+    the series DICOM SEG writers."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    algorithm = hd.AlgorithmIdentificationSequence(name="medvlm", version=software_version or "0",
+                                                   family=codes.cid7162.ArtificialIntelligence)
+    out = []
+    for k, label in enumerate(labels, start=1):
+        category, kind = segment_codes(str(label))
+        out.append(hd.seg.SegmentDescription(
+            segment_number=k, segment_label=str(label)[:64] or f"segment {k}",
+            segmented_property_category=category, segmented_property_type=kind,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm))
+    return out
+
+
 def write_dicom_seg(masks: Sequence[npt.ArrayLike], labels: Sequence[str], source: Any,
                     path: str | os.PathLike[str], *, frame_index: int | None = None,
                     series_description: str = "medvlm segmentation", software_version: str = "") -> Path:
@@ -276,7 +296,6 @@ def write_dicom_seg(masks: Sequence[npt.ArrayLike], labels: Sequence[str], sourc
                           fix="segment a DICOM image to export DICOM SEG; use NIfTI or PNG otherwise")
     try:
         import highdicom as hd
-        from pydicom.sr.codedict import codes
     except ImportError as exc:
         raise missing_dependency("DICOM SEG export", "pip install highdicom") from exc
     rows, cols = int(source.Rows), int(source.Columns)
@@ -297,15 +316,7 @@ def write_dicom_seg(masks: Sequence[npt.ArrayLike], labels: Sequence[str], sourc
         pixels[frame_index] = stack
     else:
         pixels = stack[None]
-    algorithm = hd.AlgorithmIdentificationSequence(name="medvlm", version=software_version or "0",
-                                                   family=codes.cid7162.ArtificialIntelligence)
-    descriptions = []
-    for k, label in enumerate(labels, start=1):
-        category, kind = segment_codes(str(label))
-        descriptions.append(hd.seg.SegmentDescription(
-            segment_number=k, segment_label=str(label)[:64] or f"region {k}",
-            segmented_property_category=category, segmented_property_type=kind,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm))
+    descriptions = segment_descriptions(labels, software_version)
     seg = hd.seg.Segmentation(
         source_images=[source], pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=9001,

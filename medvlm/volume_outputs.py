@@ -33,7 +33,7 @@ import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFont
 
 from medvlm.errors import input_error, missing_dependency
-from medvlm.export import segment_codes
+from medvlm.export import segment_descriptions
 from medvlm.io import atomic_open, save_png
 from medvlm.outputs import write_json_atomic
 from medvlm.types import Mask, Region
@@ -223,20 +223,11 @@ def write_series_seg(masks: Sequence[npt.NDArray[np.bool_]], labels: Sequence[st
                           received=f"a {volume.format} volume", fix="use the NIfTI label volume for NIfTI inputs")
     try:
         import highdicom as hd
-        from pydicom.sr.codedict import codes
     except ImportError as exc:
         raise missing_dependency("DICOM SEG export", "pip install highdicom") from exc
     # stored order is (rows, columns, slices); highdicom wants (frames = source images, rows, columns, segments)
     stored = np.stack([volume.to_stored(m) for m in masks], axis=-1).transpose(2, 0, 1, 3)
-    algorithm = hd.AlgorithmIdentificationSequence(name="medvlm", version=software_version or "0",
-                                                   family=codes.cid7162.ArtificialIntelligence)
-    descriptions = []
-    for k, label in enumerate(labels, start=1):
-        category, kind = segment_codes(str(label))
-        descriptions.append(hd.seg.SegmentDescription(
-            segment_number=k, segment_label=str(label)[:64] or f"segment {k}",
-            segmented_property_category=category, segmented_property_type=kind,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm))
+    descriptions = segment_descriptions(labels, software_version)
     seg = hd.seg.Segmentation(
         source_images=list(volume.datasets), pixel_array=np.ascontiguousarray(stored),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
