@@ -66,7 +66,10 @@ def test_anatomy_phrases_and_synonyms_match_ground_truth(agent, jsrt):
     assert out[3][1][0].box.iou(sample.mask("right clavicle").to_box()) > 0.6
     assert out[4][1][0].box.x0 > 512  # patient's left is the image right
     sides = sorted(r.label for r in out[5][1])
-    assert sides == ["bibasilar atelectasis (left)", "bibasilar atelectasis (right)"]
+    # a finding is placed, not detected: each side's label names the zone outlined (issue #18)
+    assert sides == ["left lower lung zone, where the phrase places the atelectasis",
+                     "right lower lung zone, where the phrase places the atelectasis"]
+    assert all(r.provenance["score_of"] == "zone" for r in out[5][1])
     assert out[6][1] == [] and "not groundable" in out[6][0].note
 
 

@@ -445,7 +445,8 @@ def test_mixed_load_32_concurrent_for_a_bounded_time(tmp_path: Path, duration_s:
 
     key = "load-test-key-0123456789"
     image = asset_path(DEMO_IMAGE).read_bytes()
-    proc, url = start_server(tmp_path / "serve", timeout_s=300, extra_args=("--preload",),
+    # ~30 requests/s make ~600 results in 20 s: keep them all, so that a "result" request never meets an eviction
+    proc, url = start_server(tmp_path / "serve", timeout_s=300, extra_args=("--preload", "--max-results", "100000"),
                              env={"MEDVLM_API_KEY": key})
     try:
         row = run_mixed_load(url, 32, duration_s, image, headers={"Authorization": f"Bearer {key}"})
