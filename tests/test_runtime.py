@@ -291,7 +291,7 @@ def test_medvlm_text_cache_and_forward_match_the_model(tmp_path: Path, monkeypat
     from segmentation.textseg.checkpoint import save_medvlm
     from segmentation.textseg.config import tiny_test_config
     from segmentation.textseg.model import build_medvlm
-    from segmentation.textseg.predictor import MedVLMSegmenter, _forward_text_features
+    from segmentation.textseg.predictor import MedVLMSegmenter
 
     torch.manual_seed(0)
     folder = save_medvlm(build_medvlm(tiny_test_config()), tmp_path / "ckpt")
@@ -302,11 +302,9 @@ def test_medvlm_text_cache_and_forward_match_the_model(tmp_path: Path, monkeypat
     texts = ["a round opacity", "the left lung apex", "heart"]
     with torch.inference_mode():
         ids, mask = model.text_encoder.tokenize(texts)
-        ref = model.forward_with_existence(emb.features.expand(3, -1, -1, -1), ids, mask) \
-            if hasattr(model, "forward_with_existence") else (model.forward_encoded(
-                emb.features.expand(3, -1, -1, -1), ids, mask), None)
+        ref = model.forward_with_existence(emb.features.expand(3, -1, -1, -1), ids, mask)
         f_text, text_mask = seg.text_features(texts)
-        got = _forward_text_features(model, emb.features, f_text, text_mask)
+        got = model.forward_text_features(emb.features, f_text, text_mask)
     torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-4)
     assert (got[1] is None) == (ref[1] is None)
 

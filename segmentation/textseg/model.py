@@ -233,11 +233,16 @@ class MedVLM(nn.Module):
     def forward_with_existence(self, features: Tensor, input_ids: Tensor, attention_mask: Tensor,
                                ) -> tuple[Tensor, Tensor | None]:
         """``(mask logits (B, 1, S, S), existence logits (B,) or None without an existence head)``."""
-        f_im = self.image_proj(features)  # (B, d, g, g)
-        g = f_im.shape[-1]
-        tokens = f_im.flatten(2).transpose(1, 2)
         f_text = self.encode_text(input_ids, attention_mask)
-        mask = attention_mask.to(torch.bool)
+        return self.forward_text_features(features, f_text, attention_mask.to(torch.bool))
+
+    def forward_text_features(self, features: Tensor, f_text: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None]:
+        """As :meth:`forward_with_existence`, with the projected text features ``f_text (B, L, d)`` and their
+        bool ``mask (B, L)`` given (e.g. cached, or from a compiled text encoder). ``features (1 or B, C_im, g, g)``:
+        one image is projected once and shared by the ``B`` texts."""
+        f_im = self.image_proj(features)  # (1 or B, d, g, g)
+        g = f_im.shape[-1]
+        tokens = f_im.flatten(2).transpose(1, 2).expand(f_text.shape[0], -1, -1)
         fused_im, fused_text = self.mixer(tokens, f_text, mask, self.im_pos)
         logits = self.decoder(fused_im, fused_text, mask, g)
         size = self.config.image_encoder.image_size

@@ -258,7 +258,7 @@ class MedVLMSegmenter(SegmenterBase):
         texts = [t for t, _ in expanded]
         with self._lock, torch.inference_mode():
             f_text, mask = self.text_features(texts)
-            logits, exist_logits = _forward_text_features(model, embedding.features, f_text, mask)
+            logits, exist_logits = model.forward_text_features(embedding.features, f_text, mask)
             logits = logits[:, 0]  # (n, S, S)
             probs = torch.sigmoid(logits)
             exist = None if exist_logits is None else torch.sigmoid(exist_logits.float()).cpu().numpy()
@@ -286,24 +286,3 @@ class MedVLMSegmenter(SegmenterBase):
                           "found": found, "existence": existence},
                 ))
         return results
-
-
-def _forward_text_features(model: Any, features: Any, f_text: Any, mask: Any) -> tuple[Any, Any]:
-    """``MedVLM.forward_with_existence`` with the projected text features given instead of token ids.
-
-    ``features``: the image encoder's output for ONE image ``(1, C, g, g)`` (projected once, shared by the ``n``
-    texts); ``f_text (n, L, d)``, ``mask (n, L)`` bool from :meth:`MedVLMSegmenter.text_features`. Returns
-    ``(mask logits (n, 1, S, S), existence logits (n,) or None)``; ``tests/test_runtime.py`` checks that it
-    matches ``model.forward_with_existence``."""
-    import torch.nn.functional as F
-
-    n = f_text.shape[0]
-    f_im = model.image_proj(features)  # (1, d, g, g)
-    g = f_im.shape[-1]
-    tokens = f_im.flatten(2).transpose(1, 2).expand(n, -1, -1)
-    fused_im, fused_text = model.mixer(tokens, f_text, mask, model.im_pos)
-    logits = model.decoder(fused_im, fused_text, mask, g)
-    size = model.config.image_encoder.image_size
-    existence = getattr(model, "existence", None)
-    exist = None if existence is None else existence(fused_im, fused_text, mask)
-    return F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False), exist
