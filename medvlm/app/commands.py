@@ -95,22 +95,6 @@ def bench_boxes(height: int, width: int, n: int) -> list[Box]:
     return boxes
 
 
-def _format_bench_table(rows: Sequence[dict[str, Any]]) -> str:
-    w = max([34, *(len(str(r["backend"])) for r in rows)])
-    head = (f"{'backend':<{w}} {'encode s':>9} {'prompt ms p50':>14} {'prompt ms p90':>14} "
-            f"{'N':>3} {'cached s':>9} {'re-encode s':>12} {'speed-up':>9} {'peak MiB':>8}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"{r['backend']:<{w}} skipped: {r['error']}")
-            continue
-        lines.append(
-            f"{r['backend']:<{w}} {r['encode_s_median']:>9.3f} {1000 * r['decode_s_median']:>14.1f} "
-            f"{1000 * r['decode_s_p90']:>14.1f} {r['n_prompts']:>3} {r['cached_total_s']:>9.3f} "
-            f"{r['reencode_total_s']:>12.3f} {r['speedup']:>8.1f}x {r['peak_rss_mib']:>8.0f}")
-    return "\n".join(lines)
-
-
 def run_bench(args: argparse.Namespace) -> int:
     if args.bench == "llm":
         from medvlm.app.bench_llm import run_bench_llm
