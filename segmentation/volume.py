@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,7 +129,8 @@ def _progress_bar(total: int, desc: str, enabled: bool) -> Any:
 def segment_volume(segmenter: Any, volume: Volume, texts: Sequence[str], labels: Sequence[str] | None = None, *,
                    window: tuple[float, float] | None = None, min_component_ml: float = DEFAULT_MIN_COMPONENT_ML,
                    largest_only: bool = True, progress: bool = False,
-                   encode_batch: int | None = None) -> VolumeSegmentation:
+                   encode_batch: int | None = None,
+                   on_slice: Callable[[int, int], None] | None = None) -> VolumeSegmentation:
     """Segment every text in every axial slice of ``volume`` and post-process each text's stack in 3D.
 
     ``segmenter``: a text-guided segmenter (``accepts_text``; e.g. ``MedVLMSegmenter``). ``window``: the display
@@ -137,6 +138,7 @@ def segment_volume(segmenter: Any, volume: Volume, texts: Sequence[str], labels:
     (default: the texts). ``min_component_ml`` / ``largest_only``: see :func:`keep_largest_component`.
     ``progress``: show a per-volume progress bar on stderr. ``encode_batch``: slices per ``encode_batch`` call
     (default: the segmenter's ``encode_batch_size``, else :data:`ENCODE_BATCH`); ignored without batched encoding.
+    ``on_slice(done, total)``: called after each slice (a server job's progress).
     """
     texts = [str(t) for t in texts]
     if not texts:
@@ -191,6 +193,8 @@ def segment_volume(segmenter: Any, volume: Volume, texts: Sequence[str], labels:
                     if not meta_first[i]:
                         meta_first[i] = dict(res.meta)
                 bar.update(1)
+                if on_slice is not None:
+                    on_slice(k + 1, z)
     finally:
         bar.close()
     out: list[TextVolumeResult] = []

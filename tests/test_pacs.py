@@ -13,6 +13,7 @@ the stored SEG drawn over its source slice, both retrieved through DICOMweb.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import json
@@ -746,6 +747,143 @@ def test_retrieved_instances_are_cached_by_sop_instance_uid(orthanc: Orthanc, st
 
     client._client.retrieve_instance = one
     assert client.retrieve_series(ct["study"], ct["series"]) == paths and fetched == [paths[3].stem]
+
+
+# -------------------------------------------------------------------------- medvlm serve: PACS jobs
+
+
+class _ServedFake(FakeTextSegmenter):
+    """FakeTextSegmenter behind the server's encoding cache, which passes ``multimask``."""
+
+    def predict_many(self, embedding: Any, prompts: list[Any], **kwargs: Any) -> list[Any]:
+        return super().predict_many(embedding, prompts)
+
+
+@contextlib.contextmanager
+def _pacs_server(urls: tuple[str, ...], tmp_path: Path, agent: Any = None) -> Iterator[Any]:
+    """``medvlm serve``'s app with the fakes, allowed to talk to ``urls``, its lifespan (job workers) running."""
+    from fastapi.testclient import TestClient
+
+    from medvlm.app.server.app import create_app
+    from medvlm.app.server.config import ServerConfig
+    from medvlm.app.server.services import Services
+
+    services = Services(loaders={"medvlm": _ServedFake, "litemedsam": lambda: SimpleNamespace(name="unused"),
+                                 "grounding_agent": lambda: agent or FakeAgent()})
+    config = ServerConfig(data_dir=tmp_path / "serve", pacs_urls=urls, pacs_cache_dir=tmp_path / "cache")
+    with TestClient(create_app(config, services)) as client:
+        yield client
+
+
+def _finish(client: Any, job: dict[str, Any], timeout_s: float = 120.0) -> dict[str, Any]:
+    """Poll GET /v1/pacs/jobs/{id} until the job is done or failed; the stages seen are kept under 'seen'."""
+    seen = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = client.get(f"/v1/pacs/jobs/{job['id']}").json()
+        seen.append(state["progress"]["stage"])
+        if state["status"] in ("done", "failed"):
+            state["seen"] = seen
+            return dict(state)
+        time.sleep(0.05)
+    raise AssertionError(f"PACS job {job['id']} did not finish in {timeout_s} s: {state}")
+
+
+def test_serve_pacs_segment_job_stores_the_seg_of_its_own_outputs(pacs_env: Orthanc, studies: dict[str, Any],
+                                                                   tmp_path: Path) -> None:
+    ct = studies["ct"]
+    before = pacs_env.series_count(ct["study"])
+    with _pacs_server((pacs_env.url,), tmp_path) as client:
+        r = client.post("/v1/pacs/segment", json={"study": ct["study"], "texts": ["bright", "nothing"],
+                                                  "labels": ["organ", "absent"], "store": True})
+        assert r.status_code == 202, r.text
+        job = r.json()
+        assert job["kind"] == "segment" and job["status"] in ("queued", "running")
+        assert job["request"]["url"] == pacs_env.url and job["request"]["auth"] == "server"
+        state = _finish(client, job)
+        assert state["status"] == "done", state["error"]
+        assert state["progress"]["stage"] == "done" and set(state["seen"]) <= {"queued", "retrieve", "segment",
+                                                                               "store", "done"}
+        [stored] = state["result"]["stored"]
+        assert stored["modality"] == "SEG" and any(f"stored SEG SOP Instance UID {stored['sop_instance_uid']}" in m
+                                                   for m in state["messages"])
+        assert "ct-series-1.seg.nii.gz" in state["files"] and "ct-series-1.seg.dcm" in state["files"]
+        label_file = client.get(f"/v1/pacs/jobs/{job['id']}/files/ct-series-1.seg.nii.gz")
+        assert label_file.status_code == 200
+        assert client.get(f"/v1/pacs/jobs/{job['id']}/files/..%2Fjob.json").status_code == 404
+        assert client.get(f"/v1/pacs/jobs/{job['id']}/files/nothing.dcm").status_code == 404
+    assert pacs_env.series_count(ct["study"]) == before + 1
+    # the stored SEG, read back through DICOMweb, holds exactly the label volume the job wrote
+    seg = hd.seg.Segmentation.from_dataset(pacs_env.client().retrieve_instance(
+        ct["study"], stored["series_uid"], stored["sop_instance_uid"]))
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["organ", "absent"]
+    assert [r.SeriesInstanceUID for r in seg.ReferencedSeriesSequence] == [ct["series"]]
+    folder = tmp_path / "serve" / "pacs" / job["id"] / "out"
+    sops = json.loads((folder / "ct-series-1.json").read_text())["sop_instance_uids"]
+    frames = seg.get_pixels_by_source_instance(sops, segment_numbers=[1, 2], combine_segments=False,
+                                               assert_missing_frames_are_empty=True)
+    assert label_file.content == (folder / "ct-series-1.seg.nii.gz").read_bytes()
+    labels = np.asarray(nib.load(str(folder / "ct-series-1.seg.nii.gz")).dataobj)
+    for k in (1, 2):
+        assert np.array_equal(frames[..., k - 1].transpose(1, 2, 0) > 0, labels == k)
+    assert int((labels == 1).sum()) == 12 * 10 * 5
+
+
+def test_serve_pacs_link_report_job_with_request_credentials_that_are_never_written(
+        pacs_env: Orthanc, studies: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MEDVLM_PACS_USER")
+    monkeypatch.delenv("MEDVLM_PACS_PASSWORD")
+    dx, src = studies["dx"], studies["dx_ds"]
+    with _pacs_server((pacs_env.url + "/",), tmp_path) as client:
+        r = client.post("/v1/pacs/link-report", json={"url": pacs_env.url, "study": dx["study"], "report": REPORT,
+                                                      "store": True, "user": pacs_env.user,
+                                                      "password": pacs_env.password})
+        assert r.status_code == 202, r.text
+        state = _finish(client, r.json())
+        assert state["status"] == "done", state["error"]
+        assert state["request"]["auth"] == "request" and "password" not in state["request"]
+        # without credentials (none in the request, none on the server) the PACS refuses: a clear failed job
+        r = client.post("/v1/pacs/link-report", json={"study": dx["study"], "report": REPORT, "store": True})
+        refused = _finish(client, r.json())
+    assert refused["status"] == "failed" and "HTTP 401" in refused["error"]["message"]
+    assert refused["error"]["fix"] and refused["result"] is None
+    for path in (tmp_path / "serve").rglob("*"):
+        if path.is_file():
+            assert pacs_env.password.encode() not in path.read_bytes(), path
+    summary = state["result"]
+    assert [s["status"] for s in summary["sentences"]].count("negated") == 1
+    stored = {s["modality"]: s for s in summary["stored"]}
+    assert set(stored) == {"SEG", "SR"}
+    read = read_report_sr(pacs_env.client().retrieve_instance(dx["study"], stored["SR"]["series_uid"],
+                                                              stored["SR"]["sop_instance_uid"]))
+    assert [(r["text"], r["status"]) for r in read] == [(s["text"], s["status"]) for s in summary["sentences"]]
+    for entry in read:
+        for region in entry["regions"]:
+            assert region["images"] == [str(src.SOPInstanceUID)] * len(region["polygons"])
+
+
+def test_serve_pacs_refuses_other_urls_bad_fields_and_a_missing_pacs(pacs_env: Orthanc, studies: dict[str, Any],
+                                                                    tmp_path: Path) -> None:
+    ct = studies["ct"]
+    with _pacs_server((pacs_env.url,), tmp_path / "a") as client:
+        r = client.post("/v1/pacs/segment", json={"url": "http://169.254.169.254/dicom-web", "study": ct["study"],
+                                                  "texts": ["bright"]})
+        assert r.status_code == 403 and r.json()["error"]["type"] == "pacs_not_allowed"
+        assert client.post("/v1/pacs/segment", json={"study": "../../etc", "texts": ["x"]}).status_code == 422
+        assert client.post("/v1/pacs/segment", json={"study": ct["study"], "texts": []}).status_code == 422
+        assert client.post("/v1/pacs/link-report", json={"study": ct["study"], "report": ""}).status_code == 422
+        assert client.get("/v1/pacs/jobs/nope").status_code == 404
+        # a study that does not exist and a series with a missing slice: failed jobs that say why, nothing stored
+        missing = _finish(client, client.post("/v1/pacs/segment", json={"study": "1.2.3.4.5.6.7", "texts": ["x"],
+                                                                          "store": True}).json())
+        gap = _finish(client, client.post("/v1/pacs/segment", json={"study": studies["gap"]["study"],
+                                                                      "texts": ["bright"], "store": True}).json())
+    assert missing["status"] == "failed" and "no such study" in missing["error"]["message"]
+    assert gap["status"] == "failed" and "missing slice(s)" in gap["error"]["message"]
+    assert _series_of(pacs_env, studies["gap"]["study"], "SEG") == []
+    with _pacs_server((), tmp_path / "b") as client:
+        r = client.post("/v1/pacs/segment", json={"study": ct["study"], "texts": ["bright"]})
+        assert r.status_code == 409 and "--pacs-url" in r.json()["error"]["expected"]
 
 
 # ------------------------------------------------------------------------------ the real models, on real data

@@ -7,6 +7,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,14 +100,15 @@ def links_to_regions(links: list[Any]) -> tuple[list[Any], list[int], list[dict[
     return regions, numbers, sentences
 
 
-def print_links(links: list[Any]) -> None:
-    """One line per sentence (+ grounded, - negated, ? not groundable), then its regions or the reason."""
+def print_links(links: list[Any], say: Callable[[str], None] = print) -> None:
+    """One line per sentence (+ grounded, - negated, ? not groundable), then its regions or the reason; each line
+    goes to ``say`` (default ``print``)."""
     marks = {"grounded": "+", "negated": "-", "not_groundable": "?"}
     for link in links:
         where = "; ".join(f"{r.label} [{' '.join(f'{v:.0f}' for v in r.box.to_list())}]" for r in link.regions)
-        print(f"{link.number:>2} {marks[link.status]} {link.status:<15} {link.text}")
+        say(f"{link.number:>2} {marks[link.status]} {link.status:<15} {link.text}")
         if where or link.note:
-            print(f"     {where or link.note}")
+            say(f"     {where or link.note}")
 
 
 def run_link_report(args: argparse.Namespace) -> int:

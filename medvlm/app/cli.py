@@ -351,6 +351,10 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ttl", type=float, default=24 * 3600.0, metavar="SECONDS",
                    help="delete results and finished jobs (uploads included) this long after they were written "
                    "(default 86400 = 24 h; 0 = keep until evicted by --max-results)")
+    p.add_argument("--pacs-url", action="append", default=[], metavar="URL",
+                   help="DICOMweb base URL of a PACS that POST /v1/pacs/segment and /v1/pacs/link-report may use "
+                   "(repeatable; the first is the default; requests cannot name another). Credentials: "
+                   "$MEDVLM_PACS_USER + $MEDVLM_PACS_PASSWORD or $MEDVLM_PACS_TOKEN, or per request")
 
 
 def _add_grounding(p: argparse.ArgumentParser, *, check: bool = True) -> None:

@@ -14,13 +14,19 @@ import contextlib
 import os
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from medvlm.errors import InputError, input_error
 
-__all__ = ["run_pacs", "run_pacs_find", "run_pacs_link_report", "run_pacs_segment"]
+__all__ = ["Progress", "Say", "pacs_client", "pacs_link_report", "pacs_segment", "run_pacs", "run_pacs_find",
+           "run_pacs_link_report", "run_pacs_segment"]
+
+#: where a task's messages go: ``print`` on the command line, the job's log in ``medvlm serve``
+Say = Callable[[str], None]
+#: ``progress(stage, done, total)``: how far a task is (a server job's progress)
+Progress = Callable[[str, int, int], None]
 
 
 def run_pacs(args: argparse.Namespace) -> int:
@@ -29,10 +35,17 @@ def run_pacs(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> Any:
+    return pacs_client(args.url, args.user, args.password, args.token, timeout_s=args.timeout,
+                       retries=args.retries, cache_dir=args.cache_dir)
+
+
+def pacs_client(url: str, user: str | None = None, password: str | None = None, token: str | None = None, *,
+                timeout_s: float = 30.0, retries: int = 3, cache_dir: str | Path | None = None) -> Any:
+    """A :class:`medvlm.pacs.PacsClient` for ``url``; each credential falls back to its environment variable."""
     from medvlm.pacs import PacsClient, resolve_auth
 
-    auth = resolve_auth(args.user, args.password, args.token)
-    return PacsClient(args.url, auth, timeout_s=args.timeout, retries=args.retries, cache_dir=args.cache_dir)
+    auth = resolve_auth(user, password, token)
+    return PacsClient(url, auth, timeout_s=timeout_s, retries=retries, cache_dir=cache_dir)
 
 
 def _cell(text: Any, width: int) -> str:
@@ -106,9 +119,9 @@ def _read_series_volume(paths: Sequence[Path], study: str, series: Any) -> Any:
                                   "series on the PACS (re-send the missing instances)") from exc
 
 
-def _print_stored(stored: Sequence[Any], where: str) -> None:
+def _say_stored(say: Say, stored: Sequence[Any], where: str) -> None:
     for s in stored:
-        print(f"stored {s.modality or '?'} SOP Instance UID {s.sop_instance_uid} in series {s.series_uid} "
+        say(f"stored {s.modality or '?'} SOP Instance UID {s.sop_instance_uid} in series {s.series_uid} "
               f"(study {s.study_uid}) at {where}")
 
 
@@ -136,33 +149,54 @@ def _segmenter(args: argparse.Namespace) -> Any:
 
 
 def run_pacs_segment(args: argparse.Namespace) -> int:
+    labels = list(args.label) if args.label else None
+    window = (float(args.window[0]), float(args.window[1])) if args.window else None
+    pacs_segment(_client(args), args.study, args.series, args.text, labels, Path(args.out),
+                 segmenter=lambda: _segmenter(args), window=window, store=args.store, bar=sys.stderr.isatty())
+    return 0
+
+
+def pacs_segment(client: Any, study: str, series_uid: str | None, texts: Sequence[str],
+                 labels: Sequence[str] | None, out: Path, *, segmenter: Callable[[], Any],
+                 window: tuple[float, float] | None = None, store: bool = False, say: Say = print,
+                 progress: Progress | None = None, bar: bool = False) -> dict[str, Any]:
+    """Segment the series ``series_uid`` of study ``study`` (default: its only CT/MR/CR/DX series) on the PACS of
+    ``client`` (a :class:`medvlm.pacs.PacsClient`) for every text; write the outputs and one DICOM SEG per volume
+    (CT/MR) or per image (CR/DX) to ``out``; with ``store``, send every SEG in one STOW-RS request once all are
+    built and checked (a failure before that stores nothing).
+
+    ``segmenter()``: the text-guided segmenter, asked for only after the series is retrieved and read (refusals
+    come before a model loads). ``window``: (center, width) display window (default: soft tissue for CT, else
+    the image's own). ``say``: where the messages go (the CLI prints them; a server job keeps them).
+    ``progress(stage, done, total)``: stages ``retrieve``, ``segment`` (slices or images), ``store``.
+    Returns the summary also written to ``out/pacs_segment.json``.
+    """
     import pydicom
 
     from medvlm.pacs import RADIOGRAPH_MODALITIES, VOLUME_MODALITIES, check_seg, select_series
 
-    texts = [t.strip() for t in args.text if t.strip()]
+    texts = [t.strip() for t in texts if t.strip()]
     if not texts:
         raise input_error("--text", expected="at least one phrase to segment", received="none",
                           fix="pass e.g. --text liver (repeat for several)")
-    labels = list(args.label) if args.label else texts
+    labels = list(labels) if labels else texts
     if len(labels) != len(texts):
         raise input_error("--label", expected=f"one label per --text ({len(texts)})", received=f"{len(labels)}",
                           fix="give one --label per --text, in the same order, or none")
-    client = _client(args)
-    study = args.study
-    series = select_series(client.list_series(study), study, args.series,
+    report = progress or (lambda stage, done, total: None)
+    series = select_series(client.list_series(study), study, series_uid,
                            modalities=VOLUME_MODALITIES + RADIOGRAPH_MODALITIES, purpose="segment")
+    report("retrieve", 0, 1)
     paths = client.retrieve_series(study, series.series_uid)
-    out = Path(args.out)
-    print(f"{series.label()}, study {study}: {len(paths)} instance(s) from {client.where} (cache "
-          f"{client.cache_dir})")
-    seg_files: list[tuple[Path, list[Any]]] = []  # (SEG file, its source datasets)
+    report("retrieve", 1, 1)
+    say(f"{series.label()}, study {study}: {len(paths)} instance(s) from {client.where} (cache {client.cache_dir})")
     summary: dict[str, Any] = {"pacs": client.where, "study": study, "series": series.series_uid,
                                "modality": series.modality, "texts": texts, "labels": labels}
     if series.modality in VOLUME_MODALITIES:
-        seg_files, summary["outputs"] = _segment_volume(args, paths, study, series, texts, labels, out)
+        seg_files, summary["outputs"] = _segment_volume(paths, study, series, texts, labels, out, segmenter, window,
+                                                        say, report, bar)
     else:
-        seg_files, summary["outputs"] = _segment_images(args, paths, texts, labels, out)
+        seg_files, summary["outputs"] = _segment_images(paths, texts, labels, out, segmenter, window, say, report)
     # every SEG is read back and checked before anything is sent
     datasets = []
     for path, sources in seg_files:
@@ -170,29 +204,32 @@ def run_pacs_segment(args: argparse.Namespace) -> int:
         check_seg(ds, sources, labels)
         datasets.append(ds)
     summary["dicom_seg"] = [p.name for p, _ in seg_files]
-    if args.store:
+    if store:
         if not datasets:
             raise input_error("--store", expected="a DICOM SEG to store", received="none: no phrase was found "
                               "on any image of the series (a SEG needs at least one frame)",
                               fix="check the phrases (medvlm models lists what the segmenter knows), or drop "
                                   "--store")
+        report("store", 0, len(datasets))
         stored = client.store(datasets)
+        report("store", len(datasets), len(datasets))
         summary["stored"] = _stored_json(stored)
-        _print_stored(stored, client.where)
+        _say_stored(say, stored, client.where)
     else:
-        print("not stored (add --store to send the DICOM SEG to the PACS)")
-    print(f"wrote {_write_summary(out, 'pacs_segment.json', summary)}")
-    return 0
+        say("not stored (add --store to send the DICOM SEG to the PACS)")
+    say(f"wrote {_write_summary(out, 'pacs_segment.json', summary)}")
+    return summary
 
 
-def _segment_volume(args: argparse.Namespace, paths: Sequence[Path], study: str, series: Any,
-                    texts: list[str], labels: list[str], out: Path) -> tuple[list[tuple[Path, list[Any]]], Any]:
+def _segment_volume(paths: Sequence[Path], study: str, series: Any, texts: list[str], labels: list[str],
+                    out: Path, segmenter: Callable[[], Any], window: tuple[float, float] | None, say: Say,
+                    report: Progress, bar: bool) -> tuple[list[tuple[Path, list[Any]]], Any]:
     from medvlm.volume_outputs import write_volume_outputs
     from segmentation.volume import segment_volume
 
     volume = _read_series_volume(paths, study, series)  # refusals come before the model loads
-    window = (float(args.window[0]), float(args.window[1])) if args.window else None
-    result = segment_volume(_segmenter(args), volume, texts, labels, window=window, progress=sys.stderr.isatty())
+    result = segment_volume(segmenter(), volume, texts, labels, window=window, progress=bar,
+                            on_slice=lambda done, total: report("segment", done, total))
     stem = f"{series.modality.lower()}-series-{series.number if series.number is not None else 'x'}"
     per_text = [{"text": r.text, "structure": r.structure, "existence_source": r.existence_source}
                 for r in result.results]
@@ -200,22 +237,23 @@ def _segment_volume(args: argparse.Namespace, paths: Sequence[Path], study: str,
                                    existence=[r.existence for r in result.results], per_text=per_text,
                                    extra={"model": result.model, "study": study, "series": series.series_uid},
                                    window=result.window, dicom_seg=True)
-    print(f"{'#':>2}  {'label':<20} {'found':>5} {'volume':>12} {'slices':>11}")
+    say(f"{'#':>2}  {'label':<20} {'found':>5} {'volume':>12} {'slices':>11}")
     for entry in written.payload["texts"]:
         rng = entry["slice_range"]
-        print(f"{entry['id']:>2}  {entry['label']:<20} {'yes' if entry['found'] else 'no':>5} "
-              f"{entry['volume_ml']:>9.1f} mL {(f'{rng[0]}-{rng[1]}' if rng else '-'):>11}")
+        say(f"{entry['id']:>2}  {entry['label']:<20} {'yes' if entry['found'] else 'no':>5} "
+            f"{entry['volume_ml']:>9.1f} mL {(f'{rng[0]}-{rng[1]}' if rng else '-'):>11}")
     files = [written.label_path, written.json_path, written.overlay_path, written.montage_path]
     segs: list[tuple[Path, list[Any]]] = []
     if written.dicom_seg_path is not None:
         files.insert(0, written.dicom_seg_path)
         segs.append((written.dicom_seg_path, list(volume.datasets)))
-    print("wrote " + ", ".join(str(p) for p in files))
+    say("wrote " + ", ".join(str(p) for p in files))
     return segs, {"json": written.json_path.name, "label_volume": written.label_path.name}
 
 
-def _segment_images(args: argparse.Namespace, paths: Sequence[Path], texts: list[str], labels: list[str],
-                    out: Path) -> tuple[list[tuple[Path, list[Any]]], Any]:
+def _segment_images(paths: Sequence[Path], texts: list[str], labels: list[str], out: Path,
+                    segmenter: Callable[[], Any], window: tuple[float, float] | None, say: Say,
+                    report: Progress) -> tuple[list[tuple[Path, list[Any]]], Any]:
     import numpy as np
     import pydicom
 
@@ -225,26 +263,26 @@ def _segment_images(args: argparse.Namespace, paths: Sequence[Path], texts: list
     from segmentation.requests import segment_to_regions, text_prompts
 
     prompts, _ = text_prompts(texts, labels)
-    segmenter = _segmenter(args)
+    model = segmenter()
     segs: list[tuple[Path, list[Any]]] = []
     outputs = []
     for k, path in enumerate(paths, start=1):
         header = pydicom.dcmread(str(path), stop_before_pixels=True)
-        image = load_image(path, format="dicom",
-                           window=(float(args.window[0]), float(args.window[1])) if args.window else None)
-        regions = segment_to_regions(segmenter, image, prompts, labels)
+        image = load_image(path, format="dicom", window=window)
+        regions = segment_to_regions(model, image, prompts, labels)
         stem = f"{str(header.get('Modality', 'image')).lower()}-{header.get('InstanceNumber') or k}"
-        written = write_regions(out, stem, image, regions, extra={"model": segmenter.name,
+        written = write_regions(out, stem, image, regions, extra={"model": model.name,
                                                                   "sop_instance_uid": str(header.SOPInstanceUID)})
         masks = [r.mask.data if r.mask is not None else np.zeros(image.shape, dtype=bool) for r in regions]
         seg_path = write_dicom_seg(masks, labels, header, out / f"{stem}.seg.dcm", software_version="medvlm")
         for r in regions:
             area = r.mask.area_px if r.mask is not None else 0
-            print(f"  {stem}: {r.label:<20} {'found' if area else 'not found':<9} {area:>8} px")
-        print(f"wrote {written.json_path}, {written.overlay_path}, {seg_path}")
+            say(f"  {stem}: {r.label:<20} {'found' if area else 'not found':<9} {area:>8} px")
+        say(f"wrote {written.json_path}, {written.overlay_path}, {seg_path}")
         segs.append((seg_path, [header]))
         outputs.append({"sop_instance_uid": str(header.SOPInstanceUID), "json": written.json_path.name,
                         "dicom_seg": seg_path.name})
+        report("segment", k, len(paths))
     return segs, outputs
 
 
@@ -262,30 +300,54 @@ def _report_text(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def run_pacs_link_report(args: argparse.Namespace) -> int:
+    from medvlm.app.agent_commands import build_agent
+
+    report, report_source = _report_text(args)
+    pacs_link_report(_client(args), args.study, args.series, args.instance, report, report_source, Path(args.out),
+                     agent=lambda: build_agent(args), threshold=args.threshold, nlp=getattr(args, "nlp", None),
+                     store=args.store)
+    return 0
+
+
+def pacs_link_report(client: Any, study: str, series_uid: str | None, instance: str | None, report: str,
+                     report_source: str, out: Path, *, agent: Callable[[], Any], threshold: float = 0.5,
+                     nlp: str | None = None, store: bool = False, say: Say = print,
+                     progress: Progress | None = None) -> dict[str, Any]:
+    """Ground every sentence of ``report`` on the radiograph (CR/DX) of study ``study`` (``series_uid`` /
+    ``instance`` pick it when the study has several) on the PACS of ``client``; write a Comprehensive SR (one
+    item per sentence: text, status, outlines in the image's pixel frame) and a DICOM SEG of the grounded masks to
+    ``out``; with ``store``, send both in one STOW-RS request after both were built and validated.
+
+    ``agent()``: the grounding agent, asked for after the radiograph is retrieved. ``threshold``: a sentence whose
+    regions all score below it is not groundable. ``nlp``: the sentence/negation method of
+    :func:`agents.report.link_report`. ``report_source``: what the JSON names as the report's origin.
+    ``say`` / ``progress``: as :func:`pacs_segment` (stages ``retrieve``, ``ground``, ``store``).
+    Returns the summary also written to ``out/<stem>.pacs.json``.
+    """
     import pydicom
 
     from agents.report import link_report
-    from medvlm.app.agent_commands import build_agent, links_to_regions, print_links
+    from medvlm.app.agent_commands import links_to_regions, print_links
     from medvlm.export import write_dicom_seg
-    from medvlm.io import load_image
+    from medvlm.io import atomic_open, load_image
     from medvlm.outputs import write_regions
     from medvlm.pacs import RADIOGRAPH_MODALITIES, check_seg, select_series
     from medvlm.sr import SRRegion, SRSentence, box_polygon, build_report_sr, mask_polygons, validate_report_sr
 
-    report, report_source = _report_text(args)
     if not report.strip():
         raise input_error("report", expected="the report text (one or more sentences)", received="an empty text",
                           fix="pass the report with --report FILE or --report-text TEXT")
-    client = _client(args)
-    study = args.study
-    series = select_series(client.list_series(study), study, args.series, modalities=RADIOGRAPH_MODALITIES,
+    tell = progress or (lambda stage, done, total: None)
+    series = select_series(client.list_series(study), study, series_uid, modalities=RADIOGRAPH_MODALITIES,
                            purpose="link-report")
+    tell("retrieve", 0, 1)
     paths = client.retrieve_series(study, series.series_uid)
+    tell("retrieve", 1, 1)
     headers = [pydicom.dcmread(str(p), stop_before_pixels=True) for p in paths]
-    if args.instance:
-        picked = [k for k, h in enumerate(headers) if str(h.SOPInstanceUID) == args.instance]
+    if instance:
+        picked = [k for k, h in enumerate(headers) if str(h.SOPInstanceUID) == instance]
         if not picked:
-            raise input_error(f"--instance {args.instance}", expected=f"an instance of series {series.series_uid}",
+            raise input_error(f"--instance {instance}", expected=f"an instance of series {series.series_uid}",
                               received="not in the series",
                               fix="pick one of: " + ", ".join(str(h.SOPInstanceUID) for h in headers[:6]))
         index = picked[0]
@@ -298,15 +360,16 @@ def run_pacs_link_report(args: argparse.Namespace) -> int:
                           fix="pick the image with --instance SOP_INSTANCE_UID")
     path, source = paths[index], pydicom.dcmread(str(paths[index]))
     image = load_image(path, format="dicom")
-    print(f"radiograph {source.SOPInstanceUID} ({image.width}x{image.height}) in {series.label()}, study {study}, "
-          f"from {client.where}")
-    agent = build_agent(args)
-    links = link_report(agent, image, report, threshold=args.threshold, method=getattr(args, "nlp", None))
-    print_links(links)
+    say(f"radiograph {source.SOPInstanceUID} ({image.width}x{image.height}) in {series.label()}, study {study}, "
+        f"from {client.where}")
+    grounding = agent()
+    tell("ground", 0, 1)
+    links = link_report(grounding, image, report, threshold=threshold, method=nlp)
+    tell("ground", 1, 1)
+    print_links(links, say)
     regions, numbers, sentences_json = links_to_regions(links)
 
     # the SEG: one segment per region with a non-empty mask
-    out = Path(args.out)
     stem = f"{str(source.get('Modality', 'image')).lower()}-{source.get('InstanceNumber') or 1}.report"
     seg_regions = [(r, n) for r, n in zip(regions, numbers) if r.mask is not None and not r.mask.is_empty()]
     seg_labels = [f"{r.label or 'region'} (sentence {n})"[:64] for r, n in seg_regions]
@@ -333,27 +396,30 @@ def run_pacs_link_report(args: argparse.Namespace) -> int:
     sr = build_report_sr(source, sr_sentences, seg=seg_ds, software_version="medvlm")
     validate_report_sr(sr, source, sr_sentences)
     sr_path = out / f"{stem}.sr.dcm"
-    from medvlm.io import atomic_open
-
     with atomic_open(sr_path, "wb") as fh:
         sr.save_as(fh, enforce_file_format=True)
     written = write_regions(out, stem, image, regions, numbers=numbers,
                             extra={"report": report_source, "sentences": sentences_json,
-                                   "threshold": args.threshold, "grounder": getattr(agent.grounder, "name", "?"),
+                                   "threshold": threshold, "grounder": getattr(grounding.grounder, "name", "?"),
                                    "study": study, "series": series.series_uid,
                                    "sop_instance_uid": str(source.SOPInstanceUID),
                                    "dicom_seg": seg_path.name if seg_path else None, "dicom_sr": sr_path.name,
                                    "seg_segments": seg_labels},
                             title="numbers = report sentences")
-    print(f"wrote {written.json_path}, {written.overlay_path}, {sr_path}" + (f", {seg_path}" if seg_path else ""))
+    say(f"wrote {written.json_path}, {written.overlay_path}, {sr_path}" + (f", {seg_path}" if seg_path else ""))
     summary: dict[str, Any] = {"pacs": client.where, "study": study, "series": series.series_uid,
                                "sop_instance_uid": str(source.SOPInstanceUID), "json": written.json_path.name,
-                               "dicom_sr": sr_path.name, "dicom_seg": seg_path.name if seg_path else None}
-    if args.store:
-        stored = client.store(([seg_ds] if seg_ds is not None else []) + [sr])
+                               "dicom_sr": sr_path.name, "dicom_seg": seg_path.name if seg_path else None,
+                               "sentences": [{"number": link.number, "status": link.status, "text": link.text}
+                                             for link in links]}
+    if store:
+        objects = ([seg_ds] if seg_ds is not None else []) + [sr]
+        tell("store", 0, len(objects))
+        stored = client.store(objects)
+        tell("store", len(objects), len(objects))
         summary["stored"] = _stored_json(stored)
-        _print_stored(stored, client.where)
+        _say_stored(say, stored, client.where)
     else:
-        print("not stored (add --store to send the DICOM SR and SEG to the PACS)")
-    print(f"wrote {_write_summary(out, f'{stem}.pacs.json', summary)}")
-    return 0
+        say("not stored (add --store to send the DICOM SR and SEG to the PACS)")
+    say(f"wrote {_write_summary(out, f'{stem}.pacs.json', summary)}")
+    return summary

@@ -19,12 +19,16 @@ Endpoints (all answer JSON unless a file is asked for; ``GET /openapi.json`` and
   ``--ttl`` seconds (default 24 h); ``DELETE /v1/results/{result_id}`` deletes it and its files at once.
 - ``POST /v1/jobs``, ``GET /v1/jobs/{id}``, ``GET /v1/jobs/{id}/results`` (JSONL), ``.../results.zip``:
   resumable batch grounding (:mod:`medvlm.app.server.jobs`).
+- ``POST /v1/pacs/segment``, ``POST /v1/pacs/link-report`` (JSON), ``GET /v1/pacs/jobs/{id}``,
+  ``GET /v1/pacs/jobs/{id}/files/{name}``: ``medvlm pacs segment | link-report`` as background jobs with progress,
+  on the PACS URLs the server was started with (``--pacs-url``; :mod:`medvlm.app.server.pacs_jobs`).
 
 Task endpoints take multipart/form-data (an ``image`` file part, JSON-valued fields as JSON text) or
 application/json (images as base64 or data URLs). Geometry is pixels of the ORIGINAL image (x = column,
 y = row); masks are row-major RLE (:mod:`medvlm.app.server.rle`). Every error is
 ``{"error": {"type", "message", "expected", "fix"}}`` with its HTTP status (400 malformed, 401 no or wrong API
-key, 404 unknown id, 409 export impossible, 413 too large, 415 not an image, 422 invalid, 504 timeout).
+key, 403 a PACS URL not allowed, 404 unknown id, 409 export impossible
+or no PACS configured, 413 too large, 415 not an image, 422 invalid, 504 timeout).
 
 Security: ``--api-key`` / ``MEDVLM_API_KEY`` makes every route but ``/healthz``, the web page and the API
 documentation need ``Authorization: Bearer <key>`` (what OpenAI clients send as their ``api_key``); CORS is off

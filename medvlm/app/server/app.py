@@ -46,6 +46,7 @@ from medvlm.app.server import schemas as S
 from medvlm.app.server.config import ServerConfig
 from medvlm.app.server.errors import ApiError, error_payload, from_input_error
 from medvlm.app.server.jobs import JobManager
+from medvlm.app.server.pacs_jobs import PacsJobs
 from medvlm.app.server.results import ResultStore, check_id, new_id, strip_pixels
 from medvlm.app.server.rle import rle_encode
 from medvlm.app.server.services import Services, limit_torch_threads
@@ -69,7 +70,8 @@ _OPEN_PREFIXES = ("/static/",)
 
 #: the request models documented as bodies (FastAPI does not see them: bodies are parsed by read_form)
 REQUEST_MODELS: tuple[type[Any], ...] = (S.SegmentRequest, S.GroundRequest, S.LinkReportRequest,
-                                         S.ReferenceSegmentRequest, S.ChatCompletionRequest, S.JobRequest)
+                                         S.ReferenceSegmentRequest, S.ChatCompletionRequest, S.JobRequest,
+                                         S.PacsSegmentRequest, S.PacsLinkReportRequest)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": S.ErrorResponse, "description": what} for code, what in (
@@ -329,6 +331,8 @@ class _App:
         self.services = services
         self.results = ResultStore(config.data_dir / "results", config.max_results, ttl_s=config.result_ttl_s)
         self.jobs = JobManager(config.data_dir / "jobs", services, config.intra_op_threads, ttl_s=config.result_ttl_s)
+        self.pacs = PacsJobs(config.data_dir / "pacs", services, config.pacs_urls, cache_dir=config.pacs_cache_dir,
+                             torch_threads=config.intra_op_threads, ttl_s=config.result_ttl_s)
         self.started = int(time.time())
         self._limiter: anyio.CapacityLimiter | None = None
 
@@ -656,10 +660,12 @@ def create_app(config: ServerConfig | None = None, services: Services | None = N
     async def lifespan(app: FastAPI) -> Any:
         core.results.sweep()
         core.jobs.start()
+        core.pacs.start()
         try:
             yield
         finally:
             core.jobs.stop()
+            core.pacs.stop()
 
     app = FastAPI(title="medvlm", version=__version__, lifespan=lifespan,
                   description=(importlib.import_module("medvlm.app.server").__doc__ or "").strip())
@@ -699,6 +705,44 @@ def create_app(config: ServerConfig | None = None, services: Services | None = N
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def _add_pacs_routes(app: FastAPI, core: _App) -> None:
+    pacs_errors = {**_ERRORS, 403: {"model": S.ErrorResponse, "description": "a PACS URL the server was not "
+                                    "started with (--pacs-url)"},
+                   409: {"model": S.ErrorResponse, "description": "the server was started without --pacs-url"}}
+
+    @app.post("/v1/pacs/segment", response_model=S.PacsJobStatus, status_code=202, responses=pacs_errors,
+              tags=["pacs"], openapi_extra=_body_doc(S.PacsSegmentRequest, (), multipart=False))
+    async def pacs_segment(request: Request) -> Any:
+        """Queue ``medvlm pacs segment`` as a background job: retrieve the series (WADO-RS), segment it by text
+        (CT/MR as a volume, CR/DX per image), write a DICOM SEG and, with ``store``, send it back (STOW-RS).
+        Poll GET /v1/pacs/jobs/{id}."""
+        form = await core.form(request, S.PacsSegmentRequest, (), ("texts", "labels", "window"))
+        return core.pacs.create("segment", form.fields.model_dump())
+
+    @app.post("/v1/pacs/link-report", response_model=S.PacsJobStatus, status_code=202, responses=pacs_errors,
+              tags=["pacs"], openapi_extra=_body_doc(S.PacsLinkReportRequest, (), multipart=False))
+    async def pacs_link_report(request: Request) -> Any:
+        """Queue ``medvlm pacs link-report`` as a background job: ground every sentence of the report on the
+        study's radiograph, write a DICOM SR (one item per sentence) and SEG and, with ``store``, send both back.
+        Poll GET /v1/pacs/jobs/{id}."""
+        form = await core.form(request, S.PacsLinkReportRequest, ())
+        return core.pacs.create("link-report", form.fields.model_dump())
+
+    @app.get("/v1/pacs/jobs/{job_id}", response_model=S.PacsJobStatus, tags=["pacs"],
+             responses={404: {"model": S.ErrorResponse}})
+    async def pacs_job(job_id: str) -> Any:
+        """Status, progress (stage, done, total), messages, files and, when done, the summary of a PACS job
+        (``result.stored``: what reached the PACS)."""
+        return await core.io(core.pacs.status, job_id)
+
+    @app.get("/v1/pacs/jobs/{job_id}/files/{name}", response_model=None, tags=["pacs"],
+             responses={404: {"model": S.ErrorResponse}}, response_class=FileResponse)
+    async def pacs_job_file(job_id: str, name: str) -> Any:
+        """A file a PACS job wrote (listed in its ``files``): DICOM SEG/SR, JSON, overlay PNG, NIfTI labels."""
+        path = await core.io(core.pacs.file, job_id, name)
+        return FileResponse(path, filename=path.name)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -875,6 +919,8 @@ def _add_routes(app: FastAPI, core: _App) -> None:
         body = await core.run(core.jobs.results_zip, job_id)
         return Response(body, media_type="application/zip",
                         headers={"Content-Disposition": f'attachment; filename="{check_id(job_id, "job")}.zip"'})
+
+    _add_pacs_routes(app, core)
 
     if (STATIC_DIR / "index.html").is_file():
         from fastapi.staticfiles import StaticFiles

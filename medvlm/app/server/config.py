@@ -57,6 +57,8 @@ class ServerConfig:
     api_key: str | None = field(default=None, repr=False)
     cors_origins: tuple[str, ...] = ()
     result_ttl_s: float = 24 * 3600.0
+    pacs_urls: tuple[str, ...] = ()
+    pacs_cache_dir: Path | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser().resolve())
@@ -93,6 +95,9 @@ class ServerConfig:
                                   "(e.g. https://viewer.example.org), or *", received=repr(origin),
                                   fix="pass the origin exactly as the browser sends it in its Origin header")
         object.__setattr__(self, "cors_origins", origins)
+        from medvlm.pacs import check_url
+
+        object.__setattr__(self, "pacs_urls", tuple(check_url(u) for u in self.pacs_urls))
 
     @property
     def intra_op_threads(self) -> int:

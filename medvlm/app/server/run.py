@@ -29,7 +29,8 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
                         max_results=args.max_results, cache_size=args.cache_size,
                         medvlm_checkpoint=args.checkpoint, torch_threads=args.torch_threads, api_key=key,
                         cors_origins=tuple(getattr(args, "cors_origin", None) or ()),
-                        result_ttl_s=float(getattr(args, "ttl", 24 * 3600.0)))
+                        result_ttl_s=float(getattr(args, "ttl", 24 * 3600.0)),
+                        pacs_urls=tuple(getattr(args, "pacs_url", None) or ()))
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -41,6 +42,7 @@ def run_serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise missing_dependency(f"medvlm serve ({exc.name or exc})", "pip install -e '.[serve]'") from exc
     from medvlm.app.server.services import MODEL_NAMES, Services
+    from medvlm.pacs import redact_url
 
     # pydicom warns and logs about odd values by quoting them (names, dates): keep tag values out of the
     # server's stderr and logs; unreadable files still fail with the loader's own error
@@ -64,7 +66,8 @@ def run_serve(args: argparse.Namespace) -> int:
     # whether a key is required, never the key
     print(f"medvlm serve: API key {'required (Authorization: Bearer)' if config.api_key else 'off'}; CORS "
           f"{'for ' + ', '.join(config.cors_origins) if config.cors_origins else 'off'}; results kept "
-          f"{f'{config.result_ttl_s:g} s' if config.result_ttl_s else 'until evicted'}", flush=True)
+          f"{f'{config.result_ttl_s:g} s' if config.result_ttl_s else 'until evicted'}; PACS "
+          f"{', '.join(redact_url(u) for u in config.pacs_urls) if config.pacs_urls else 'off'}", flush=True)
     if config.host not in ("127.0.0.1", "localhost", "::1"):
         print("medvlm serve: warning: bound to a non-local address; "
               + ("serve it over TLS (a reverse proxy): the API key travels in every request" if config.api_key else

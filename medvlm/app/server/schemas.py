@@ -30,6 +30,9 @@ __all__ = [
     "LinkReportResponse",
     "ModelCard",
     "ModelList",
+    "PacsJobStatus",
+    "PacsLinkReportRequest",
+    "PacsSegmentRequest",
     "ReferenceSegmentRequest",
     "ReferenceSegmentResponse",
     "RegionOut",
@@ -306,3 +309,66 @@ class JobStatus(_Response):
     error: str | None = None
     images: int = 0
     phrases: list[str] = Field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------- PACS jobs
+
+_PACS_URL = ("DICOMweb base URL of the PACS; must be one the server was started with (`medvlm serve --pacs-url`); "
+             "default: the first of them")
+_UID = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[0-9]+(\.[0-9]+)*$")]
+_SECRET = Annotated[str | None, Field(default=None, max_length=4096)]
+
+
+class _PacsRequest(_Request):
+    url: str | None = Field(default=None, max_length=2000, description=_PACS_URL)
+    study: _UID = Field(description="Study Instance UID")
+    series: _UID | None = Field(default=None, description="Series Instance UID (default: the study's only "
+                                "series of a fitting modality)")
+    store: bool = Field(default=False, description="store the results in the PACS (one STOW-RS request, after "
+                        "every object was built and checked)")
+    user: _SECRET = Field(default=None, description="HTTP basic user for the PACS (default: the server's "
+                          "$MEDVLM_PACS_USER); kept in memory for this job only, never written or logged")
+    password: _SECRET = Field(default=None, description="HTTP basic password (default: $MEDVLM_PACS_PASSWORD); "
+                              "kept in memory only")
+    token: _SECRET = Field(default=None, description="bearer token instead of user/password (default: "
+                           "$MEDVLM_PACS_TOKEN); kept in memory only")
+
+
+class PacsSegmentRequest(_PacsRequest):
+    """POST /v1/pacs/segment: segment a series of a study by text; DICOM SEG written (and stored with store)."""
+
+    texts: list[Name] = Field(min_length=1, max_length=MAX_PROMPTS, description="phrases, one segment each")
+    labels: list[Name] | None = Field(default=None, max_length=MAX_PROMPTS, description="segment label of each "
+                                      "text (default: the texts)")
+    window: Annotated[list[Coord], Field(min_length=2, max_length=2)] | None = Field(
+        default=None, description="[center, width] display window (default: 40 400 for CT, else the image's own)")
+
+
+class PacsLinkReportRequest(_PacsRequest):
+    """POST /v1/pacs/link-report: ground a report's sentences on the study's radiograph; DICOM SR + SEG."""
+
+    report: str = Field(min_length=1, max_length=100_000, description="the report text")
+    instance: _UID | None = Field(default=None, description="SOP Instance UID of the radiograph when the series "
+                                  "has several")
+    threshold: float = Field(default=0.5, ge=0.0, le=1.0, description="abstain when every region of a sentence "
+                             "scores below this")
+
+
+class PacsJobProgress(BaseModel):
+    stage: str = Field(description="queued, retrieve, segment (slices or images), ground, store, done")
+    done: int
+    total: int
+
+
+class PacsJobStatus(_Response):
+    id: str
+    kind: Literal["segment", "link-report"]
+    status: Literal["queued", "running", "done", "failed"]
+    progress: PacsJobProgress
+    request: dict[str, Any] = Field(description="the request without credentials")
+    messages: list[str] = Field(default_factory=list, description="the job's last messages (what the CLI prints)")
+    result: dict[str, Any] | None = Field(default=None, description="the summary: outputs, and under 'stored' "
+                                          "what reached the PACS")
+    files: list[str] = Field(default_factory=list, description="output files, for GET "
+                             "/v1/pacs/jobs/{id}/files/{name}")
+    error: dict[str, Any] | None = None
