@@ -285,7 +285,8 @@ def medvlm_gradcam_heatmap(segmenter: Any, embedding: ImageEmbedding, text: str,
     from segmentation.base import as_rgb_uint8
 
     text = _check_text(text, "medvlm_gradcam_heatmap text")
-    model = segmenter.model
+    # Grad-CAM differentiates through the torch model: the full one, also for a segmenter started from a bundle
+    model = segmenter.torch_model() if hasattr(segmenter, "torch_model") else segmenter.model
     ch, cw = embedding.extra["content_shape"]
     size = int(embedding.extra["input_size"])
     from segmentation.textseg.predictor import expand_text

@@ -60,6 +60,8 @@ __all__ = [
     "compile_text_encoder",
     "cpu_has_bf16",
     "encoder_plan",
+    "load_ir_encoder",
+    "load_ir_text_encoder",
     "openvino_available",
     "openvino_cache_dir",
     "requested_precision",
@@ -430,6 +432,15 @@ def _build_openvino(module: torch.nn.Module, examples: Sequence[torch.Tensor], *
             _save_ir(model, folder, info)
         except OSError as exc:  # a read-only home still gets a working (uncached) encoder
             log.warning("could not save the OpenVINO IR to %s (%s); it will be converted again next time", folder, exc)
+    compiled, actual = _compile(model, resolved, threads, key or type(module).__name__)
+    seconds = time.perf_counter() - t0
+    log.info("OpenVINO %s: %s in %.1f s (%s, %d threads)", key or type(module).__name__,
+             "converted" if converted else "IR loaded", seconds, actual, threads)
+    return _Built(compiled, actual, xml, converted, seconds)
+
+
+def _compile(model: Any, resolved: ResolvedPrecision, threads: int, label: str) -> tuple[Any, str]:
+    """Compile an OpenVINO model for the CPU at ``resolved`` precision; ``(compiled, actual precision)``."""
     config = {"INFERENCE_PRECISION_HINT": "bf16" if resolved == "bf16" else "f32",
               "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
     compiled = _core().compile_model(model, "CPU", config)
@@ -438,11 +449,64 @@ def _build_openvino(module: torch.nn.Module, examples: Sequence[torch.Tensor], *
     actual = {"float32": "f32", "bfloat16": "bf16"}.get(actual, actual)
     if resolved == "bf16" and actual != "bf16":
         log.warning("bf16 was requested but this CPU has no bf16 units (%s): OpenVINO runs %s in %s",
-                    " / ".join(BF16_FLAGS), key or type(module).__name__, actual)
-    seconds = time.perf_counter() - t0
-    log.info("OpenVINO %s: %s in %.1f s (%s, %d threads)", key or type(module).__name__,
-             "converted" if converted else "IR loaded", seconds, actual, threads)
-    return _Built(compiled, actual, xml, converted, seconds)
+                    " / ".join(BF16_FLAGS), label, actual)
+    return compiled, actual
+
+
+def _read_ir(xml: Path, resolved: ResolvedPrecision, label: str) -> tuple[Any, str, int, float]:
+    """Read and compile the IR ``xml``; ``(compiled, actual precision, threads, seconds)``."""
+    import torch
+
+    t0 = time.perf_counter()
+    threads = max(1, int(torch.get_num_threads()))
+    model = _core().read_model(str(xml))
+    _STATS["ir_loads"] += 1
+    compiled, actual = _compile(model, resolved, threads, label)
+    return compiled, actual, threads, time.perf_counter() - t0
+
+
+def load_ir_encoder(xml: str | Path, sample_shape: Sequence[int], precision: str | None, *,
+                    max_batch: int = 8) -> CompiledEncoder:
+    """An image encoder from an IR that :func:`compile_encoder` saved (``xml``: its ``model.xml``), without the
+    torch module: a float32 ``(B, *sample_shape)`` tensor -> the encoder's float32 output. For processes that
+    start from a saved inference bundle (``segmentation.textseg.bundle``); shared through the same LRU.
+    Raises ``FileNotFoundError`` when the IR is gone."""
+    path = Path(xml)
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    resolved = resolve_precision(requested_precision(precision))
+    shape = tuple(int(d) for d in sample_shape)
+
+    def make() -> CompiledEncoder:
+        compiled, actual, _, seconds = _read_ir(path, resolved, path.parent.name[:12])
+        return _OpenVINOEncoder(compiled, precision=resolved, inference_precision=actual, sample_shape=shape,
+                                max_batch=max_batch, prepare_s=seconds, ir_path=path, converted=False)
+
+    import torch
+
+    threads = max(1, int(torch.get_num_threads()))
+    encoder: CompiledEncoder = _cached(("image", path.parent.name, resolved, threads, int(max_batch)), make)
+    return encoder
+
+
+def load_ir_text_encoder(xml: str | Path, precision: str | None) -> CompiledTextEncoder:
+    """A text encoder from an IR that :func:`compile_text_encoder` saved, without the torch module (see
+    :func:`load_ir_encoder`)."""
+    path = Path(xml)
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    resolved = resolve_precision(requested_precision(precision))
+
+    def make() -> CompiledTextEncoder:
+        compiled, actual, _, seconds = _read_ir(path, resolved, path.parent.name[:12])
+        return CompiledTextEncoder(compiled, precision=resolved, inference_precision=actual, prepare_s=seconds,
+                                   ir_path=path, converted=False)
+
+    import torch
+
+    threads = max(1, int(torch.get_num_threads()))
+    encoder: CompiledTextEncoder = _cached(("text", path.parent.name, resolved, threads), make)
+    return encoder
 
 
 def _cached(lru_key: tuple[Any, ...], make: Any) -> Any:

@@ -474,3 +474,62 @@ def test_bench_paths_interleaves_and_reports_each_path():
     assert acc["agreement_dice_mean"] == pytest.approx(0.75)  # 12 of 16 pixels shared
     assert acc["dice_gt_reference"] == 1.0 and acc["dice_gt_candidate"] == pytest.approx(0.75)
     assert acc["abs_dice_diff_max"] == pytest.approx(0.25)
+
+
+@needs_openvino
+def test_bundle_starts_without_torch_encoders_and_answers_the_same(ov_home: Path, tmp_path: Path):
+    import shutil
+
+    from segmentation.base import Prompt
+    from segmentation.textseg.bundle import LightImageEncoder, LightTextEncoder, bundle_dir
+    from segmentation.textseg.checkpoint import save_medvlm
+    from segmentation.textseg.config import tiny_test_config
+    from segmentation.textseg.model import build_medvlm
+    from segmentation.textseg.predictor import IMAGE_EXPORT_KEY, TEXT_EXPORT_KEY, MedVLMSegmenter
+
+    torch.manual_seed(0)
+    model = build_medvlm(tiny_test_config())
+    with torch.no_grad():  # non-zero LoRA: the IRs must carry it merged
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    folder = save_medvlm(model, tmp_path / "ckpt")
+    keys = (IMAGE_EXPORT_KEY, TEXT_EXPORT_KEY)
+    image = (np.random.default_rng(3).random((40, 70)) * 255).astype(np.uint8)
+    prompts = [Prompt(text="heart"), Prompt(text="a round opacity in the right upper zone"), Prompt(text="x")]
+
+    full = MedVLMSegmenter(folder, precision="auto")
+    assert not full.light and not bundle_dir(folder, keys).exists()
+    want = full.predict_many(full.encode(image), prompts)  # compiles both encoders -> writes the bundle
+    assert (bundle_dir(folder, keys) / "manifest.json").is_file()
+
+    clear_compiled_cache()
+    before = runtime_stats()["conversions"]
+    light = MedVLMSegmenter(folder, precision="auto")
+    assert light.light and isinstance(light.model.image_encoder, LightImageEncoder)
+    assert isinstance(light.model.text_encoder, LightTextEncoder)
+    got = light.predict_many(light.encode(image), prompts)
+    assert runtime_stats()["conversions"] == before  # read from the IRs, nothing converted
+    for w, g in zip(want, got):
+        np.testing.assert_allclose(g.logits, w.logits, atol=1e-5)
+        assert np.array_equal(g.mask.data, w.mask.data) and g.score == pytest.approx(w.score, abs=1e-6)
+    # the tokenizers-library tokenizer gives the transformers tokenizer's ids, truncation included
+    texts = ["heart", "Left  lung, apex!", "the " * 400, "ünïcode ≥ 5 mm"]
+    for a, b in zip(light.model.text_encoder.tokenize(texts), full.model.text_encoder.tokenize(texts)):
+        assert torch.equal(a, b)
+    assert light.torch_model().image_encoder.stages  # Grad-CAM gets the full model
+
+    # another checkpoint in the same folder: another key, no stale bundle
+    with torch.no_grad():
+        next(model.decoder.parameters()).add_(0.5)
+    save_medvlm(model, folder)
+    assert not MedVLMSegmenter(folder, precision="auto").light
+    # an IR deleted from the cache: the full model is built (and the bundle written again when it compiles)
+    save_medvlm(build_medvlm(tiny_test_config()), tmp_path / "other")
+    first = MedVLMSegmenter(tmp_path / "other", precision="auto")
+    first.predict_many(first.encode(image), prompts[:1])
+    manifest = json.loads((bundle_dir(tmp_path / "other", keys) / "manifest.json").read_text())
+    shutil.rmtree(ov_home / "openvino" / manifest["image"]["ir"])
+    clear_compiled_cache()
+    assert not MedVLMSegmenter(tmp_path / "other", precision="auto").light
+    assert not MedVLMSegmenter(folder, precision="fp32").light  # the torch reference never starts light

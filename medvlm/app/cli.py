@@ -450,6 +450,8 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
                        "question on one image; the model load is timed apart.")
     a.add_argument("--image", default=None, help="image (default: the bundled NIH chest X-ray)")
     a.add_argument("--questions", type=int, default=6, help="number of questions (default 6)")
+    a.add_argument("--cold", type=int, default=3, help="new `medvlm ask` processes timed end to end (default 3; 0 "
+                   "= none)")
     a.add_argument("--json", default=None, dest="json_out", help="also write the table as JSON")
     v = sub.add_parser("serve", help="HTTP API under load: requests/s, p50/p95 latency, errors, server RSS",
                        description="Start medvlm serve on 127.0.0.1 (ephemeral port) in a subprocess and send a "

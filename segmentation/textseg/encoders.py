@@ -35,6 +35,7 @@ __all__ = [
     "TextEncoder",
     "build_image_encoder",
     "build_text_encoder",
+    "letterbox_input",
     "merge_lora_",
     "minilm_path",
 ]
@@ -90,6 +91,20 @@ class _Stage(nn.Module):
         return self.fn(self.parts, x)
 
 
+def letterbox_input(rgb: npt.NDArray[np.uint8], size: int,
+                    normalization: str) -> tuple[npt.NDArray[np.float32], tuple[int, int]]:
+    """RGB uint8 ``(H, W, 3)`` -> image encoder input ``(3, size, size)`` float32 and the ``(h, w)`` of the
+    content (see :meth:`ImageEncoder.preprocess`; ``normalization``: ``minmax`` or ``imagenet``)."""
+    from segmentation.litemedsam import preprocess_image
+
+    chw, content = preprocess_image(rgb, "letterbox", size)
+    if normalization == "imagenet":
+        mean = np.asarray(IMAGENET_MEAN_STD[0], dtype=np.float32)[:, None, None] / 255.0
+        std = np.asarray(IMAGENET_MEAN_STD[1], dtype=np.float32)[:, None, None] / 255.0
+        chw = ((chw - mean) / std).astype(np.float32)
+    return chw, content
+
+
 class ImageEncoder(nn.Module):
     """Frozen image encoder + LoRA. ``forward(pixels (B,3,S,S) float) -> features (B, C, g, g)``.
 
@@ -125,15 +140,7 @@ class ImageEncoder(nn.Module):
         ``litemedsam``: the content is min-max scaled to [0, 1] and the padding is 0 (LiteMedSAM's own
         preprocessing); ``hf_vit``: ImageNet mean/std normalisation of the whole canvas.
         """
-        from segmentation.litemedsam import preprocess_image
-
-        size = self.config.image_size
-        chw, content = preprocess_image(rgb, "letterbox", size)
-        if self.normalization == "imagenet":
-            mean = np.asarray(IMAGENET_MEAN_STD[0], dtype=np.float32)[:, None, None] / 255.0
-            std = np.asarray(IMAGENET_MEAN_STD[1], dtype=np.float32)[:, None, None] / 255.0
-            chw = ((chw - mean) / std).astype(np.float32)
-        return chw, content
+        return letterbox_input(rgb, self.config.image_size, self.normalization)
 
     @torch.no_grad()
     def prefix(self, pixels: Tensor) -> Tensor:
