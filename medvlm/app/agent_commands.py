@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -190,13 +191,38 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+#: the options of build_agent (the grounding options of a command)
+AGENT_OPTIONS = ("grounder", "llm_url", "llm_model", "llm_answer", "checkpoint", "refine", "check")
+
+
+class AgentFactory:
+    """A picklable ``build_agent`` call for worker processes: the grounding options and the precision of the
+    command (``$MEDVLM_PRECISION``, set in the worker before the agent is built)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.options = {k: getattr(args, k) for k in AGENT_OPTIONS if hasattr(args, k)}
+        self.precision = os.environ.get("MEDVLM_PRECISION")
+
+    def __call__(self) -> Any:
+        if self.precision:
+            os.environ["MEDVLM_PRECISION"] = self.precision
+        return build_agent(argparse.Namespace(**self.options))
+
+
 def run_batch_cli(args: argparse.Namespace) -> int:
     from agents.batch import list_inputs, run_batch
 
     inputs = list_inputs(args.input)
-    agent = build_agent(args)
-    summary = run_batch(agent, inputs, args.phrase, args.out, retry_errors=args.retry_errors,
-                        progress=not args.no_progress)
+    if getattr(args, "engine", "local") == "ray":
+        from agents.batch_ray import run_batch_ray
+
+        summary = run_batch_ray(AgentFactory(args), inputs, args.phrase, args.out, address=args.address,
+                                num_workers=args.num_workers, cpus_per_worker=args.cpus_per_worker,
+                                gpus_per_worker=args.gpus_per_worker, retry_errors=args.retry_errors,
+                                progress=not args.no_progress)
+    else:
+        summary = run_batch(build_agent(args), inputs, args.phrase, args.out, retry_errors=args.retry_errors,
+                            progress=not args.no_progress)
     print("medvlm batch: " + "\n  ".join(summary.lines()))
     print(f"results: {Path(args.out) / 'results.jsonl'}")
     return 0 if summary.errors == 0 else 1
@@ -262,6 +288,90 @@ def run_bench_ask(args: argparse.Namespace) -> int:
                            "cold_median_s": statistics.median(cold) if cold else None,
                            "precision": _precision_note(agent)}, Path(args.json_out))
     return 0
+
+
+def run_bench_batch(args: argparse.Namespace) -> int:
+    """``medvlm bench batch``: items/s of the local engine and of Ray with each worker count, on the same inputs;
+    the outputs must agree (masks identical; lines identical but for scores within 1e-5, which depend on the
+    torch thread count)."""
+    import shutil
+
+    from agents.batch import list_inputs, run_batch
+    from agents.batch_ray import RayBatch, import_ray
+    from medvlm.datasets import default_data_root as data_root
+    from medvlm.outputs import write_json_atomic
+
+    ray = import_ray()
+    phrases = args.phrase or ["heart", "left lung"]
+    if args.input:
+        inputs = list_inputs(args.input)
+    else:
+        inputs = sorted((data_root() / "cxr_jsrt_scr" / "images").glob("*.png"))[: args.images]
+        if not inputs:
+            raise input_error("--input", expected="images (default: JSRT of ../shared/data)",
+                              received=f"none under {data_root()}", fix="pass --input FOLDER")
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    rows: list[dict[str, Any]] = []
+    factory = AgentFactory(argparse.Namespace(grounder="medvlm", refine="auto", check="repair"))
+    t0 = time.perf_counter()
+    agent = factory()
+    load = time.perf_counter() - t0
+    summary = run_batch(agent, inputs, phrases, work / "local", progress=False)
+    rows.append({"engine": "local (this process)", "workers": 1, "items": summary.done_now,
+                 "total_s": load + summary.seconds, "run_s": summary.seconds})
+    del agent
+    cpus = os.cpu_count() or 1
+    for n in args.workers:
+        t0 = time.perf_counter()
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level="warning")
+        try:
+            batch = RayBatch(factory, num_workers=n, cpus_per_worker=max(1, cpus // n))
+            summary = batch.run(inputs, phrases, work / f"ray{n}", progress=False)
+        finally:
+            ray.shutdown()
+        total = time.perf_counter() - t0
+        rows.append({"engine": f"ray, {n} worker(s) x {max(1, cpus // n)} CPU", "workers": n,
+                     "items": summary.done_now, "total_s": total, "run_s": summary.seconds})
+    reference = _batch_output(work / "local")
+    for row, name in zip(rows[1:], [f"ray{n}" for n in args.workers]):
+        lines, masks = _batch_output(work / name)
+        row["same_output"] = masks == reference[1] and lines.keys() == reference[0].keys() and all(
+            _same_record(lines[k], reference[0][k]) for k in lines)
+    print(f"medvlm bench batch: {len(inputs)} images x {len(phrases)} phrases = {len(inputs) * len(phrases)} items, "
+          f"{cpus} CPUs, grounder medvlm (embedded default)")
+    print(f"{'engine':<28} {'items':>6} {'items/s (all)':>14} {'items/s (run)':>14} {'same output':>12}")
+    for row in rows:
+        same = row.get("same_output")
+        verdict = "-" if same is None else ("yes" if same else "NO")
+        print(f"{row['engine']:<28} {row['items']:>6} {row['items'] / row['total_s']:>14.2f} "
+              f"{row['items'] / max(row['run_s'], 1e-9):>14.2f} {verdict:>12}")
+    print("all = with the start (Ray, every worker loading the agent); run = images streaming through warm workers "
+          "(local: after the agent load)")
+    if args.json_out:
+        write_json_atomic({"suite": "bench-batch", "rows": rows}, Path(args.json_out))
+    return 0 if all(r.get("same_output", True) for r in rows) else 1
+
+
+def _batch_output(out: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
+    import json
+
+    lines = {}
+    for line in (out / "results.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        lines[rec["key"]] = rec
+    masks = {p.name: p.read_bytes() for p in sorted((out / "masks").iterdir())}
+    return lines, masks
+
+
+def _same_record(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Equal records, scores within 1e-5 (they depend on the torch thread count)."""
+    strip = [{k: v for k, v in r.items() if k != "score"} for r in a["regions"]]
+    if strip != [{k: v for k, v in r.items() if k != "score"} for r in b["regions"]]:
+        return False
+    if {k: v for k, v in a.items() if k != "regions"} != {k: v for k, v in b.items() if k != "regions"}:
+        return False
+    return all(abs(float(x["score"]) - float(y["score"])) <= 1e-5 for x, y in zip(a["regions"], b["regions"]))
 
 
 def _precision_note(agent: Any) -> str:

@@ -36,7 +36,7 @@ Commands:
   batch       ground phrases on a folder of images: JSONL + masks, resumable
   refseg      segment in new images the structure a reference image shows (mask or box), training-free
   heatmap     weak localization of a finding: heatmap (Med-VLM or Grad-CAM), anatomy-gated, box + peak
-  bench       speed and memory benchmarks (bench segment [--text]; bench ask: seconds per question;
+  bench       speed and memory benchmarks (bench segment [--text]; bench ask: seconds per question; bench batch;
               bench llm: adapter training samples/s, vLLM vs transformers requests/s;
               bench serve: HTTP API requests/s and latency under load)
   models      list every model preset, where its weights come from and whether they are present
@@ -411,6 +411,17 @@ def _add_batch(p: argparse.ArgumentParser) -> None:
     _add_grounding(p)
     p.add_argument("--retry-errors", action="store_true", help="redo items that failed in an earlier run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this process; ray: Ray actors, each loading the agent once (a local Ray with this "
+                   "machine's cores, or --address); same outputs (pip install -e '.[ray]')")
+    p.add_argument("--address", default=None, help="with --engine ray: a running cluster (auto, HOST:6379 or "
+                   "ray://HOST:10001; default: start a local Ray); image paths must be readable on the workers")
+    p.add_argument("--num-workers", type=int, default=None, help="with --engine ray: worker actors (default: the "
+                   "cluster's CPUs / --cpus-per-worker)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="with --engine ray: CPUs each worker "
+                   "reserves (its torch threads; default 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="with --engine ray: GPUs each worker "
+                   "reserves (0.5 = two workers per GPU; default 0)")
 
 
 def _add_heatmap(p: argparse.ArgumentParser) -> None:
@@ -453,6 +464,17 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     a.add_argument("--cold", type=int, default=3, help="new `medvlm ask` processes timed end to end (default 3; 0 "
                    "= none)")
     a.add_argument("--json", default=None, dest="json_out", help="also write the table as JSON")
+    b = sub.add_parser("batch", help="items/s of medvlm batch: local engine against Ray with 1, 2, ... workers",
+                       description="Run the same batch (images x phrases) with --engine local and with --engine ray "
+                       "on a local Ray for each worker count; print items/s with and without the start (Ray, the "
+                       "workers' model loads) and check that every engine wrote the same lines and masks.")
+    b.add_argument("--input", default=None, help="image folder or list file (default: the first --images JSRT "
+                   "images of ../shared/data)")
+    b.add_argument("--images", type=int, default=16, help="images when --input is not given (default 16)")
+    b.add_argument("--phrase", action="append", default=None, help="phrases (default: heart, left lung)")
+    b.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="Ray worker counts (default 1 2)")
+    b.add_argument("--work", default="runs/bench_batch", help="output folders of the runs (replaced)")
+    b.add_argument("--json", default=None, dest="json_out", help="also write the table as JSON")
     v = sub.add_parser("serve", help="HTTP API under load: requests/s, p50/p95 latency, errors, server RSS",
                        description="Start medvlm serve on 127.0.0.1 (ephemeral port) in a subprocess and send a "
                        "bounded load to /v1/ground (a question) and /v1/segment (a box) on one image at each "

@@ -108,6 +108,10 @@ def run_bench(args: argparse.Namespace) -> int:
         from medvlm.app.server.bench import run_bench_serve
 
         return run_bench_serve(args)
+    if args.bench == "batch":
+        from medvlm.app.agent_commands import run_bench_batch
+
+        return run_bench_batch(args)
     return _run_bench_segment(args)
 
 
