@@ -63,21 +63,33 @@ def _browser_or_skip() -> None:
     pytest.importorskip("selenium", reason="selenium is not installed (pip install -e '.[dev]')")
 
 
-def _make_app(data_dir: Path) -> Any:
+def _make_app(data_dir: Path, api_key: str | None = None) -> Any:
     try:
         from medvlm.app.server.app import create_app
         from medvlm.app.server.config import ServerConfig
     except ImportError as exc:
         pytest.skip(f"the HTTP API (medvlm.app.server.app.create_app) is not importable: {exc}")
-    return create_app(ServerConfig(data_dir=data_dir, request_timeout_s=REQUEST_TIMEOUT_S))
+    return create_app(ServerConfig(data_dir=data_dir, request_timeout_s=REQUEST_TIMEOUT_S, api_key=api_key))
 
 
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    yield from _serve(tmp_path_factory, None)
+
+
+WEB_KEY = "web-ui-test-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def keyed_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    yield from _serve(tmp_path_factory, WEB_KEY)
+
+
+def _serve(tmp_path_factory: pytest.TempPathFactory, api_key: str | None) -> Iterator[str]:
     _browser_or_skip()
     import uvicorn
 
-    app = _make_app(tmp_path_factory.mktemp("serve"))
+    app = _make_app(tmp_path_factory.mktemp("serve"), api_key)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -235,3 +247,42 @@ def test_web_ui_grounds_a_question_and_links_a_report(jsrt_image: Path, server_u
     assert overlay.get_attribute("data-state") == "error"
     print(f"error banner: {kind}: {message}")
     print(f"web UI: first answer after {t_ask:.1f} s, whole test {time.monotonic() - t0:.1f} s; screenshot {shot}")
+
+
+def test_web_ui_sends_the_api_key_the_user_enters(jsrt_image: Path, keyed_server_url: str, driver: Any) -> None:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(keyed_server_url + "/")  # the page itself needs no key
+    driver.execute_script("sessionStorage.clear();")
+    driver.get(keyed_server_url + "/")
+    driver.find_element("id", "image-input").send_keys(str(jsrt_image))
+    # no key: the server's 401, and the page says where the key goes
+    _submit(driver, "question-input", "where is the heart?", "ask-button")
+    WebDriverWait(driver, REQUEST_TIMEOUT_S, poll_frequency=0.2).until(
+        lambda d: d.find_element("id", "overlay").get_attribute("data-state") == "error")
+    banner = driver.find_element("id", "error-banner").text
+    assert "API key" in banner and WEB_KEY not in banner, banner
+    # a wrong key: 401 again, said so
+    key = driver.find_element("id", "api-key-input")
+    key.send_keys("not-the-key-at-all")
+    _submit(driver, "question-input", "where is the heart?", "ask-button")
+    WebDriverWait(driver, REQUEST_TIMEOUT_S, poll_frequency=0.2).until(
+        lambda d: d.find_element("id", "overlay").get_attribute("data-state") == "error")
+    assert "not the server's" in driver.find_element("id", "error-banner").text
+    # the right key: answered and drawn
+    key.clear()
+    key.send_keys(WEB_KEY)
+    _submit(driver, "question-input", "where is the heart?", "ask-button")
+    _wait_done(driver)
+    assert int(driver.find_element("id", "overlay").get_attribute("data-region-count")) >= 1
+    # a download fetched with the key (the plain link would get 401)
+    got = driver.execute_async_script(
+        "const done = arguments[0];"
+        "fetch(document.getElementById('download-json').href, {headers: authHeaders()})"
+        ".then(r => r.json().then(b => done([r.status, b.regions.length])))"
+        ".catch(e => done(['error', String(e)]));")
+    assert got[0] == 200 and got[1] >= 1, got
+    plain = driver.execute_async_script(
+        "const done = arguments[0]; fetch(document.getElementById('download-json').href)"
+        ".then(r => done(r.status));")
+    assert plain == 401

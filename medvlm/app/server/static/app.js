@@ -47,6 +47,58 @@ function setBusy(busy) {
   if (busy) $("overlay").dataset.state = "busy";
 }
 
+// ---------------------------------------------------------------- API key
+
+// kept for this tab only (sessionStorage), sent as "Authorization: Bearer <key>" like an OpenAI client's key
+const KEY_STORE = "medvlm-api-key";
+
+function apiKey() {
+  const field = $("api-key-input");
+  return field ? field.value.trim() : "";
+}
+
+function authHeaders() {
+  const key = apiKey();
+  return key ? { Authorization: "Bearer " + key } : {};
+}
+
+function explain401(err) {
+  const e = Object.assign({}, (err && err.error) || err || {});
+  e.fix = apiKey() ? "The API key in the field above is not the server's: check it (MEDVLM_API_KEY of `medvlm serve`)."
+                   : "This server needs an API key: enter it in the 'API key' field above.";
+  return e;
+}
+
+// a result file (an <img> or a download) from a server that needs the key: fetched with the header, as a blob URL
+async function authorizedBlobUrl(url) {
+  const resp = await fetch(url, { headers: authHeaders() });
+  if (!resp.ok) {
+    let body = null;
+    try { body = await resp.json(); } catch (_) { body = null; }
+    const err = body && body.error ? body : { type: "http_" + resp.status, message: resp.statusText || "Request failed" };
+    throw resp.status === 401 ? explain401(err) : err;
+  }
+  return URL.createObjectURL(await resp.blob());
+}
+
+async function downloadWithKey(event) {
+  const a = event.currentTarget;
+  if (!apiKey() || !a.getAttribute("href")) return;  // no key: the plain link works
+  event.preventDefault();
+  try {
+    const url = await authorizedBlobUrl(a.href);
+    const tmp = document.createElement("a");
+    tmp.href = url;
+    tmp.download = decodeURIComponent(a.href.split("/").pop() || "download");
+    document.body.appendChild(tmp);
+    tmp.click();
+    tmp.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 60000);
+  } catch (err) {
+    showError(err);
+  }
+}
+
 // ---------------------------------------------------------------- image upload
 
 async function isDicomFile(file) {
@@ -66,6 +118,7 @@ async function onFileChosen() {
   state.objectUrl = null;
   const img = $("image-view");
   img.dataset.failed = "0";
+  delete img.dataset.source;
   if (!state.isDicom && (BROWSER_IMAGE.test(file.name) || file.type.startsWith("image/"))) {
     state.objectUrl = URL.createObjectURL(file);
     img.src = state.objectUrl;
@@ -84,8 +137,14 @@ function previewFromReply(reply) {
   const img = $("image-view");
   if (!(state.isDicom || !state.objectUrl || img.dataset.failed === "1") || !reply.result_id) return;
   const src = (reply.downloads && reply.downloads.image) || resultUrl(reply.result_id, "/image.png");
-  if (img.getAttribute("src") !== src) img.src = src;
   img.hidden = false;
+  if (!apiKey()) {
+    if (img.getAttribute("src") !== src) img.src = src;
+    return;
+  }
+  if (img.dataset.source === src) return;
+  img.dataset.source = src;
+  authorizedBlobUrl(src).then((url) => { img.src = url; }).catch(showError);
 }
 
 // ---------------------------------------------------------------- requests
@@ -106,11 +165,12 @@ async function post(path, fields) {
   setBusy(true);
   setStatus("Working…");
   try {
-    const resp = await fetch(path, { method: "POST", body: form });
+    const resp = await fetch(path, { method: "POST", body: form, headers: authHeaders() });
     let body = null;
     try { body = await resp.json(); } catch (_) { body = null; }
     if (!resp.ok) {
-      showError(body && body.error ? body : { type: "http_" + resp.status, message: detailText(body) || resp.statusText || "Request failed" });
+      const err = body && body.error ? body : { type: "http_" + resp.status, message: detailText(body) || resp.statusText || "Request failed" };
+      showError(resp.status === 401 ? explain401(err) : err);
       return null;
     }
     return body;
@@ -522,4 +582,12 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   window.addEventListener("resize", draw);
   hookDrag();
+  const keyField = $("api-key-input");
+  try { keyField.value = sessionStorage.getItem(KEY_STORE) || ""; } catch (_) { /* storage disabled */ }
+  keyField.addEventListener("change", () => {
+    try { sessionStorage.setItem(KEY_STORE, apiKey()); } catch (_) { /* storage disabled */ }
+  });
+  for (const id of ["download-json", "download-png", "download-zip", "download-nii", "download-dcm"]) {
+    $(id).addEventListener("click", downloadWithKey);
+  }
 });
