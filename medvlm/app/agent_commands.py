@@ -239,54 +239,87 @@ BENCH_QUESTIONS = (
 )
 
 
+def _agent_at(precision: str | None) -> Any:
+    """The embedded-default agent with its Med-VLM at ``precision`` (None: the command's, i.e. the chosen one)."""
+    old = os.environ.get("MEDVLM_PRECISION")
+    if precision is not None:
+        os.environ["MEDVLM_PRECISION"] = precision  # read when the segmenter is built (its plan)
+    try:
+        return build_agent(argparse.Namespace(grounder="medvlm", refine="auto", check="repair"))
+    finally:
+        if old is None:
+            os.environ.pop("MEDVLM_PRECISION", None)
+        else:
+            os.environ["MEDVLM_PRECISION"] = old
+
+
+def _cold_ask(image_path: Any, question: str, precision: str | None) -> float:
+    env = dict(os.environ)
+    if precision is not None:
+        env["MEDVLM_PRECISION"] = precision
+    cmd = [sys.executable, "-m", "medvlm.app.cli", "ask", str(image_path), question]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    seconds = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise RuntimeError(f"cold `medvlm ask` failed ({done.returncode}): {done.stderr[-500:]}")
+    return seconds
+
+
 def run_bench_ask(args: argparse.Namespace) -> int:
-    """Per-question latency of ``medvlm ask`` with the embedded default (model load timed apart)."""
+    """Per-question latency of ``medvlm ask`` with the embedded default, torch fp32 beside the chosen precision
+    (``--precision`` / auto) in the same run: warm (one process, questions interleaved between the two agents,
+    model load timed apart) and cold (new ``medvlm ask`` processes end to end)."""
     from medvlm.assets import DEMO_IMAGE, asset_path
     from medvlm.io import load_image
     from medvlm.outputs import write_json_atomic
 
     image_path = args.image or asset_path(DEMO_IMAGE)
-    t0 = time.perf_counter()
-    agent = build_agent(argparse.Namespace(grounder="medvlm", refine="auto", check="repair"))
-    load_s = time.perf_counter() - t0
+    paths: dict[str, Any] = {}
+    load_s: dict[str, float] = {}
+    for name, precision in (("fp32", "fp32"), ("chosen", None)):
+        t0 = time.perf_counter()
+        paths[name] = _agent_at(precision)
+        load_s[name] = time.perf_counter() - t0
+    notes = {name: _precision_note(agent) for name, agent in paths.items()}
     rows: list[dict[str, Any]] = []
     for k in range(args.questions):
         question = BENCH_QUESTIONS[k % len(BENCH_QUESTIONS)]
-        # a fresh image object per question: nothing cached from the previous one, as for a new request
-        t1 = time.perf_counter()
-        image = load_image(image_path)
-        answer = agent.ask(image, question)
-        rows.append({"question": question, "seconds": time.perf_counter() - t1, "regions": len(answer.regions)})
+        row: dict[str, Any] = {"question": question}
+        for name, agent in paths.items():
+            # a fresh image object per question: nothing cached from the previous one, as for a new request
+            t1 = time.perf_counter()
+            answer = agent.ask(load_image(image_path), question)
+            row[name] = time.perf_counter() - t1
+            row[f"{name}_regions"] = len(answer.regions)
+        rows.append(row)
         print(f"measured: {question}", file=sys.stderr)
-    secs = [float(r["seconds"]) for r in rows]
-    # cold: a new `medvlm ask` process per question, end to end (interpreter, imports, model load, answer), after
-    # the warm run above compiled the encoders and saved their bundle, as on any machine after its first question
-    cold: list[float] = []
+    # cold: new processes, after the warm run compiled the encoders and saved their bundle (as on any machine
+    # after its first question)
+    cold: dict[str, list[float]] = {"fp32": [], "chosen": []}
     for k in range(args.cold):
-        cmd = [sys.executable, "-m", "medvlm.app.cli", "ask", str(image_path), BENCH_QUESTIONS[1]]
-        t2 = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        cold.append(time.perf_counter() - t2)
-        if done.returncode != 0:
-            raise RuntimeError(f"cold `medvlm ask` failed ({done.returncode}): {done.stderr[-500:]}")
-        print(f"measured: cold process {k + 1}/{args.cold}", file=sys.stderr)
+        for name, precision in (("fp32", "fp32"), ("chosen", None)):
+            cold[name].append(_cold_ask(image_path, BENCH_QUESTIONS[1], precision))
+        print(f"measured: cold processes {k + 1}/{args.cold}", file=sys.stderr)
+    med = {name: statistics.median(float(r[name]) for r in rows) for name in paths}
     print(f"medvlm bench ask: {Path(image_path).name}, grounder medvlm (embedded default), {len(rows)} questions; "
-          f"model load {load_s:.2f} s (once per process); precision {_precision_note(agent)}")
-    print(f"{'question':<48} {'seconds':>8} {'regions':>8}")
+          f"fp32 = {notes['fp32']}, chosen = {notes['chosen']}")
+    print(f"{'question':<44} {'fp32 s':>8} {'chosen s':>9} {'ratio':>6} {'regions':>8}")
     for r in rows:
-        print(f"{r['question']:<48} {r['seconds']:>8.3f} {r['regions']:>8}")
-    print(f"{'median':<48} {statistics.median(secs):>8.3f}")
-    print(f"{'max':<48} {max(secs):>8.3f}")
-    if cold:
-        print(f"\n{'':<28} {'warm (in process)':>18} {'cold (new process)':>19}")
-        print(f"{'medvlm ask, median seconds':<28} {statistics.median(secs):>18.3f} {statistics.median(cold):>19.3f}")
-        print(f"{'min':<28} {min(secs):>18.3f} {min(cold):>19.3f}")
-        print(f"cold = `medvlm ask IMAGE \"{BENCH_QUESTIONS[1]}\"` end to end in a new process, {len(cold)} runs")
+        print(f"{r['question']:<44} {r['fp32']:>8.3f} {r['chosen']:>9.3f} {r['fp32'] / r['chosen']:>6.2f} "
+              f"{r['chosen_regions']:>8}")
+    print(f"{'warm median (in process)':<44} {med['fp32']:>8.3f} {med['chosen']:>9.3f} "
+          f"{med['fp32'] / med['chosen']:>6.2f}")
+    print(f"{'model load (once per process)':<44} {load_s['fp32']:>8.3f} {load_s['chosen']:>9.3f}")
+    if args.cold:
+        cf, cc = statistics.median(cold["fp32"]), statistics.median(cold["chosen"])
+        print(f"{'cold median (new process, end to end)':<44} {cf:>8.3f} {cc:>9.3f} {cf / cc:>6.2f}")
+        print(f"cold = `medvlm ask IMAGE \"{BENCH_QUESTIONS[1]}\"` in a new process, {args.cold} runs per path")
     if args.json_out:
-        write_json_atomic({"suite": "bench-ask", "load_s": load_s, "rows": rows,
-                           "median_s": statistics.median(secs), "max_s": max(secs), "cold_s": cold,
-                           "cold_median_s": statistics.median(cold) if cold else None,
-                           "precision": _precision_note(agent)}, Path(args.json_out))
+        write_json_atomic({"suite": "bench-ask", "paths": notes, "load_s": load_s, "rows": rows,
+                           "warm_median_s": med, "cold_s": cold,
+                           "cold_median_s": {n: statistics.median(v) for n, v in cold.items() if v}},
+                          Path(args.json_out))
     return 0
 
 

@@ -36,7 +36,8 @@ Commands:
   batch       ground phrases on a folder of images: JSONL + masks, resumable
   refseg      segment in new images the structure a reference image shows (mask or box), training-free
   heatmap     weak localization of a finding: heatmap (Med-VLM or Grad-CAM), anatomy-gated, box + peak
-  bench       speed and memory benchmarks (bench segment [--text]; bench ask: seconds per question; bench batch;
+  bench       speed and memory benchmarks (bench segment [--text]; bench ask: seconds per question;
+              bench volume: seconds per slice; bench batch: items/s local vs Ray;
               bench llm: adapter training samples/s, vLLM vs transformers requests/s;
               bench serve: HTTP API requests/s and latency under load)
   models      list every model preset, where its weights come from and whether they are present
@@ -464,6 +465,16 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     a.add_argument("--cold", type=int, default=3, help="new `medvlm ask` processes timed end to end (default 3; 0 "
                    "= none)")
     a.add_argument("--json", default=None, dest="json_out", help="also write the table as JSON")
+    vol = sub.add_parser("volume", help="seconds per slice and per volume of 3D text-guided segmentation, fp32 "
+                         "beside the chosen precision",
+                         description="Segment one volume by text with torch fp32 and with the chosen precision "
+                         "(--precision, default auto), alternating, and print seconds per volume and per slice "
+                         "(encode, decode) and the 3D Dice between the two paths' masks.")
+    vol.add_argument("--volume", default=None, help="NIfTI file or DICOM series folder (default: "
+                     "ct_totalsegmentator_example/example_ct_sm.nii.gz of ../shared/data)")
+    vol.add_argument("--text", action="append", default=None, help="phrases (default: liver, spleen)")
+    vol.add_argument("--repeats", type=int, default=3, help="runs per path (default 3)")
+    vol.add_argument("--json", default=None, dest="json_out", help="also write the table as JSON")
     b = sub.add_parser("batch", help="items/s of medvlm batch: local engine against Ray with 1, 2, ... workers",
                        description="Run the same batch (images x phrases) with --engine local and with --engine ray "
                        "on a local Ray for each worker count; print items/s with and without the start (Ray, the "

@@ -108,6 +108,10 @@ def run_bench(args: argparse.Namespace) -> int:
         from medvlm.app.server.bench import run_bench_serve
 
         return run_bench_serve(args)
+    if args.bench == "volume":
+        from medvlm.app.volume_commands import run_bench_volume
+
+        return run_bench_volume(args)
     if args.bench == "batch":
         from medvlm.app.agent_commands import run_bench_batch
 

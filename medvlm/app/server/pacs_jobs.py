@@ -22,10 +22,8 @@ request, and ``result.stored`` lists what it stored, so a failed job has stored 
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-import shutil
 import threading
 import time
 from collections.abc import Sequence
@@ -34,9 +32,9 @@ from queue import Empty, Queue
 from typing import Any
 
 from medvlm.app.server.errors import ApiError
+from medvlm.app.server.jobs import JobFolders
 from medvlm.app.server.results import check_id, new_id
 from medvlm.errors import InputError, MedvlmError
-from medvlm.outputs import write_json_atomic
 
 __all__ = ["MAX_MESSAGES", "PacsJobs", "allowed_pacs_url"]
 
@@ -67,7 +65,7 @@ def allowed_pacs_url(requested: str | None, allowed: Sequence[str]) -> str:
                    fix="leave 'url' out to use the server's PACS, or restart the server with another --pacs-url")
 
 
-class PacsJobs:
+class PacsJobs(JobFolders):
     """Queues PACS jobs, runs them one at a time in a worker thread, answers their status and files.
 
     ``root``: the jobs' folder. ``services``: the :class:`~medvlm.app.server.services.Services` whose Med-VLM
@@ -78,58 +76,36 @@ class PacsJobs:
     (0 = for ever).
     """
 
+    thread_name = "medvlm-pacs-jobs"
+
     def __init__(self, root: Path, services: Any, urls: Sequence[str] = (), *, cache_dir: Path | None = None,
                  timeout_s: float = 30.0, retries: int = 3, torch_threads: int = 1, ttl_s: float = 0.0) -> None:
-        self.root = Path(root)
+        super().__init__(root, ttl_s)
         self.services = services
         self.urls = tuple(urls)
         self.cache_dir = cache_dir
         self.timeout_s = float(timeout_s)
         self.retries = int(retries)
         self.torch_threads = torch_threads
-        self.ttl_s = float(ttl_s)
         self._queue: Queue[tuple[str, dict[str, Any]]] = Queue()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
 
     # ----------------------------------------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
         """Mark jobs left unfinished by an earlier run as failed, sweep expired ones and start the worker."""
-        if self._thread is not None:
+        if self.running:
             return
         self.root.mkdir(parents=True, exist_ok=True)
         for folder in sorted(self.root.iterdir()):
-            state = self._read(folder.name)
+            state = self.read_state(folder.name)
             if state and state["status"] in ("queued", "running"):
                 state.update(status="failed", error={
                     "type": "interrupted", "message": "the server stopped during this job",
                     "expected": "a job to finish in one server run",
                     "fix": "submit it again; nothing was stored in the PACS unless result.stored lists it"})
-                self._write(folder.name, state)
+                self.write_state(folder.name, state)
         self.sweep()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._work, name="medvlm-pacs-jobs", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-        self._thread = None
-
-    def sweep(self) -> int:
-        """Delete the folders of jobs that finished more than ``ttl_s`` ago; returns how many."""
-        if self.ttl_s <= 0 or not self.root.is_dir():
-            return 0
-        now, removed = time.time(), 0
-        for folder in list(self.root.iterdir()):
-            state = self._read(folder.name)
-            if state and state["status"] in ("done", "failed") and now - state.get("finished", now) > self.ttl_s:
-                shutil.rmtree(folder, ignore_errors=True)
-                removed += 1
-        return removed
+        self.start_worker()
 
     # ------------------------------------------------------------------------------------------------- public
 
@@ -145,13 +121,13 @@ class PacsJobs:
         state: dict[str, Any] = {"id": job_id, "kind": kind, "status": "queued", "request": public,
                  "progress": {"stage": "queued", "done": 0, "total": 0}, "messages": [], "result": None,
                  "files": [], "error": None, "created": time.time()}
-        self._write(job_id, state)
+        self.write_state(job_id, state)
         self._queue.put((job_id, {**request, "url": url}))
         return state
 
     def status(self, job_id: str) -> dict[str, Any]:
         check_id(job_id, "job")
-        state = self._read(job_id)
+        state = self.read_state(job_id)
         if state is None:
             raise ApiError(404, "not_found", "no PACS job with this id",
                            expected="the id returned by POST /v1/pacs/segment or /v1/pacs/link-report",
@@ -172,27 +148,15 @@ class PacsJobs:
 
     # ------------------------------------------------------------------------------------------------ worker
 
-    def _read(self, job_id: str) -> dict[str, Any] | None:
-        with self._lock:
-            try:
-                return dict(json.loads((self.root / job_id / "job.json").read_text()))
-            except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
-                return None
-
-    def _write(self, job_id: str, state: dict[str, Any]) -> None:
-        with self._lock:
-            write_json_atomic(state, self.root / job_id / "job.json")
-
-    def _work(self) -> None:
-        while not self._stop.is_set():
-            try:
-                job_id, request = self._queue.get(timeout=0.2)
-            except Empty:
-                continue
-            self._run(job_id, request)
+    def work(self) -> None:
+        try:
+            job_id, request = self._queue.get(timeout=0.2)
+        except Empty:
+            return
+        self._run(job_id, request)
 
     def _run(self, job_id: str, request: dict[str, Any]) -> None:
-        state = self._read(job_id)
+        state = self.read_state(job_id)
         if state is None or state["status"] != "queued":
             return
         out = self.root / job_id / "out"
@@ -203,7 +167,7 @@ class PacsJobs:
             now = time.monotonic()
             if force or now - last_write[0] >= 0.25:
                 state["files"] = sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith("."))
-                self._write(job_id, state)
+                self.write_state(job_id, state)
                 last_write[0] = now
 
         def say(message: str) -> None:
