@@ -26,8 +26,9 @@ from typing import Any
 
 from medvlm.errors import MedvlmError, input_error
 
-__all__ = ["IMAGE_SUFFIXES", "BatchOutput", "BatchSummary", "ImageResult", "check_phrases", "ground_image",
-           "list_inputs", "read_done", "run_batch", "tally"]
+__all__ = ["IMAGE_SUFFIXES", "BatchItems", "BatchOutput", "BatchSummary", "ImageResult", "batch_inputs",
+           "batch_items", "check_phrases", "ground_image", "list_inputs", "read_batch_csv", "read_done", "run_batch",
+           "run_batch_items", "tally"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".nii", ".nii.gz", ".tif", ".tiff")
 
@@ -199,20 +200,78 @@ def tally(summary: BatchSummary, result: ImageResult, written: Sequence[dict[str
     summary.regions += sum(len(r["regions"]) for r in written)
 
 
+#: the work of a batch: each image with the phrases to ground on it
+BatchItems = list[tuple[Path, list[str]]]
+
+
+def batch_items(inputs: Iterable[Path], phrases: Sequence[str]) -> BatchItems:
+    """Every image of ``inputs`` with every phrase (checked: non-empty)."""
+    cleaned = check_phrases(phrases)
+    return [(Path(p), list(cleaned)) for p in inputs]
+
+
+def read_batch_csv(path: str | os.PathLike[str], phrases: Sequence[str] = ()) -> BatchItems:
+    """The items of a CSV with a header row naming an ``image`` column (relative paths are relative to the CSV's
+    folder) and a ``phrase`` column: one (image, phrase) per row, rows of one image grouped in file order; the
+    ``phrases`` (``--phrase``) are added to every image. A row without a phrase adds the image with ``phrases``."""
+    import csv
+
+    src = Path(path)
+    with open(src, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        fields = [f.strip().lower() for f in reader.fieldnames or []]
+        if "image" not in fields:
+            raise input_error(f"--input {src}", expected="a CSV whose header names an 'image' column (and a "
+                              "'phrase' column, or --phrase)", received=f"columns {fields or 'none'}",
+                              fix="add the header row: image,phrase")
+        extra = [p.strip() for p in phrases if p.strip()]
+        grouped: dict[Path, list[str]] = {}
+        for row in reader:
+            cells = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
+            if not cells.get("image"):
+                continue
+            image = Path(cells["image"])
+            image = image if image.is_absolute() else src.parent / image
+            entry = grouped.setdefault(image, [])
+            phrase = cells.get("phrase", "")
+            if phrase and phrase not in entry:
+                entry.append(phrase)
+    items = [(image, own + [p for p in extra if p not in own]) for image, own in grouped.items()]
+    missing = [str(image) for image, phr in items if not phr]
+    if not items or missing:
+        raise input_error(f"--input {src}", expected="rows with an image and a phrase (or --phrase for all)",
+                          received="no rows" if not items else f"images without a phrase, e.g. {missing[0]}",
+                          fix="fill the phrase column, or pass --phrase")
+    return items
+
+
+def batch_inputs(source: str | os.PathLike[str], phrases: Sequence[str]) -> BatchItems:
+    """``medvlm batch --input``: a ``.csv`` of image,phrase rows (:func:`read_batch_csv`), else a folder, a list
+    file or one image (:func:`list_inputs`), each with every ``--phrase``."""
+    if str(source).lower().endswith(".csv") and Path(source).is_file():
+        return read_batch_csv(source, phrases)
+    return batch_items(list_inputs(source), phrases)
+
+
 def run_batch(agent: Any, inputs: Iterable[Path], phrases: Sequence[str], out_dir: str | os.PathLike[str], *,
               retry_errors: bool = False, progress: bool = True) -> BatchSummary:
     """Ground every phrase on every image with ``agent`` (a :class:`~agents.pipeline.GroundingAgent`); resumable.
+    See :func:`run_batch_items`."""
+    return run_batch_items(agent, batch_items(inputs, phrases), out_dir, retry_errors=retry_errors,
+                           progress=progress)
 
-    Each image is loaded and encoded once for all its phrases. Returns the counts of this run."""
+
+def run_batch_items(agent: Any, items: BatchItems, out_dir: str | os.PathLike[str], *, retry_errors: bool = False,
+                    progress: bool = True) -> BatchSummary:
+    """Ground the phrases of each image of ``items`` with ``agent``; resumable (module docstring). Each image is
+    loaded and encoded once for all its phrases. Returns the counts of this run."""
     from tqdm import tqdm
 
-    phrases = check_phrases(phrases)
     output = BatchOutput(out_dir, retry_errors=retry_errors)
-    paths = list(inputs)
-    summary = BatchSummary(images=len(paths), items=len(paths) * len(phrases))
+    summary = BatchSummary(images=len(items), items=sum(len(phr) for _, phr in items))
     t0 = time.perf_counter()
     bar = tqdm(total=summary.items, disable=not progress, unit="item", desc="medvlm batch")
-    for path in paths:
+    for path, phrases in items:
         todo = output.todo(path, phrases)
         summary.skipped_done += len(phrases) - len(todo)
         bar.update(len(phrases) - len(todo))

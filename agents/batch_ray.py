@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from agents.batch import BatchOutput, BatchSummary, ImageResult, check_phrases, ground_image, tally
+from agents.batch import BatchItems, BatchOutput, BatchSummary, ImageResult, batch_items, ground_image, tally
 from medvlm.errors import input_error, missing_dependency
 
 __all__ = ["RAY_INSTALL", "GroundingWorker", "RayBatch", "import_ray", "run_batch_ray"]
@@ -108,15 +108,18 @@ class RayBatch:
             retry_errors: bool = False, progress: bool = True) -> BatchSummary:
         """Ground every phrase on every image of ``inputs`` into ``out_dir`` (the layout of :mod:`agents.batch`);
         returns the counts of this run."""
+        return self.run_items(batch_items(inputs, phrases), out_dir, retry_errors=retry_errors, progress=progress)
+
+    def run_items(self, items: BatchItems, out_dir: str | os.PathLike[str], *, retry_errors: bool = False,
+                  progress: bool = True) -> BatchSummary:
+        """Ground the phrases of each image of ``items`` (:func:`agents.batch.batch_inputs`) into ``out_dir``."""
         from tqdm import tqdm
 
         ray = import_ray()
-        phrases = check_phrases(phrases)
         output = BatchOutput(out_dir, retry_errors=retry_errors)
-        paths = list(inputs)
-        summary = BatchSummary(images=len(paths), items=len(paths) * len(phrases))
+        summary = BatchSummary(images=len(items), items=sum(len(phr) for _, phr in items))
         work: list[tuple[Path, list[tuple[str, str]]]] = []
-        for path in paths:
+        for path, phrases in items:
             todo = output.todo(path, phrases)
             summary.skipped_done += len(phrases) - len(todo)
             if todo:
@@ -166,15 +169,15 @@ class RayBatch:
         return summary
 
 
-def run_batch_ray(make_agent: Callable[[], Any], inputs: Iterable[Path], phrases: Sequence[str],
-                  out_dir: str | os.PathLike[str], *, address: str | None = None, num_workers: int | None = None,
-                  cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0, retry_errors: bool = False,
-                  progress: bool = True) -> BatchSummary:
-    """:func:`agents.batch.run_batch` on Ray (module docstring). ``make_agent``: a picklable zero-argument
-    callable that builds the grounding agent in each worker. ``address``: a running cluster (``auto``,
+def run_batch_ray(make_agent: Callable[[], Any], items: BatchItems, out_dir: str | os.PathLike[str], *,
+                  address: str | None = None, num_workers: int | None = None, cpus_per_worker: float = 1.0,
+                  gpus_per_worker: float = 0.0, retry_errors: bool = False, progress: bool = True) -> BatchSummary:
+    """:func:`agents.batch.run_batch_items` on Ray (module docstring). ``items``: each image with its phrases
+    (:func:`agents.batch.batch_inputs`). ``make_agent``: a picklable zero-argument callable that builds the
+    grounding agent in each worker. ``address``: a running cluster (``auto``,
     ``HOST:6379``, ``ray://HOST:10001``), or None for the one already initialised in this process, else a new
     local Ray with this machine's cores. ``num_workers``: default one per ``cpus_per_worker`` CPUs of the
     cluster; ``gpus_per_worker``: GPUs each worker reserves (fractions share a GPU)."""
     return RayBatch(make_agent, address=address, num_workers=num_workers, cpus_per_worker=cpus_per_worker,
-                    gpus_per_worker=gpus_per_worker).run(inputs, phrases, out_dir, retry_errors=retry_errors,
-                                                         progress=progress)
+                    gpus_per_worker=gpus_per_worker).run_items(items, out_dir, retry_errors=retry_errors,
+                                                               progress=progress)

@@ -131,10 +131,15 @@ def test_a_killed_worker_is_replaced_and_every_item_is_written_once(ray_cluster:
 def test_a_killed_driver_resumes_and_finishes_every_item_once(ray_cluster: Any, images: Path, local: Path,
                                                               tmp_path: Path) -> None:
     address = ray_cluster.address_info["gcs_address"]
+    # the same items as an image,phrase CSV (the other input form), so the lines must equal the local run's
+    rows = tmp_path / "items.csv"
+    paths = [ln for ln in images.read_text().splitlines() if ln]
+    rows.write_text("image,phrase\n" + "".join(f"{p},{ph}\n" for p in paths for ph in PHRASES))
+    out = tmp_path / "out"
     cmd = [sys.executable, "-m", "medvlm.app.cli", "batch", "--engine", "ray", "--address", address,
-           "--num-workers", "1", "--cpus-per-worker", str(os.cpu_count() or 1), "--input", str(images),
-           "--phrase", PHRASES[0], "--phrase", PHRASES[1], "--out", str(tmp_path), "--no-progress"]
-    results = tmp_path / "results.jsonl"
+           "--num-workers", "1", "--cpus-per-worker", str(os.cpu_count() or 1), "--input", str(rows),
+           "--out", str(out), "--no-progress"]
+    results = out / "results.jsonl"
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
@@ -149,8 +154,8 @@ def test_a_killed_driver_resumes_and_finishes_every_item_once(ray_cluster: Any, 
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert f"already done (skipped): {partial}" in done.stdout
-    assert _lines(tmp_path) == _lines(local)
-    assert _masks(tmp_path) == _masks(local)
+    assert _lines(out) == _lines(local)
+    assert _masks(out) == _masks(local)
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -173,3 +178,26 @@ def test_serve_llm_passes_tensor_parallel_size_to_vllm() -> None:
     cmd = VLLMServer("org/big-vlm", extra_args=extra).command()
     assert cmd[-4:] == ["--tensor-parallel-size", "2", "--distributed-executor-backend", "ray"]
     assert cmd[cmd.index("--model") + 1] == "org/big-vlm"
+
+
+def test_csv_input_groups_rows_per_image_and_says_what_is_missing(tmp_path: Path) -> None:
+    from agents.batch import batch_inputs, read_batch_csv
+    from medvlm.errors import InputError
+
+    (tmp_path / "a.png").write_bytes(b"")
+    csv_path = tmp_path / "items.csv"
+    csv_path.write_text("Image,Phrase\na.png,heart\n/abs/b.png,left lung\na.png,right lung\na.png,heart\n,x\n")
+    items = read_batch_csv(csv_path, ["trachea"])
+    assert items == [(tmp_path / "a.png", ["heart", "right lung", "trachea"]),
+                     (Path("/abs/b.png"), ["left lung", "trachea"])]
+    assert batch_inputs(csv_path, []) == [(tmp_path / "a.png", ["heart", "right lung"]),
+                                          (Path("/abs/b.png"), ["left lung"])]
+    (tmp_path / "no_image.csv").write_text("path,phrase\na.png,heart\n")
+    with pytest.raises(InputError, match="'image' column"):
+        read_batch_csv(tmp_path / "no_image.csv")
+    (tmp_path / "no_phrase.csv").write_text("image\na.png\n")
+    with pytest.raises(InputError, match="without a phrase"):
+        read_batch_csv(tmp_path / "no_phrase.csv")
+    assert read_batch_csv(tmp_path / "no_phrase.csv", ["heart"]) == [(tmp_path / "a.png", ["heart"])]
+    with pytest.raises(InputError, match="--phrase"):
+        batch_inputs(tmp_path / "a.png", [])

@@ -210,19 +210,19 @@ class AgentFactory:
 
 
 def run_batch_cli(args: argparse.Namespace) -> int:
-    from agents.batch import list_inputs, run_batch
+    from agents.batch import batch_inputs, run_batch_items
 
-    inputs = list_inputs(args.input)
+    items = batch_inputs(args.input, args.phrase or [])
     if getattr(args, "engine", "local") == "ray":
         from agents.batch_ray import run_batch_ray
 
-        summary = run_batch_ray(AgentFactory(args), inputs, args.phrase, args.out, address=args.address,
+        summary = run_batch_ray(AgentFactory(args), items, args.out, address=args.address,
                                 num_workers=args.num_workers, cpus_per_worker=args.cpus_per_worker,
                                 gpus_per_worker=args.gpus_per_worker, retry_errors=args.retry_errors,
                                 progress=not args.no_progress)
     else:
-        summary = run_batch(build_agent(args), inputs, args.phrase, args.out, retry_errors=args.retry_errors,
-                            progress=not args.no_progress)
+        summary = run_batch_items(build_agent(args), items, args.out, retry_errors=args.retry_errors,
+                                  progress=not args.no_progress)
     print("medvlm batch: " + "\n  ".join(summary.lines()))
     print(f"results: {Path(args.out) / 'results.jsonl'}")
     return 0 if summary.errors == 0 else 1

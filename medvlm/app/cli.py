@@ -406,8 +406,10 @@ def _add_link_report(p: argparse.ArgumentParser) -> None:
 
 
 def _add_batch(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", required=True, help="image folder (recursive) or a text file listing image paths")
-    p.add_argument("--phrase", action="append", required=True, help="phrase to ground on every image; repeatable")
+    p.add_argument("--input", required=True, help="image folder (recursive), a text file listing image paths, or a "
+                   ".csv with a header 'image,phrase' (one item per row; relative paths from the CSV's folder)")
+    p.add_argument("--phrase", action="append", default=[], help="phrase to ground on every image; repeatable "
+                   "(required unless the CSV gives the phrases)")
     p.add_argument("--out", required=True, help="output folder: results.jsonl + masks/; rerun to resume")
     _add_grounding(p)
     p.add_argument("--retry-errors", action="store_true", help="redo items that failed in an earlier run")
