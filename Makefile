@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # The CPU torch wheel lies on disk on this kind of machine; pip's global config also points there.
 TORCH_WHEELS ?= /opt/wheels
 FIND_LINKS := $(if $(wildcard $(TORCH_WHEELS)),--find-links $(TORCH_WHEELS),)
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=15
 # the import packages (docs/ARCHITECTURE.md)
 PKGS := $(wildcard medvlm segmentation eval finetune prompts agents)
 export HF_HUB_OFFLINE := 1
