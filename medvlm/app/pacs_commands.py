@@ -125,6 +125,15 @@ def _say_stored(say: Say, stored: Sequence[Any], where: str) -> None:
               f"(study {s.study_uid}) at {where}")
 
 
+def _store(client: Any, objects: Sequence[Any], summary: dict[str, Any], say: Say, progress: Progress) -> None:
+    """Send every object in one STOW-RS request; record and say what was stored."""
+    progress("store", 0, len(objects))
+    stored = client.store(objects)
+    progress("store", len(objects), len(objects))
+    summary["stored"] = _stored_json(stored)
+    _say_stored(say, stored, client.where)
+
+
 def _stored_json(stored: Sequence[Any]) -> list[dict[str, str]]:
     return [{"modality": s.modality, "sop_instance_uid": s.sop_instance_uid, "series_uid": s.series_uid,
              "study_uid": s.study_uid, "sop_class_uid": s.sop_class_uid} for s in stored]
@@ -210,11 +219,7 @@ def pacs_segment(client: Any, study: str, series_uid: str | None, texts: Sequenc
                               "on any image of the series (a SEG needs at least one frame)",
                               fix="check the phrases (medvlm models lists what the segmenter knows), or drop "
                                   "--store")
-        report("store", 0, len(datasets))
-        stored = client.store(datasets)
-        report("store", len(datasets), len(datasets))
-        summary["stored"] = _stored_json(stored)
-        _say_stored(say, stored, client.where)
+        _store(client, datasets, summary, say, report)
     else:
         say("not stored (add --store to send the DICOM SEG to the PACS)")
     say(f"wrote {_write_summary(out, 'pacs_segment.json', summary)}")
@@ -413,12 +418,7 @@ def pacs_link_report(client: Any, study: str, series_uid: str | None, instance: 
                                "sentences": [{"number": link.number, "status": link.status, "text": link.text}
                                              for link in links]}
     if store:
-        objects = ([seg_ds] if seg_ds is not None else []) + [sr]
-        tell("store", 0, len(objects))
-        stored = client.store(objects)
-        tell("store", len(objects), len(objects))
-        summary["stored"] = _stored_json(stored)
-        _say_stored(say, stored, client.where)
+        _store(client, ([seg_ds] if seg_ds is not None else []) + [sr], summary, say, tell)
     else:
         say("not stored (add --store to send the DICOM SR and SEG to the PACS)")
     say(f"wrote {_write_summary(out, f'{stem}.pacs.json', summary)}")
