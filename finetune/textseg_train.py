@@ -19,6 +19,12 @@ share of each finding heatmap's mass outside that gate (:func:`~segmentation.tex
 the model learns to keep finding maps where the finding can be and no gate is needed at inference.
 ``init_from``: a checkpoint folder whose weights start the run (fine-tuning, e.g. the shipped default).
 
+Keeping what a checkpoint knew (``distill_from`` + ``distill_weight`` > 0): for the rows of a batch whose image
+comes from one of ``distill_sources`` and whose structure is present, a frozen teacher (that checkpoint, usually
+the shipped chest X-ray model) predicts the same text on the same cached features, and the loss adds
+``distill_weight`` x BCE of the student's logits against the teacher's probabilities (learning without
+forgetting): the new modalities cannot buy their Dice with the teacher's structures.
+
 Run folder ``out_dir``: ``last/`` (weights + optimizer + step, for resume), ``best/`` (best val Dice),
 ``log.jsonl`` (one line per eval), ``val_ids.txt``, ``train_config.json``.
 """
@@ -105,6 +111,11 @@ class TrainConfig:
     #: precision of the frozen prefix when caching: fp32 (torch) or bf16/auto (OpenVINO where the CPU has bf16;
     #: segmentation.runtime); inference runs the same encoder path
     cache_precision: str = "fp32"
+    #: learning without forgetting: a frozen teacher checkpoint, the weight of its soft-target BCE, and the
+    #: sources whose present structures it supervises
+    distill_from: str | None = None
+    distill_weight: float = 0.0
+    distill_sources: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_images < 1 or self.texts_per_image < 1:
@@ -132,6 +143,19 @@ class TrainConfig:
         if not self.data:
             raise input_error("data", expected="at least one data source", received="[]",
                               fix=f"add e.g. - name: {JSRT}")
+        if self.distill_weight < 0 or (self.distill_weight > 0 and not self.distill_sources):
+            raise input_error("distill_weight / distill_sources", expected="weight >= 0, and sources when > 0",
+                              received=f"{self.distill_weight}, {self.distill_sources}",
+                              fix=f"use e.g. distill_weight: 1.0, distill_sources: [{JSRT}]")
+        if self.distill_weight > 0 and (self.distill_from is None
+                                        or not (Path(self.distill_from) / "config.json").is_file()):
+            raise input_error("distill_from", expected="a Med-VLM checkpoint folder (config.json + model.safetensors)",
+                              received=repr(self.distill_from),
+                              fix="e.g. distill_from: segmentation/textseg/weights/default")
+        unknown = set(self.distill_sources) - {d.name for d in self.data}
+        if unknown:
+            raise input_error("distill_sources", expected="names of sources listed under data",
+                              received=str(sorted(unknown)), fix="list only sources that are in data")
 
 
 def load_train_config(path: str | Path) -> TrainConfig:
@@ -195,8 +219,10 @@ def thin_per_case(ids: Sequence[str], every: int, group: Any) -> list[str]:
 
 def sample_batch(entries: Sequence[CacheEntry], weights: np.ndarray, cache: FeatureCache, cfg: TrainConfig,
                   rng: random.Random, nrng: np.random.Generator) -> tuple[torch.Tensor, list[int], list[str],
-                                                                            torch.Tensor, torch.Tensor]:
-    """(prefixes (B, ...), row -> image index, texts, targets (R, 1, S, S), is_prior (R,) bool).
+                                                                            torch.Tensor, torch.Tensor,
+                                                                            list[str]]:
+    """(prefixes (B, ...), row -> image index, texts, targets (R, 1, S, S), is_prior (R,) bool, source (R,)
+    dataset name of each row's image).
 
     Rows with ``is_prior`` are finding phrases whose target is the soft anatomical prior in [0, 1] (learned
     gating), the others structure texts with a binary mask target."""
@@ -208,6 +234,7 @@ def sample_batch(entries: Sequence[CacheEntry], weights: np.ndarray, cache: Feat
     lw = [cfg.level_weights[k] for k in levels]
     prefixes, rows, texts, targets = [], [], [], []
     flags: list[bool] = []
+    sources: list[str] = []
     for bi, idx in enumerate(picks):
         e = entries[int(idx)]
         prefixes.append(cache.prefix[e.key].float())
@@ -237,6 +264,7 @@ def sample_batch(entries: Sequence[CacheEntry], weights: np.ndarray, cache: Feat
             tgt = cache.masks[e.key][name] if present else torch.zeros(size, size, dtype=torch.bool)
             targets.append(tgt[None].float())
             flags.append(False)
+            sources.append(e.dataset)
         if cfg.prior_weight > 0:
             for _ in range(cfg.prior_texts_per_image):
                 found = sample_finding_prior(cache.masks[e.key], rng)
@@ -246,7 +274,9 @@ def sample_batch(entries: Sequence[CacheEntry], weights: np.ndarray, cache: Feat
                 rows.append(bi)
                 targets.append(torch.from_numpy(found[1])[None])
                 flags.append(True)
-    return torch.stack(prefixes), rows, texts, torch.stack(targets), torch.tensor(flags, dtype=torch.bool)
+                sources.append(e.dataset)
+    return (torch.stack(prefixes), rows, texts, torch.stack(targets), torch.tensor(flags, dtype=torch.bool),
+            sources)
 
 
 def _forward_full(model: MedVLM, prefixes: torch.Tensor, rows: list[int], texts: list[str],
@@ -257,7 +287,8 @@ def _forward_full(model: MedVLM, prefixes: torch.Tensor, rows: list[int], texts:
     return model.forward_with_existence(feats, ids, am)
 
 
-def _forward(model: MedVLM, prefixes: torch.Tensor, rows: list[int], texts: list[str]) -> torch.Tensor:
+def forward_cached(model: MedVLM, prefixes: torch.Tensor, rows: list[int], texts: list[str]) -> torch.Tensor:
+    """Mask logits (R, 1, S, S) of ``texts`` on cached frozen prefixes (B, ...); ``rows[r]`` is text r's image."""
     return _forward_full(model, prefixes, rows, texts)[0]
 
 
@@ -273,7 +304,7 @@ def cached_predictions(model: MedVLM, cache: FeatureCache, entries: Sequence[Cac
         names = list(e.structures)
         if names:
             texts = [describe(n, level, modality=e.modality) for n in names]  # type: ignore[arg-type]
-            yield e, names, _forward(model, cache.prefix[e.key][None].float(), [0] * len(names), texts)
+            yield e, names, forward_cached(model, cache.prefix[e.key][None].float(), [0] * len(names), texts)
 
 
 def evaluate_cached(model: MedVLM, cache: FeatureCache, entries: Sequence[CacheEntry], level: str = "complex",
@@ -344,6 +375,35 @@ def _init_from(model: MedVLM, model_cfg: MedVLMConfig, directory: str) -> None:
     model.load_state_dict(state, strict=False)
 
 
+def load_teacher(cfg: TrainConfig, model_cfg: MedVLMConfig) -> MedVLM:
+    """The frozen ``distill_from`` checkpoint; its image encoder must read the same cached prefix."""
+    from segmentation.textseg.checkpoint import load_medvlm
+
+    assert cfg.distill_from is not None  # validate() guarantees it when distill_weight > 0
+    teacher, _ = load_medvlm(cfg.distill_from)
+    if asdict(teacher.config.image_encoder) != asdict(model_cfg.image_encoder):
+        raise input_error("distill_from", expected="a teacher with this run's image encoder (same cached features)",
+                          received=f"{cfg.distill_from} with {asdict(teacher.config.image_encoder)}",
+                          fix="distill from a checkpoint of the same architecture (e.g. the shipped default)")
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def distill_loss(teacher: MedVLM, prefixes: torch.Tensor, rows: list[int], texts: list[str],
+                  logits: torch.Tensor, targets: torch.Tensor, is_prior: torch.Tensor, sources: list[str],
+                  distill_sources: set[str]) -> torch.Tensor:
+    """Mean BCE of the student's ``logits`` (R, 1, S, S) against the teacher's probabilities, over the rows of
+    ``distill_sources`` whose structure is present (a negative's teacher map would teach a mask); 0 when none."""
+    keep = [i for i, src in enumerate(sources) if src in distill_sources and not bool(is_prior[i])
+            and bool(targets[i].any())]
+    if not keep:
+        return logits.sum() * 0.0
+    with torch.no_grad():
+        soft = torch.sigmoid(forward_cached(teacher, prefixes, [rows[i] for i in keep], [texts[i] for i in keep]))
+    return torch.nn.functional.binary_cross_entropy_with_logits(logits[keep], soft)
+
+
 def _save_state(model: MedVLM, optimizer: torch.optim.Optimizer, step: int, directory: Path,
                 meta: dict[str, Any]) -> None:
     from medvlm.io import atomic_open
@@ -410,6 +470,8 @@ def train_medvlm(cfg: TrainConfig, *, progress: bool = True, resume: bool = True
     w = np.array([per_source[e.dataset] / share(e) for e in entries], dtype=np.float64)
     weights = w / w.sum()
 
+    teacher = load_teacher(cfg, model_cfg) if cfg.distill_weight > 0 else None
+    distill_sources = set(cfg.distill_sources)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
@@ -440,10 +502,13 @@ def train_medvlm(cfg: TrainConfig, *, progress: bool = True, resume: bool = True
         raw_model.train()
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, cfg)
-        prefixes, rows, texts, targets, is_prior = sample_batch(entries, weights, cache, cfg, rng, nrng)
+        prefixes, rows, texts, targets, is_prior, sources = sample_batch(entries, weights, cache, cfg, rng, nrng)
         logits, exist = _forward_full(raw_model, prefixes.to(accelerator.device), rows, texts)
         targets, is_prior = targets.to(logits.device), is_prior.to(logits.device)
         loss = bce_dice_loss(logits[~is_prior], targets[~is_prior])
+        if teacher is not None:
+            loss = loss + cfg.distill_weight * distill_loss(teacher, prefixes.to(logits.device), rows, texts,
+                                                             logits, targets, is_prior, sources, distill_sources)
         if exist is not None and cfg.existence_weight > 0:
             present = targets[~is_prior].flatten(1).amax(1)
             loss = loss + cfg.existence_weight * torch.nn.functional.binary_cross_entropy_with_logits(

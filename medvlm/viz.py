@@ -11,7 +11,6 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFont
-from scipy import ndimage
 
 from medvlm.types import Region
 
@@ -32,13 +31,29 @@ _POSITIVE = (0, 230, 64)
 _NEGATIVE = (255, 40, 40)
 
 
+def _neighbourhood(mask: npt.NDArray[np.bool_], op: str) -> npt.NDArray[np.bool_]:
+    # 3x3 erosion ("all") or dilation ("any") with the outside counted as background: scipy.ndimage's
+    # binary_erosion/binary_dilation with a 3x3 structure and border_value=0, without importing scipy (0.4 s)
+    padded = np.pad(mask, 1, constant_values=False)
+    h, w = mask.shape
+    out = padded[1:h + 1, 1:w + 1].copy()
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            if op == "all":
+                out &= padded[dy:dy + h, dx:dx + w]
+            else:
+                out |= padded[dy:dy + h, dx:dx + w]
+    return out
+
+
 def mask_contour(mask: npt.NDArray[np.bool_], thickness: int = 1) -> npt.NDArray[np.bool_]:
     """Boundary pixels of ``mask`` (H, W) bool, thickened inward/outward to ``thickness`` pixels."""
+    mask = np.asarray(mask, dtype=bool)
     if not mask.any():
         return np.zeros_like(mask, dtype=bool)
-    edge = mask & ~ndimage.binary_erosion(mask, structure=np.ones((3, 3), bool), border_value=0)
-    if thickness > 1:
-        edge = ndimage.binary_dilation(edge, structure=np.ones((3, 3), bool), iterations=thickness // 2)
+    edge = mask & ~_neighbourhood(mask, "all")
+    for _ in range(thickness // 2 if thickness > 1 else 0):
+        edge = _neighbourhood(edge, "any")
     return edge
 
 

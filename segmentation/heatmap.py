@@ -309,8 +309,8 @@ def medvlm_gradcam_heatmap(segmenter: Any, embedding: ImageEmbedding, text: str,
         forward = model
     else:
         # features from encode() are inference-mode tensors, which autograd refuses to save: copy them out
-        with torch.inference_mode(False):
-            feats = embedding.features.clone()
+        with torch.inference_mode(False):  # (a bundle-started segmenter's features are numpy)
+            feats = torch.as_tensor(embedding.features).to(segmenter.device).clone()
         inputs = (feats, ids, attn)
         forward = _encoded_wrapper(model)
         layer = f"model.{layer}"

@@ -510,14 +510,31 @@ def test_bundle_starts_without_torch_encoders_and_answers_the_same(ov_home: Path
     assert isinstance(light.model.text_encoder, LightTextEncoder)
     got = light.predict_many(light.encode(image), prompts)
     assert runtime_stats()["conversions"] == before  # read from the IRs, nothing converted
+    assert "torch" not in light.encoder_info()["engine"]
     for w, g in zip(want, got):
-        np.testing.assert_allclose(g.logits, w.logits, atol=1e-5)
-        assert np.array_equal(g.mask.data, w.mask.data) and g.score == pytest.approx(w.score, abs=1e-6)
+        # the heads IR reorders float sums: logits agree to ~1e-3 here, masks but for a boundary pixel
+        np.testing.assert_allclose(g.logits, w.logits, atol=2e-2)
+        assert np.mean(g.mask.data != w.mask.data) <= 0.002 and g.score == pytest.approx(w.score, abs=2e-3)
+        assert isinstance(g.logits, np.ndarray) and g.meta["found"] == w.meta["found"]
     # the tokenizers-library tokenizer gives the transformers tokenizer's ids, truncation included
     texts = ["heart", "Left  lung, apex!", "the " * 400, "ünïcode ≥ 5 mm"]
     for a, b in zip(light.model.text_encoder.tokenize(texts), full.model.text_encoder.tokenize(texts)):
-        assert torch.equal(a, b)
+        assert np.array_equal(a, b.numpy())
     assert light.torch_model().image_encoder.stages  # Grad-CAM gets the full model
+
+    # a new process that starts from the bundle never imports torch (1.4 s of a cold `medvlm ask`)
+    code = ("import sys, json, numpy as np\n"
+            "from segmentation.base import Prompt\n"
+            "from segmentation.textseg.predictor import MedVLMSegmenter\n"
+            f"seg = MedVLMSegmenter({str(folder)!r}, precision='auto')\n"
+            "image = (np.random.default_rng(3).random((40, 70)) * 255).astype(np.uint8)\n"
+            "r = seg.predict_many(seg.encode(image), [Prompt(text='heart')])[0]\n"
+            "print(json.dumps({'light': seg.light, 'torch': 'torch' in sys.modules,\n"
+            "                  'pixels': int(r.mask.data.sum())}))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          check=True)
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report == {"light": True, "torch": False, "pixels": int(got[0].mask.data.sum())}
 
     # another checkpoint in the same folder: another key, no stale bundle
     with torch.no_grad():

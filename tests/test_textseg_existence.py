@@ -89,7 +89,7 @@ def test_training_with_existence_and_foreign_negatives(tmp_path: Path) -> None:
     cache = FeatureCache(tmp_path / "cache", model.image_encoder)
     entries = [e for e in cache.entries if e.structures]
     weights = np.full(len(entries), 1.0 / len(entries))
-    _, rows, texts, targets, _ = sample_batch(entries, weights, cache, cfg, random.Random(0),
+    _, rows, texts, targets, _, _ = sample_batch(entries, weights, cache, cfg, random.Random(0),
                                               np.random.default_rng(0))
     # 2 images x (1 structure + 2 foreign negatives); every negative has an empty target
     assert len(texts) == 6 and rows == [0, 0, 0, 1, 1, 1]
@@ -125,3 +125,56 @@ def test_init_from_a_checkpoint_without_the_head(tmp_path: Path) -> None:
     a, b = base.trainable_state_dict(), tuned.trainable_state_dict()
     assert set(b) - set(a) == {k for k in b if k.startswith("existence.")}
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.data
+def test_distillation_keeps_the_teachers_answer(tmp_path: Path) -> None:
+    """Learning without forgetting: the soft-target BCE has zero gradient where the student equals the teacher,
+    pulls a changed student back, and only counts present structures of the distilled sources."""
+    from finetune.textseg_cache import FeatureCache
+    from finetune.textseg_train import DataSource, TrainConfig, distill_loss, load_teacher, train_medvlm
+    from segmentation.textseg.checkpoint import save_medvlm
+    from segmentation.textseg.model import build_medvlm
+
+    torch.manual_seed(2)
+    teacher_model = build_medvlm(_tiny())
+    save_medvlm(teacher_model, tmp_path / "teacher")
+    folder = data_dir("cxr_jsrt_scr")
+    source = DataSource(str(folder), 1, 1.0, limit=3)
+    cfg = TrainConfig(model=_tiny().to_json(), data=[source], out_dir=str(tmp_path / "run"),
+                      cache_dir=str(tmp_path / "cache"), steps=2, batch_images=1, texts_per_image=2, warmup_steps=1,
+                      eval_every=2, checkpoint_every=2, init_from=str(tmp_path / "teacher"),
+                      distill_from=str(tmp_path / "teacher"), distill_weight=1.0, distill_sources=[source.name])
+    assert np.isfinite(train_medvlm(cfg, progress=False)["best_val_dice"])
+
+    teacher = load_teacher(cfg, _tiny())
+    cache = FeatureCache(tmp_path / "cache", teacher.image_encoder)
+    entry = next(e for e in cache.entries if e.structures)
+    prefixes = cache.prefix[entry.key].float()[None]
+    texts = ["heart", "left lung", "liver"]
+    rows = [0, 0, 0]
+    mask = next(iter(cache.masks[entry.key].values()))[None].float()
+    targets = torch.stack([mask, mask, torch.zeros_like(mask)])  # the third row is a negative
+    is_prior = torch.zeros(3, dtype=torch.bool)
+    from finetune.textseg_train import forward_cached
+
+    with torch.no_grad():
+        same = forward_cached(teacher, prefixes, rows, texts)
+    logits = same.clone().requires_grad_(True)
+    distill_loss(teacher, prefixes, rows, texts, logits, targets, is_prior, [entry.dataset] * 3,
+                 {entry.dataset}).backward()
+    assert logits.grad is not None and float(logits.grad.abs().max()) < 1e-7
+    moved = (same + 2.0).requires_grad_(True)
+    distill_loss(teacher, prefixes, rows, texts, moved, targets, is_prior, [entry.dataset] * 3,
+                 {entry.dataset}).backward()
+    assert moved.grad is not None
+    assert float(moved.grad[:2].min()) > 0  # pushed back down towards the teacher
+    assert float(moved.grad[2].abs().max()) == 0.0  # the negative row is not distilled
+    other = distill_loss(teacher, prefixes, rows, texts, moved, targets, is_prior, ["elsewhere"] * 3,
+                         {entry.dataset})
+    assert float(other.detach()) == 0.0
+    with pytest.raises(Exception, match="distill_from"):
+        TrainConfig(data=[source], distill_weight=1.0, distill_sources=[source.name]).validate()
+    with pytest.raises(Exception, match="distill_sources"):
+        TrainConfig(data=[source], distill_from=str(tmp_path / "teacher"), distill_weight=1.0,
+                    distill_sources=["nope"]).validate()

@@ -667,5 +667,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.environ["MEDVLM_PRECISION"] = previous
 
 
+#: one-shot inference commands whose process may end without the interpreter's teardown: freeing the compiled
+#: OpenVINO models and the imported modules took ~0.3 s of a 4 s ``medvlm ask`` on 2 cores
+FAST_EXIT = frozenset({"ask", "segment", "link-report"})
+
+
+def entry() -> None:
+    """The ``medvlm`` console script: :func:`main`, then, after a :data:`FAST_EXIT` command, ``os._exit`` once
+    the standard streams and the log handlers are flushed (every output file was closed by then)."""
+    code = main()
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+    if command in FAST_EXIT:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

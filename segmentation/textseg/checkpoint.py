@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from medvlm.errors import InputError, input_error
 from segmentation.textseg.config import MedVLMConfig
-from segmentation.textseg.model import MedVLM, build_medvlm
+
+if TYPE_CHECKING:  # torch is imported by what builds or saves a model; the names and the config reader need none
+    from segmentation.textseg.model import MedVLM
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_medvlm", "read_checkpoint_config", "save_medvlm"]
 
@@ -78,6 +78,10 @@ def load_medvlm(directory: str | Path, device: str = "cpu",
     if not weights.is_file():
         raise input_error("Med-VLM checkpoint", expected=f"{WEIGHTS_NAME} next to {CONFIG_NAME}",
                           received=f"{directory} (no {WEIGHTS_NAME})", fix="copy the whole checkpoint folder")
+    import torch
+
+    from segmentation.textseg.model import build_medvlm
+
     model = build_medvlm(config)
     state = load_file(str(weights))
     expected = set(model.trainable_state_dict())

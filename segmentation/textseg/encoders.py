@@ -27,22 +27,20 @@ from torch import Tensor, nn
 
 from medvlm.errors import MissingDependencyError, input_error, missing_dependency
 from segmentation.textseg.config import ImageEncoderConfig, TextEncoderConfig
+from segmentation.textseg.preprocess import letterbox_input
 
 __all__ = [
     "BIOBERT_HUB_ID",
-    "IMAGENET_MEAN_STD",
     "ImageEncoder",
     "TextEncoder",
     "build_image_encoder",
     "build_text_encoder",
-    "letterbox_input",
     "merge_lora_",
     "minilm_path",
 ]
 
 BIOBERT_HUB_ID = "dmis-lab/biobert-base-cased-v1.2"
 #: ImageNet (mean, std) on 0-255 RGB, for ViT encoders (LiteMedSAM expects min-max [0, 1] input instead).
-IMAGENET_MEAN_STD = ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
 
 
 def _inject_lora(module: nn.Module, targets: Sequence[str], rank: int, alpha: float, dropout: float) -> None:
@@ -89,20 +87,6 @@ class _Stage(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fn(self.parts, x)
-
-
-def letterbox_input(rgb: npt.NDArray[np.uint8], size: int,
-                    normalization: str) -> tuple[npt.NDArray[np.float32], tuple[int, int]]:
-    """RGB uint8 ``(H, W, 3)`` -> image encoder input ``(3, size, size)`` float32 and the ``(h, w)`` of the
-    content (see :meth:`ImageEncoder.preprocess`; ``normalization``: ``minmax`` or ``imagenet``)."""
-    from segmentation.litemedsam import preprocess_image
-
-    chw, content = preprocess_image(rgb, "letterbox", size)
-    if normalization == "imagenet":
-        mean = np.asarray(IMAGENET_MEAN_STD[0], dtype=np.float32)[:, None, None] / 255.0
-        std = np.asarray(IMAGENET_MEAN_STD[1], dtype=np.float32)[:, None, None] / 255.0
-        chw = ((chw - mean) / std).astype(np.float32)
-    return chw, content
 
 
 class ImageEncoder(nn.Module):

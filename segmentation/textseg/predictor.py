@@ -7,7 +7,9 @@ resolution (pixel grid of the input image), like the promptable backends' masks.
 Precision (``precision=`` / ``--precision`` / ``$MEDVLM_PRECISION``, see :mod:`segmentation.runtime`): the image
 encoder (TinyViT with its LoRA merged into the base weights) and the text encoder (MiniLM with its LoRA merged,
 plus the text projection; batch and length dynamic) run through OpenVINO for ``auto`` (bf16 on CPUs with bf16
-units, else f32) and ``bf16``; ``fp32`` keeps the torch reference. The mixer and decoder stay torch fp32. The
+units, else f32) and ``bf16``; ``fp32`` keeps the torch reference. A segmenter started from an inference bundle
+(``light``, :mod:`segmentation.textseg.bundle`) runs the heads from their IR too and never imports torch: its
+embeddings' ``features`` are numpy arrays; otherwise the mixer and decoder run in torch fp32. The
 text features of the last ``text_cache_size`` distinct texts are cached (keyed by the exact text the model
 reads), so a repeated vocabulary phrase skips the text encoder.
 """
@@ -69,6 +71,10 @@ def expand_text(text: str, level: str = "complex", modality: str | None = None) 
     if name is None or level == "verbatim":
         return text, name
     return describe(name, "simple" if level == "simple" else "complex", modality=modality), name
+
+
+def _sigmoid(x: Any) -> Any:
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float32)))
 
 
 @functools.lru_cache(maxsize=2)
@@ -134,7 +140,7 @@ class MedVLMSegmenter(SegmenterBase):
             self._bundle = bundle_dir(directory, (IMAGE_EXPORT_KEY, TEXT_EXPORT_KEY))
         except OSError:  # no readable checkpoint files: the full load below says what is missing
             return
-        found = load_bundle(self._bundle, self.device)
+        found = load_bundle(self._bundle, self.plan.requested)
         if found is None:
             return
         model, meta, image_xml, text_xml = found
@@ -229,25 +235,36 @@ class MedVLMSegmenter(SegmenterBase):
                                      "engine": self.plan.engine})
 
     def encode(self, image: ImageInput) -> ImageEmbedding:
-        import torch
-
         rgb = as_rgb_uint8(image)
         t0 = time.perf_counter()
         chw, content = self.model.image_encoder.preprocess(rgb)
         with self._lock:
-            features = self._run_encoder(torch.from_numpy(chw)[None].to(self.device))
+            if self.light:
+                assert self._compiled is not None  # set with self.light
+                features = self._compiled.run_array(chw[None])
+            else:
+                import torch
+
+                features = self._run_encoder(torch.from_numpy(chw)[None].to(self.device))
         return self._embedding(image, rgb, features, content, time.perf_counter() - t0)
 
     def encode_batch(self, images: Sequence[ImageInput]) -> list[ImageEmbedding]:
         """Encode several images, ``encode_batch_size`` per encoder call; one embedding per image, as
         :meth:`encode` gives (``extra["encode_s"]``: the batch's seconds divided by the number of images)."""
-        import torch
-
         if not images:
             return []
         t0 = time.perf_counter()
         rgbs = [as_rgb_uint8(im) for im in images]
         prepared = [self.model.image_encoder.preprocess(rgb) for rgb in rgbs]
+        if self.light:
+            assert self._compiled is not None  # set with self.light
+            with self._lock:
+                arrays = self._compiled.run_array(np.stack([chw for chw, _ in prepared]))
+            per_image = (time.perf_counter() - t0) / len(rgbs)
+            return [self._embedding(im, rgb, arrays[i:i + 1].copy(), content, per_image)
+                    for i, (im, rgb, (_, content)) in enumerate(zip(images, rgbs, prepared))]
+        import torch
+
         feats = []
         # torch on the CPU: one image per forward. Measured on 2 AMD EPYC cores (Med-VLM's TinyViT, fp32):
         # 1.44 s per image at batch 1, 2.14 at batch 8 (larger activations fall out of the caches); the
@@ -272,12 +289,15 @@ class MedVLMSegmenter(SegmenterBase):
         """Projected text features of ``texts`` (read as given, no expansion): ``(f_text (n, L, d) float32,
         mask (n, L) bool)``, zero-padded to the longest text. Each distinct text is encoded once and then served
         from an LRU of ``text_cache_size`` entries; the caller holds the lock (inference mode)."""
-        import torch
-
         model = self.model
         missing = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
         fresh: dict[str, Any] = {}
-        if missing:
+        if missing and self.light:
+            assert self._compiled_text is not None  # set with self.light
+            ids_np, mask_np = model.text_encoder.tokenize(missing)
+            encoded_np = self._compiled_text.run_array(ids_np, mask_np)  # (m, L, d)
+            fresh = {t: encoded_np[k, : int(mask_np[k].sum())].copy() for k, t in enumerate(missing)}
+        elif missing:
             ids, mask = model.text_encoder.tokenize(missing, self.device)
             encoded = self._encode_text(ids, mask)  # (m, L, d)
             lengths = mask.sum(dim=1).tolist()
@@ -296,6 +316,15 @@ class MedVLMSegmenter(SegmenterBase):
             while len(self._text_cache) > self.text_cache_size:
                 self._text_cache.popitem(last=False)
         longest = max(int(r.shape[0]) for r in rows)
+        if self.light:
+            f_np = np.zeros((len(rows), longest, rows[0].shape[1]), dtype=np.float32)
+            m_np = np.zeros((len(rows), longest), dtype=bool)
+            for k, r in enumerate(rows):
+                f_np[k, : r.shape[0]] = r
+                m_np[k, : r.shape[0]] = True
+            return f_np, m_np
+        import torch
+
         f_text = rows[0].new_zeros((len(rows), longest, rows[0].shape[1]))
         text_mask = torch.zeros((len(rows), longest), dtype=torch.bool, device=f_text.device)
         for k, r in enumerate(rows):
@@ -303,14 +332,54 @@ class MedVLMSegmenter(SegmenterBase):
             text_mask[k, : r.shape[0]] = True
         return f_text, text_mask
 
+    def _result(self, prompt: Prompt, binary: Any, existence: float | None, inside: Any, logits: Any,
+                 text: tuple[str, str | None], frame: str) -> SegmentationResult:
+        """One prompt's result from its mask at the original size (``binary``, bool), the existence probability,
+        the probabilities inside the content (``inside``, numpy) and its logits on the input frame."""
+        # "not in this image": the existence head overrules a mask the decoder would draw anyway
+        found = bool(binary.any()) and (existence is None or existence >= self.existence_threshold)
+        if not found:
+            binary = np.zeros_like(binary)
+        sel = (inside > self.threshold) if found else np.zeros(inside.shape, dtype=bool)
+        # mean foreground probability of the predicted mask: a confidence in [0, 1], 0 when empty
+        score = float(inside[sel].mean()) if bool(sel.any()) else 0.0
+        return SegmentationResult(
+            mask=Mask(np.asarray(binary, dtype=bool)), score=score, logits=logits, prompt=prompt,
+            meta={"backend": self.name, "text_read": text[0], "structure": text[1], "text_level": self.text_level,
+                  "logits_frame": frame, "found": found, "existence": existence})
+
+    def _decode_light(self, embedding: ImageEmbedding, prompts: Sequence[Prompt],
+                      expanded: list[tuple[str, str | None]]) -> list[SegmentationResult]:
+        """:meth:`_decode` of a bundle-started segmenter: numpy and the heads IR, no torch."""
+        from segmentation.textseg.preprocess import resize_bilinear
+
+        texts = [t for t, _ in expanded]
+        with self._lock:
+            f_text, mask = self.text_features(texts)
+            logits, exist_logits = self.model.forward_text_features(embedding.features, f_text, mask)
+        logits = logits[:, 0]  # (n, S, S)
+        probs = _sigmoid(logits)
+        exist = None if exist_logits is None else _sigmoid(exist_logits)
+        ch, cw = embedding.extra["content_shape"]
+        height, width = embedding.original_size
+        results = []
+        for i, prompt in enumerate(prompts):
+            up = resize_bilinear(logits[i, :ch, :cw], (height, width))
+            results.append(self._result(prompt, _sigmoid(up) > self.threshold,
+                                        None if exist is None else float(exist[i]), probs[i, :ch, :cw],
+                                        logits[i].astype(np.float32), expanded[i], embedding.frame.name))
+        return results
+
     def _decode(self, embedding: ImageEmbedding, prompts: Sequence[Prompt],
                 multimask: bool) -> list[SegmentationResult]:
+        modality = embedding.extra.get("modality")
+        expanded = [expand_text(str(p.text), self.text_level, modality) for p in prompts]
+        if self.light:
+            return self._decode_light(embedding, prompts, expanded)
         import torch
         import torch.nn.functional as F
 
         model = self.model
-        modality = embedding.extra.get("modality")
-        expanded = [expand_text(str(p.text), self.text_level, modality) for p in prompts]
         texts = [t for t, _ in expanded]
         with self._lock, torch.inference_mode():
             f_text, mask = self.text_features(texts)
@@ -325,20 +394,7 @@ class MedVLMSegmenter(SegmenterBase):
                 up = F.interpolate(logits[i, :ch, :cw][None, None], size=(height, width), mode="bilinear",
                                    align_corners=False)[0, 0]
                 binary = (torch.sigmoid(up) > self.threshold).cpu().numpy()
-                # "not in this image": the existence head overrules a mask the decoder would draw anyway
-                existence = None if exist is None else float(exist[i])
-                found = bool(binary.any()) and (existence is None or existence >= self.existence_threshold)
-                if not found:
-                    binary = np.zeros_like(binary)
-                inside = probs[i, :ch, :cw]
-                sel = (inside > self.threshold) if found else torch.zeros_like(inside, dtype=torch.bool)
-                # mean foreground probability of the predicted mask: a confidence in [0, 1], 0 when empty
-                score = float(inside[sel].mean()) if bool(sel.any()) else 0.0
-                results.append(SegmentationResult(
-                    mask=Mask(np.asarray(binary, dtype=bool)), score=score,
-                    logits=logits[i].float().cpu().numpy(), prompt=prompt,
-                    meta={"backend": self.name, "text_read": texts[i], "structure": expanded[i][1],
-                          "text_level": self.text_level, "logits_frame": embedding.frame.name,
-                          "found": found, "existence": existence},
-                ))
+                results.append(self._result(prompt, binary, None if exist is None else float(exist[i]),
+                                            probs[i, :ch, :cw].float().cpu().numpy(),
+                                            logits[i].float().cpu().numpy(), expanded[i], embedding.frame.name))
         return results
