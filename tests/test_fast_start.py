@@ -113,3 +113,44 @@ def test_console_script_exits_early_with_everything_written(tmp_path: Path) -> N
     bad = subprocess.run([*cmd, "ask", str(tmp_path / "missing.png"), "where is the heart?"], cwd=REPO,
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "missing.png" in bad.stderr
+
+
+def test_interior_point_is_the_argmax_of_scipys_distance_transform() -> None:
+    from scipy import ndimage
+
+    from agents.anatomy import interior_point
+
+    def reference(mask: np.ndarray) -> tuple[float, float]:
+        dist = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+        r, c = np.unravel_index(int(np.argmax(dist)), dist.shape)
+        return float(c) + 0.5, float(r) + 0.5
+
+    rng = np.random.default_rng(0)
+    masks = [ndimage.binary_opening(rng.random((50, 70)) > 0.3, iterations=k % 3 + 1) for k in range(25)]
+    yy, xx = np.mgrid[:400, :500]
+    masks.append(((yy - 200) / 150) ** 2 + ((xx - 260) / 200) ** 2 <= 1)  # large: the coarse grid is used
+    masks.append((((yy - 200) / 150) ** 2 + ((xx - 260) / 200) ** 2 <= 1) & (xx % 97 > 3))  # slits
+    square = np.zeros((300, 300), bool)
+    square[50:250, 50:250] = True  # a plateau of ties: the first in row-major order wins
+    masks += [square, np.ones((120, 90), bool), np.eye(40, dtype=bool)]
+    masks = [m for m in masks if m.any()]
+    assert len(masks) >= 20
+    for mask in masks:
+        assert interior_point(mask) == reference(mask)
+    assert interior_point(np.zeros((4, 4), bool)) is None
+
+
+@pytest.mark.parametrize("radius", [0.5, 1.0, 1.5, 2.0, 3.7, 5.0, 20.48])
+def test_dilate_disc_is_scipys_distance_threshold(radius: float) -> None:
+    from scipy import ndimage
+
+    from agents.anatomy import dilate_disc
+
+    rng = np.random.default_rng(int(radius * 10))
+    for k in range(12):
+        mask = ndimage.binary_opening(rng.random((60, 90)) > 0.55, iterations=k % 2 + 1)
+        if k % 4 == 0:  # a single pixel near the border: the disc itself, cut by the image edge
+            mask[:] = False
+            mask[int(rng.integers(0, 5)), int(rng.integers(0, 90))] = True
+        want = ndimage.distance_transform_edt(~mask) <= radius if mask.any() else np.zeros_like(mask)
+        assert np.array_equal(dilate_disc(mask, radius), want)
