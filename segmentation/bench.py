@@ -39,9 +39,10 @@ from typing import Any
 import numpy as np
 
 from medvlm.errors import input_error
-from segmentation.base import ImageInput, Prompt, PromptableSegmenter, image_size_of
+from segmentation.base import ImageInput, Prompt, PromptableSegmenter, as_rgb_uint8, image_size_of
 
-__all__ = ["bench_paths", "bench_segmenter", "compare_paths", "dice", "peak_rss_mib", "percentile", "reset_peak_rss"]
+__all__ = ["bench_paths", "bench_segmenter", "compare_paths", "dice", "peak_rss_mib", "percentile", "profile_ir",
+           "profile_medvlm", "reset_peak_rss"]
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -356,3 +357,78 @@ def compare_paths(reference: Any, candidate: Any,
         "seconds_reference": seconds["reference"],
         "seconds_candidate": seconds["candidate"],
     }
+
+
+def _module_group(node_name: str, depth: int) -> str:
+    """``__module.model.mixer.blocks.0.cross_attn/aten::linear/MatMul`` -> ``mixer.blocks.0`` (depth 3): the
+    torch module an OpenVINO node was traced from, cut to ``depth`` dotted parts (``(fused)`` when unnamed)."""
+    import re
+
+    found = re.search(r"__module\.(?:model\.|module\.)?([A-Za-z0-9_.]+)", node_name)
+    if not found:
+        return "(fused)"
+    parts = found.group(1).split(".")
+    return ".".join(parts[:depth])
+
+
+def profile_ir(xml: Any, inputs: Sequence[Any], *, precision: str = "f32", threads: int | None = None,
+               runs: int = 3, depth: int = 3) -> dict[str, Any]:
+    """Where one inference of an OpenVINO IR spends its time: compiled with ``PERF_COUNT`` (a separate compile,
+    the cached blob is untouched), run ``runs`` times on ``inputs``, the last run's per-node times summed by
+    traced torch module (``depth`` dotted parts) and by node type. Returns ``{"wall_ms", "nodes_ms",
+    "by_module": [(name, ms)], "by_type": [(type, ms)]}``, largest first (ms of node real time)."""
+    import openvino as ov
+
+    from segmentation.runtime import inference_threads
+
+    config = {"INFERENCE_PRECISION_HINT": precision, "PERF_COUNT": "YES", "PERFORMANCE_HINT": "LATENCY",
+              "INFERENCE_NUM_THREADS": threads or inference_threads()}
+    compiled = ov.Core().compile_model(str(xml), "CPU", config)
+    request = compiled.create_infer_request()
+    feed = {i: np.ascontiguousarray(a) for i, a in enumerate(inputs)}
+    wall = 0.0
+    for _ in range(max(1, runs)):
+        t0 = time.perf_counter()
+        request.infer(feed)
+        wall = time.perf_counter() - t0
+    by_module: dict[str, float] = {}
+    by_type: dict[str, float] = {}
+    for node in request.get_profiling_info():
+        ms = node.real_time.total_seconds() * 1e3
+        if ms <= 0:
+            continue
+        group = _module_group(node.node_name, depth)
+        by_module[group] = by_module.get(group, 0.0) + ms
+        by_type[node.node_type] = by_type.get(node.node_type, 0.0) + ms
+
+    def ranked(d: dict[str, float]) -> list[tuple[str, float]]:
+        return sorted(d.items(), key=lambda kv: -kv[1])
+
+    return {"wall_ms": wall * 1e3, "nodes_ms": sum(by_module.values()), "by_module": ranked(by_module),
+            "by_type": ranked(by_type)}
+
+
+def profile_medvlm(segmenter: Any, image: ImageInput, texts: Sequence[str], *, top: int = 8) -> str:
+    """A text table of where a bundle-started Med-VLM spends one image encode, one text-encoder call for
+    ``texts`` and one heads call for them (:func:`profile_ir` on each IR), for ``medvlm bench segment --text
+    --profile``. Raises ``ValueError`` when the segmenter does not run from IRs (``--precision fp32``)."""
+    paths = segmenter.ir_paths()
+    if set(paths) != {"image", "text", "heads"}:
+        raise ValueError(f"profiling needs the OpenVINO bundle path (got IRs for {sorted(paths)}): run it with "
+                         "--precision auto or bf16 after one `medvlm segment --text` has written the bundle")
+    emb = segmenter.encode(image)
+    read = [segmenter.read_text(t) for t in texts]
+    ids, mask = segmenter.model.text_encoder.tokenize(read)
+    f_text, f_mask = segmenter.text_features(read)
+    rgb_chw, _ = segmenter.model.image_encoder.preprocess(as_rgb_uint8(image))
+    stages = [("image encoder (1 image)", profile_ir(paths["image"], [rgb_chw[None]], depth=2)),
+              (f"text encoder ({len(read)} texts)", profile_ir(paths["text"], [ids, mask], depth=2)),
+              (f"heads ({len(read)} texts)", profile_ir(paths["heads"], [emb.features, f_text, f_mask], depth=3))]
+    lines = []
+    for title, prof in stages:
+        lines.append(f"{title}: {prof['wall_ms']:.1f} ms wall, {prof['nodes_ms']:.1f} ms in nodes")
+        for name, ms in prof["by_module"][:top]:
+            lines.append(f"    {name:<36} {ms:8.2f} ms {100 * ms / prof['nodes_ms']:5.1f} %")
+        lines.append("    by op type: " + ", ".join(f"{k} {100 * v / prof['nodes_ms']:.0f} %"
+                                                   for k, v in prof["by_type"][:6]))
+    return "\n".join(lines)

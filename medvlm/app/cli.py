@@ -458,6 +458,9 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
                    help="backend(s) to time (default: litemedsam, and sam2 with random weights: timing only)")
     s.add_argument("--text", action="store_true",
                    help="time the text-guided Med-VLM instead: image encode once, then per-text prompt time")
+    s.add_argument("--profile", action="store_true",
+                   help="with --text: also print where the chosen Med-VLM path spends its time (OpenVINO per-node "
+                   "times of the image encoder, text encoder and heads, summed by model part and op type)")
     s.add_argument("--json", default=None, dest="json_out", help="also write the table as JSON")
     a = sub.add_parser("ask", help="seconds per question of medvlm ask with the embedded default",
                        description="Time medvlm ask (phrase extraction, Med-VLM encode, anatomy, check, answer) per "

@@ -264,6 +264,14 @@ def _run_bench_segment(args: argparse.Namespace) -> int:
           f"OpenVINO: {'yes' if openvino_available() else 'not installed'}; chosen: {plan.requested} "
           f"({plan.reason})")
     print(_format_precision_table(rows))
+    if getattr(args, "profile", False) and "medvlm" in pairs:
+        from segmentation.bench import profile_medvlm
+
+        print("\nwhere the chosen Med-VLM path spends its time (OpenVINO per-node times, one call each):")
+        try:
+            print(profile_medvlm(pairs["medvlm"][1], image, [str(p.text) for p in texts]))
+        except ValueError as exc:
+            print(f"  no profile: {exc}")
     for name in pairs:
         ref, cand = (r for r in rows if r.get("backend") == name and "error" not in r)
         print(f"{name}: encode {ref['encode_s_median'] / cand['encode_s_median']:.2f}x, img/s "

@@ -184,6 +184,22 @@ class MedVLMSegmenter(SegmenterBase):
         """The resolved precision of the image encoder (``fp32`` or ``bf16``)."""
         return self.plan.precision
 
+    def ir_paths(self) -> dict[str, Path]:
+        """The OpenVINO IRs this segmenter runs, by part (``image``, ``text``, ``heads``: the last only when
+        started from a bundle); empty on the torch path."""
+        paths: dict[str, Path] = {}
+        for part, compiled in (("image", self._compiled), ("text", self._compiled_text)):
+            if compiled is not None and compiled.ir_path is not None:
+                paths[part] = Path(compiled.ir_path)
+        heads = getattr(getattr(self.model, "heads", None), "ir_path", None)
+        if self.light and heads is not None:
+            paths["heads"] = Path(heads)
+        return paths
+
+    def read_text(self, text: str, modality: str | None = None) -> str:
+        """The text the model reads for a user phrase (:func:`expand_text` at this segmenter's level)."""
+        return expand_text(text, self.text_level, modality)[0]
+
     def encoder_info(self) -> dict[str, Any]:
         """How the image encoder runs: the plan and, once built, the compiled encoder's description."""
         info: dict[str, Any] = self.plan.to_json()
