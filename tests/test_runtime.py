@@ -522,6 +522,16 @@ def test_bundle_starts_without_torch_encoders_and_answers_the_same(ov_home: Path
         assert np.array_equal(a, b.numpy())
     assert light.torch_model().image_encoder.stages  # Grad-CAM gets the full model
 
+    # bench segment --text --profile: per-node times of the three IRs, by model part
+    from segmentation.bench import profile_medvlm
+
+    assert set(light.ir_paths()) == {"image", "text", "heads"} and "heads" not in full.ir_paths()
+    table = profile_medvlm(light, image, ["heart", "x"])
+    assert "image encoder (1 image)" in table and "text encoder (2 texts)" in table and "heads (2 texts)" in table
+    assert "mixer.blocks.0" in table and "by op type:" in table
+    with pytest.raises(ValueError, match="bundle"):
+        profile_medvlm(full, image, ["heart"])
+
     # a new process that starts from the bundle never imports torch (1.4 s of a cold `medvlm ask`)
     code = ("import sys, json, numpy as np\n"
             "from segmentation.base import Prompt\n"
