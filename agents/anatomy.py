@@ -169,6 +169,8 @@ class ChestAnatomy:
     shape: tuple[int, int]
     scores: Mapping[str, float] = field(default_factory=dict)
     source: str = ""
+    #: pixels the image itself covers (None: the whole grid); an augmented copy zoomed out by s covers s^2 of it
+    image_area: float | None = None
     _cache: dict[str, BoolArray | None] = field(default_factory=dict, repr=False)
     _points: dict[str, tuple[float, float] | None] = field(default_factory=dict, repr=False)
 
@@ -178,7 +180,7 @@ class ChestAnatomy:
         covering >= 6 % of the image and together >= 18 %. Lungs on axial CT/MR slices (and what a text-guided
         model calls lungs on an abdominal slice) stayed under 10 % each and 18 % together on every slice of
         ../shared/data; frontal radiographs cover 20-35 % (JSRT, V7, Shenzhen, NIH ground truth)."""
-        area = self.shape[0] * self.shape[1]
+        area = self.image_area or self.shape[0] * self.shape[1]
         fractions = [float(self.masks[s].sum()) / area if s in self.masks else 0.0 for s in ("right lung", "left lung")]
         return min(fractions) >= 0.06 and sum(fractions) >= 0.18
 
@@ -512,7 +514,10 @@ def check_region(region: Region, expected: Sequence[str], anatomy: ChestAnatomy,
                   provenance=new.provenance, checks={**region.checks, **checks})
 
 
-def anatomy_from_masks(masks: Mapping[str, BoolArray], shape: tuple[int, int], source: str) -> ChestAnatomy:
-    """Wrap ground-truth (or any) masks of :data:`BASE_STRUCTURES` as a :class:`ChestAnatomy` with score 1."""
+def anatomy_from_masks(masks: Mapping[str, BoolArray], shape: tuple[int, int], source: str,
+                       image_area: float | None = None) -> ChestAnatomy:
+    """Wrap ground-truth (or any) masks of :data:`BASE_STRUCTURES` as a :class:`ChestAnatomy` with score 1
+    (``image_area``: see :attr:`ChestAnatomy.image_area`)."""
     kept = {k: np.asarray(v, dtype=bool) for k, v in masks.items() if k in BASE_STRUCTURES and np.any(v)}
-    return ChestAnatomy(masks=kept, shape=shape, scores=dict.fromkeys(kept, 1.0), source=source)
+    return ChestAnatomy(masks=kept, shape=shape, scores=dict.fromkeys(kept, 1.0), source=source,
+                        image_area=image_area)

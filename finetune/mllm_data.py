@@ -35,19 +35,36 @@ JSRT = "cxr_jsrt_scr"
 @dataclass
 class MLLMDataSource:
     """One data folder: ``name`` (a :func:`medvlm.datasets.open_dataset` name or path), the ``tasks`` built from
-    each of its samples, ``limit`` (first N ids, for quick runs), and ``reference_pairs`` (number of
-    reference-pair examples drawn among its samples, when ``"reference_pair"`` is in ``tasks``)."""
+    each of its samples, ``limit`` (first N ids, for quick runs), ``reference_pairs`` (number of
+    reference-pair examples drawn among its samples, when ``"reference_pair"`` is in ``tasks``) and ``augment``
+    (geometrically augmented copies per sample, :mod:`finetune.augment`, each with its own rendered image and
+    the same tasks; ``augment_scale`` and ``augment_rotation`` set the zoom-out range and the largest rotation
+    in degrees)."""
 
     name: str
     tasks: list[str] = field(default_factory=lambda: ["anatomy_grounding", "finding_grounding"])
     limit: int | None = None
     reference_pairs: int = 0
+    augment: int = 0
+    augment_scale: tuple[float, float] = (0.6, 1.0)
+    augment_rotation: float = 5.0
 
     def validate(self) -> None:
         bad = [t for t in self.tasks if t not in TASKS]
         if bad or not self.tasks:
             raise input_error(f"data source {self.name!r} tasks", expected=f"a non-empty list among {TASKS}",
                               received=repr(self.tasks), fix="e.g. tasks: [anatomy_grounding, finding_grounding]")
+        if self.augment < 0:
+            raise input_error(f"data source {self.name!r} augment", expected="copies per sample >= 0",
+                              received=repr(self.augment), fix="use e.g. augment: 3 (0 = none)")
+        self.augmentation()  # validates the range and the rotation
+
+    def augmentation(self) -> Any:
+        """The :class:`finetune.augment.GeometricAugment` of this source."""
+        from finetune.augment import GeometricAugment
+
+        lo, hi = self.augment_scale
+        return GeometricAugment(scale=(float(lo), float(hi)), max_rotation_deg=float(self.augment_rotation))
 
 
 def render_image(sample: Any, path: Path, max_side: int) -> Path:
@@ -75,7 +92,7 @@ def build_examples(sources: Sequence[MLLMDataSource], out_dir: str | Path, *, da
     Returns ``(examples, val_ids)``; each example is TRL prompt-completion with ``images`` = PNG paths. Also
     writes ``out_dir/data/train.jsonl`` (one example per line) and ``out_dir/data/val_ids.txt``.
     """
-    from finetune import tasks
+    from finetune.augment import augment_sample
     from medvlm.datasets import open_dataset, split_ids
 
     rng = random.Random(seed)
@@ -91,20 +108,20 @@ def build_examples(sources: Sequence[MLLMDataSource], out_dir: str | Path, *, da
             val_all += val
         samples = []
         per_sample = [t for t in src.tasks if t not in ("reference_pair", "drr")]
+        augmentation = src.augmentation()
+        folder = out / "images" / Path(src.name).name
         for sid in ids if per_sample or "reference_pair" in src.tasks else []:
-            sample = ds.load(sid)
-            png = render_image(sample, out / "images" / Path(src.name).name / f"{sid}.png", image_max_side)
-            sample.source = str(png)  # the builders name the image by ``source``
-            samples.append(sample)
-            for task in per_sample:
-                if task == "anatomy_grounding" and sample.masks:
-                    examples += tasks.anatomy_grounding(sample, rng)
-                elif task == "anatomy_segmentation" and sample.masks:
-                    examples += tasks.anatomy_segmentation(sample, rng)
-                elif task == "finding_grounding":
-                    examples += tasks.finding_grounding(sample)
-                elif task == "relative_position" and sample.masks:
-                    examples += tasks.relative_position(sample, rng)
+            original = ds.load(sid)
+            copies = [original]
+            for k in range(src.augment):
+                # its own stream per (sample, copy): a rerun, or another source added, draws the same copies
+                copies.append(augment_sample(original, random.Random(f"{seed}/{src.name}/{sid}/{k}"), augmentation,
+                                             suffix=f"aug{k}"))
+            for sample in copies:
+                png = render_image(sample, folder / f"{sample.id}.png", image_max_side)
+                sample.source = str(png)  # the builders name the image by ``source``
+                examples += _sample_examples(sample, per_sample, rng)
+            samples.append(original)
         if "reference_pair" in src.tasks:
             examples += _reference_pairs(samples, src.reference_pairs, rng)
         if "drr" in src.tasks:
@@ -115,6 +132,22 @@ def build_examples(sources: Sequence[MLLMDataSource], out_dir: str | Path, *, da
             f.write(json.dumps(example) + "\n")
     (out / "data" / "val_ids.txt").write_text("".join(f"{v}\n" for v in val_all))
     return examples, val_all
+
+
+def _sample_examples(sample: Any, per_sample: Sequence[str], rng: random.Random) -> list[dict[str, Any]]:
+    from finetune import tasks
+
+    examples: list[dict[str, Any]] = []
+    for task in per_sample:
+        if task == "anatomy_grounding" and sample.masks:
+            examples += tasks.anatomy_grounding(sample, rng)
+        elif task == "anatomy_segmentation" and sample.masks:
+            examples += tasks.anatomy_segmentation(sample, rng)
+        elif task == "finding_grounding":
+            examples += tasks.finding_grounding(sample)
+        elif task == "relative_position" and sample.masks:
+            examples += tasks.relative_position(sample, rng)
+    return examples
 
 
 def _reference_pairs(samples: Sequence[Any], n: int, rng: random.Random) -> list[dict[str, Any]]:

@@ -63,7 +63,10 @@ def _target_masks(sample: Any) -> dict[str, Any]:
     from prompts.regions import REGION_KEYS
 
     out = dict(sample.masks)
-    anatomy = anatomy_from_masks(sample.masks, sample.image.shape, "ground truth")
+    # an augmented copy (finetune.augment) spans scale^2 of its canvas: the chest test measures against that
+    scale = float(sample.meta.get("augment", {}).get("scale", 1.0))
+    h, w = sample.image.shape
+    anatomy = anatomy_from_masks(sample.masks, sample.image.shape, "ground truth", image_area=h * w * scale * scale)
     if anatomy.is_chest:
         for key in REGION_KEYS:
             region = anatomy.region(key)
