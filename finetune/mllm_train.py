@@ -10,8 +10,10 @@ other base weights stay frozen; LoRA adapters go on the language model's attenti
 (``target_modules`` is a regex that leaves the vision tower out).
 
 Training is TRL's ``SFTTrainer`` on prompt-completion examples (loss on the answer only), with checkpoints every
-``save_steps`` in ``out_dir/checkpoints``; a rerun resumes from the newest. The result ``out_dir/adapter`` is a
-PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``), the processor with its added tokens, and
+``save_steps`` in ``out_dir/checkpoints``; a rerun resumes from the newest. With ``align_steps`` > 0 an alignment
+stage runs first (``out_dir/align``): only the new token rows and ``modules_to_save`` train, at ``align_lr``, with
+the LoRA frozen at zero; the LoRA stage then starts from its weights. The result ``out_dir/adapter`` is a PEFT
+adapter (``adapter_config.json`` + ``adapter_model.safetensors``), the processor with its added tokens, and
 ``medvlm_mllm.json`` (base model, added tokens, answer format). vLLM serves LoRA weights only, not new token rows:
 an adapter trained without new tokens is served as ``--lora NAME=out_dir/adapter``; one with new tokens is merged
 first (:func:`export_merged`) and the merged folder is served as the model.
@@ -71,6 +73,11 @@ class MLLMTrainConfig:
     bf16: bool | None = None  # None: bf16 when CUDA is available; true on CPU = fp32 weights, bf16 autocast
     gradient_checkpointing: bool = False
     seed: int = 0
+    #: alignment stage before the LoRA one: ``align_steps`` steps at ``align_lr`` that train only the new token
+    #: rows and ``modules_to_save`` (the projector) while the LoRA stays at its zero start, so the language model
+    #: first learns to read the image features and to emit location tokens (0 = no such stage)
+    align_steps: int = 0
+    align_lr: float = 1e-3
 
     def validate(self) -> None:
         if not isinstance(self.base_model, str) or not self.base_model.strip():
@@ -83,6 +90,10 @@ class MLLMTrainConfig:
         if bad:
             raise input_error("mllm train config", expected="positive integers", received=repr(bad),
                               fix="e.g. steps: 1000, batch_size: 4, grad_accum: 4, lora_rank: 16")
+        if not isinstance(self.align_steps, int) or self.align_steps < 0 or not self.align_lr > 0:
+            raise input_error("mllm train config align", expected="align_steps >= 0 and align_lr > 0",
+                              received=f"align_steps={self.align_steps}, align_lr={self.align_lr}",
+                              fix="e.g. align_steps: 200, align_lr: 1e-3 (or align_steps: 0)")
         if not self.lr > 0 or not 0 <= self.lora_dropout < 1:
             raise input_error("mllm train config", expected="lr > 0 and 0 <= lora_dropout < 1",
                               received=f"lr={self.lr}, lora_dropout={self.lora_dropout}", fix="e.g. lr: 2e-4")
@@ -208,6 +219,12 @@ def train_mllm(cfg: MLLMTrainConfig, *, resume: bool = True, examples: list[dict
         raise input_error("mllm training data", expected="at least one example", received="none",
                           fix="check the data sources' names and tasks")
     processor, model, new_ids = prepare_model(cfg)
+    trainer_cls = _full_logits_trainer() if new_ids else SFTTrainer
+    dataset = _hf_dataset(examples)
+    checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    aligned = None
+    if cfg.align_steps and not (resume and checkpoints):  # a LoRA-stage checkpoint already holds every weight
+        aligned = _align(cfg, model, processor, trainer_cls, dataset, out / "align", resume=resume)
     args = SFTConfig(output_dir=str(out / "checkpoints"), max_steps=cfg.steps,
                      per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
                      learning_rate=cfg.lr, lr_scheduler_type="cosine", warmup_steps=cfg.warmup_steps,
@@ -216,9 +233,7 @@ def train_mllm(cfg: MLLMTrainConfig, *, resume: bool = True, examples: list[dict
                      max_length=cfg.max_length, report_to="none", dataloader_num_workers=0,
                      remove_unused_columns=False, disable_tqdm=True,
                      use_cpu=_use_bf16(cfg) and not torch.cuda.is_available())  # bf16 on CPU: autocast
-    trainer_cls = _full_logits_trainer() if new_ids else SFTTrainer
-    trainer = trainer_cls(model=model, args=args, train_dataset=_hf_dataset(examples), processing_class=processor)
-    checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=processor)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if resume and checkpoints else None)
     wall = time.perf_counter() - start
@@ -232,9 +247,55 @@ def train_mllm(cfg: MLLMTrainConfig, *, resume: bool = True, examples: list[dict
     summary = {"steps": trainer.state.global_step, "examples": len(examples), "first_loss": losses[0] if losses
                else None, "last_loss": losses[-1] if losses else None,
                "train_samples_per_second": result.metrics.get("train_samples_per_second"), "wall_s": round(wall, 2),
-               "adapter": str(adapter), "servable_as_lora": not new_ids and not cfg.modules_to_save}
+               "adapter": str(adapter), "servable_as_lora": not new_ids and not cfg.modules_to_save,
+               "align": aligned}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _align(cfg: MLLMTrainConfig, model: Any, processor: Any, trainer_cls: Any, dataset: Any, folder: Path, *,
+           resume: bool) -> dict[str, Any]:
+    """The alignment stage (``cfg.align_steps``): LoRA frozen, the new token rows and ``modules_to_save``
+    trained at ``cfg.align_lr``; checkpoints in ``folder/checkpoints``, the result in ``folder/adapter`` with
+    ``folder/done.json``. A finished stage is loaded, not rerun. Returns ``{"steps", "first_loss", "last_loss"}``."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from trl import SFTConfig
+
+    done = folder / "done.json"
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    if resume and done.is_file():
+        set_peft_model_state_dict(model, load_file(str(folder / "adapter" / "adapter_model.safetensors")))
+        return dict(json.loads(done.read_text()))
+    for p in lora:
+        p.requires_grad_(False)
+    args = SFTConfig(output_dir=str(folder / "checkpoints"), max_steps=cfg.align_steps,
+                     per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+                     learning_rate=cfg.align_lr, lr_scheduler_type="cosine",
+                     warmup_steps=min(cfg.warmup_steps, cfg.align_steps // 10), logging_steps=cfg.logging_steps,
+                     save_steps=cfg.save_steps, save_total_limit=1, seed=cfg.seed, bf16=_use_bf16(cfg),
+                     gradient_checkpointing=cfg.gradient_checkpointing, max_length=cfg.max_length, report_to="none",
+                     dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True,
+                     use_cpu=_use_bf16(cfg) and not _cuda())
+    trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=processor)
+    checkpoints = sorted((folder / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if resume and checkpoints else None)
+    finally:
+        for p in lora:
+            p.requires_grad_(True)
+    trainer.save_model(str(folder / "adapter"))
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    summary = {"steps": trainer.state.global_step, "first_loss": losses[0] if losses else None,
+               "last_loss": losses[-1] if losses else None}
+    done.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def load_finetuned(adapter_dir: str | Path, *, base_model: str | None = None) -> tuple[Any, Any]:

@@ -98,7 +98,8 @@ def _grid_of(embedding: Any) -> tuple[int, int, int]:
 
 def _cells(embedding: Any) -> _Cells:
     rows, cols, _ = _grid_of(embedding)
-    feats = embedding.features[0, :, :rows, :cols].float().cpu().numpy()  # (C, rows, cols)
+    feats = embedding.features[0, :, :rows, :cols]  # (C, rows, cols): a torch tensor, or numpy from a bundle
+    feats = np.asarray(feats.float().cpu().numpy() if hasattr(feats, "cpu") else feats, dtype=np.float32)
     flat = feats.reshape(feats.shape[0], -1).T.astype(np.float32)
     flat /= np.linalg.norm(flat, axis=1, keepdims=True) + 1e-6
     ys, xs = np.mgrid[0:rows, 0:cols].astype(np.float32)

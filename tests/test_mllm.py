@@ -270,3 +270,38 @@ def test_cli_trains_on_real_data_and_exports(tiny_vlm: Path, tmp_path: Path, cap
     assert (tmp_path / "run/checkpoints/checkpoint-2").is_dir()
     assert main(["export", "mllm", str(tmp_path / "run/adapter"), str(tmp_path / "merged")]) == 0
     assert (tmp_path / "merged/model.safetensors").is_file()
+
+
+def test_alignment_stage_trains_token_rows_before_the_lora(tiny_vlm: Path, picture: Path, tmp_path: Path) -> None:
+    """align_steps: the first stage moves the new token rows with the LoRA frozen at zero; the LoRA stage starts
+    from those rows; a rerun loads the finished stage instead of training it again."""
+    from safetensors.torch import load_file
+
+    from finetune.mllm_train import train_mllm
+    from finetune.tasks import sft_example
+
+    examples = [sft_example("anatomy_grounding", [str(picture)], QUESTION, _answer())] * 4
+    # a LoRA stage whose learning rate is negligible: the LoRA stays ~0, so what moved is the alignment's doing
+    cfg = _config(tiny_vlm, tmp_path / "run", steps=1, lr=1e-12, align_steps=4, align_lr=5e-2)
+    summary = train_mllm(cfg, examples=examples, resume=False)
+    assert summary["align"]["steps"] == 4 and summary["align"]["last_loss"] < summary["align"]["first_loss"]
+    aligned = load_file(str(tmp_path / "run" / "align" / "adapter" / "adapter_model.safetensors"))
+    final = load_file(str(Path(summary["adapter"]) / "adapter_model.safetensors"))
+    assert all(float(v.abs().max()) == 0 for k, v in aligned.items() if "lora_B" in k)  # frozen at zero
+    rows = [k for k in aligned if "trainable_tokens" in k or "token_adapter" in k]
+    assert rows and all(float(aligned[k].abs().max()) > 0 for k in rows)
+    assert all(torch.allclose(aligned[k], final[k], atol=1e-6) for k in rows)  # stage 2 started from them
+    assert max(float(v.abs().max()) for k, v in final.items() if "lora_B" in k) < 1e-6
+    again = train_mllm(_config(tiny_vlm, tmp_path / "run", steps=1, lr=1e-12, align_steps=4, align_lr=5e-2),
+                       examples=examples, resume=True)
+    assert again["align"] is None  # a LoRA-stage checkpoint holds every weight: the alignment is skipped
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "checkpoints")
+    reloaded = train_mllm(_config(tiny_vlm, tmp_path / "run", steps=1, lr=1e-12, align_steps=4, align_lr=5e-2),
+                          examples=examples, resume=True)
+    assert reloaded["align"] == summary["align"]  # the finished stage is loaded from align/, not trained again
+    again_final = load_file(str(Path(reloaded["adapter"]) / "adapter_model.safetensors"))
+    assert all(torch.allclose(aligned[k], again_final[k], atol=1e-6) for k in rows)
+    with pytest.raises(Exception, match="align"):
+        _config(tiny_vlm, tmp_path / "bad", align_steps=-1).validate()
