@@ -30,9 +30,10 @@ from typing import Any
 
 from finetune.mllm_data import MLLMDataSource, build_examples
 from medvlm.errors import input_error
+from medvlm.tokens import LOC_BINS
 
 __all__ = ["LANGUAGE_MODEL_LORA_TARGETS", "MLLMTrainConfig", "export_merged", "load_finetuned",
-           "load_mllm_config", "prepare_model", "train_mllm"]
+           "load_mllm_config", "location_loss", "prepare_model", "train_mllm"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,10 @@ class MLLMTrainConfig:
     #: first learns to read the image features and to emit location tokens (0 = no such stage)
     align_steps: int = 0
     align_lr: float = 1e-3
+    #: a sense of distance for coordinates: the target of a ``<locNNNN>`` answer token is a Gaussian over the
+    #: 1024 bins with this standard deviation (in bins) instead of the one bin, so a near miss costs less than a
+    #: far one (0 = plain cross-entropy); needs ``add_location_tokens``
+    loc_sigma: float = 0.0
 
     def validate(self) -> None:
         if not isinstance(self.base_model, str) or not self.base_model.strip():
@@ -94,6 +99,10 @@ class MLLMTrainConfig:
             raise input_error("mllm train config align", expected="align_steps >= 0 and align_lr > 0",
                               received=f"align_steps={self.align_steps}, align_lr={self.align_lr}",
                               fix="e.g. align_steps: 200, align_lr: 1e-3 (or align_steps: 0)")
+        if self.loc_sigma < 0 or (self.loc_sigma > 0 and not self.add_location_tokens):
+            raise input_error("mllm train config loc_sigma", expected=">= 0, and add_location_tokens when > 0",
+                              received=f"loc_sigma={self.loc_sigma}, add_location_tokens={self.add_location_tokens}",
+                              fix="e.g. loc_sigma: 2.0 with add_location_tokens: true (or loc_sigma: 0)")
         if not self.lr > 0 or not 0 <= self.lora_dropout < 1:
             raise input_error("mllm train config", expected="lr > 0 and 0 <= lora_dropout < 1",
                               received=f"lr={self.lr}, lora_dropout={self.lora_dropout}", fix="e.g. lr: 2e-4")
@@ -182,18 +191,55 @@ def _hf_dataset(examples: list[dict[str, Any]]) -> Any:
     return ds.cast_column("images", datasets.Sequence(datasets.Image()))
 
 
-def _full_logits_trainer() -> Any:
+def location_loss(logits: Any, labels: Any, loc_ids: Any, sigma: float) -> tuple[Any, Any]:
+    """Next-token loss where every ``<locNNNN>`` label is scored against a Gaussian over the location bins.
+
+    ``logits (B, T, V)``, ``labels (B, T)`` (-100 = not scored; shifted here as the model's own loss does),
+    ``loc_ids (1024,)`` the token ids of bins 0..1023 in order, ``sigma`` in bins. Other tokens keep plain
+    cross-entropy. Returns ``(summed loss, number of scored tokens)``."""
+    import torch
+
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    valid = labels != -100
+    logp = torch.log_softmax(logits, dim=-1)
+    safe = labels.clamp(min=0)
+    loss = -logp.gather(-1, safe[..., None])[..., 0]
+    bin_of = torch.full((logits.shape[-1],), -1, dtype=torch.long, device=labels.device)
+    bin_of[loc_ids] = torch.arange(len(loc_ids), device=labels.device)
+    bins = bin_of[safe]
+    is_loc = valid & (bins >= 0)
+    if bool(is_loc.any()) and sigma > 0:
+        grid = torch.arange(len(loc_ids), device=labels.device, dtype=logits.dtype)
+        target = torch.exp(-0.5 * ((grid[None, :] - bins[is_loc][:, None].to(logits.dtype)) / sigma) ** 2)
+        target = target / target.sum(dim=-1, keepdim=True)
+        loss = loss.clone()
+        loss[is_loc] = -(target * logp[is_loc][:, loc_ids]).sum(dim=-1)
+    return loss[valid].sum(), valid.sum()
+
+
+def _full_logits_trainer(loc_ids: list[int] | None = None, sigma: float = 0.0) -> Any:
     from transformers import Trainer
     from trl import SFTTrainer
 
     class FullLogitsSFTTrainer(SFTTrainer):
         """SFTTrainer whose loss is the model's own (full logits). TRL's fused LM head multiplies by
-        ``lm_head.weight`` directly, which skips peft's trainable new-token rows of ``lm_head``."""
+        ``lm_head.weight`` directly, which skips peft's trainable new-token rows of ``lm_head``. With
+        ``sigma`` > 0 the location tokens are scored by :func:`location_loss`."""
 
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
-            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+            if not loc_ids or sigma <= 0:
+                return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
+            import torch
+
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            total, count = location_loss(outputs.logits, labels, torch.as_tensor(loc_ids, device=labels.device),
+                                         sigma)
+            denominator = num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1)
+            loss = total / denominator.to(total.device) if hasattr(denominator, "to") else total / denominator
+            return (loss, outputs) if return_outputs else loss
 
     return FullLogitsSFTTrainer
 
@@ -219,7 +265,8 @@ def train_mllm(cfg: MLLMTrainConfig, *, resume: bool = True, examples: list[dict
         raise input_error("mllm training data", expected="at least one example", received="none",
                           fix="check the data sources' names and tasks")
     processor, model, new_ids = prepare_model(cfg)
-    trainer_cls = _full_logits_trainer() if new_ids else SFTTrainer
+    loc_ids = new_ids[:LOC_BINS] if cfg.loc_sigma > 0 else None  # mask_tokens(): the bins first, in order
+    trainer_cls = _full_logits_trainer(loc_ids, cfg.loc_sigma) if new_ids else SFTTrainer
     dataset = _hf_dataset(examples)
     checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     aligned = None

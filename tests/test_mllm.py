@@ -305,3 +305,41 @@ def test_alignment_stage_trains_token_rows_before_the_lora(tiny_vlm: Path, pictu
     assert all(torch.allclose(aligned[k], again_final[k], atol=1e-6) for k in rows)
     with pytest.raises(Exception, match="align"):
         _config(tiny_vlm, tmp_path / "bad", align_steps=-1).validate()
+
+
+def test_location_loss_rewards_near_bins() -> None:
+    """loc_sigma: a near miss of a location token costs less than a far one; other tokens keep cross-entropy."""
+    from finetune.mllm_train import location_loss
+
+    vocab, loc_ids = 1100, torch.arange(50, 1074)  # bins 0..1023 are token ids 50..1073
+    labels = torch.tensor([[-100, 7, 50 + 300]])  # a text token, then bin 300 (labels are shifted by one)
+
+    def logits_peaking_at(token: int) -> torch.Tensor:
+        logits = torch.zeros(1, 3, vocab)
+        logits[0, 0, 7] = 5.0
+        logits[0, 1, token] = 8.0
+        return logits
+
+    near, far = logits_peaking_at(50 + 303), logits_peaking_at(50 + 900)
+    hard_near, n = location_loss(near, labels, loc_ids, 0.0)
+    hard_far, _ = location_loss(far, labels, loc_ids, 0.0)
+    assert int(n) == 2 and float(hard_near) == pytest.approx(float(hard_far))  # plain CE: a miss is a miss
+    soft_near, _ = location_loss(near, labels, loc_ids, 3.0)
+    soft_far, _ = location_loss(far, labels, loc_ids, 3.0)
+    assert float(soft_near) < float(soft_far) - 0.5  # 3 bins off: ~0.08 of the target mass on the peak
+    text_only = torch.tensor([[-100, 7, 9]])
+    got, _ = location_loss(near, text_only, loc_ids, 3.0)
+    want = torch.nn.functional.cross_entropy(near[0, :2], text_only[0, 1:], reduction="sum")
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_training_with_the_location_loss(tiny_vlm: Path, picture: Path, tmp_path: Path) -> None:
+    from finetune.mllm_train import train_mllm
+    from finetune.tasks import sft_example
+
+    examples = [sft_example("anatomy_grounding", [str(picture)], QUESTION, _answer())] * 4
+    summary = train_mllm(_config(tiny_vlm, tmp_path / "run", steps=6, lr=5e-3, loc_sigma=2.0), examples=examples,
+                         resume=False)
+    assert summary["steps"] == 6 and summary["last_loss"] < summary["first_loss"]
+    with pytest.raises(Exception, match="loc_sigma"):
+        _config(tiny_vlm, tmp_path / "bad", loc_sigma=2.0, add_location_tokens=False).validate()
