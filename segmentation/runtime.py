@@ -630,15 +630,13 @@ def compile_encoder(module: torch.nn.Module, example: torch.Tensor, precision: s
     return encoder
 
 
-class CompiledTextEncoder:
-    """A compiled text encoder: ``encoder(input_ids (B, L) int64, attention_mask (B, L) int64)`` -> float32
-    ``(B, L, d)`` (B and L dynamic). Thread-safe. Attributes as :class:`CompiledEncoder` (``engine`` is always
-    ``openvino``)."""
+class _OpenVINOModel:
+    """A compiled OpenVINO model with one infer request, its lock and what :meth:`describe` reports."""
 
     engine = "openvino"
 
     def __init__(self, compiled: Any, *, precision: str, inference_precision: str, prepare_s: float,
-                 ir_path: Path, converted: bool) -> None:
+                 ir_path: Path, converted: bool = False) -> None:
         self.compiled = compiled
         self.request = compiled.create_infer_request()
         self.precision = precision
@@ -647,6 +645,16 @@ class CompiledTextEncoder:
         self.ir_path = ir_path
         self.converted = converted
         self._lock = threading.Lock()
+
+    def describe(self) -> dict[str, Any]:
+        return {"engine": self.engine, "precision": self.precision, "inference_precision": self.inference_precision,
+                "ir_path": str(self.ir_path), "converted": self.converted, "prepare_s": round(self.prepare_s, 3)}
+
+
+class CompiledTextEncoder(_OpenVINOModel):
+    """A compiled text encoder: ``encoder(input_ids (B, L) int64, attention_mask (B, L) int64)`` -> float32
+    ``(B, L, d)`` (B and L dynamic). Thread-safe. Attributes as :class:`CompiledEncoder` (``engine`` is always
+    ``openvino``)."""
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         import torch
@@ -663,28 +671,11 @@ class CompiledTextEncoder:
             self.request.infer({0: ids, 1: mask}, share_inputs=True)
             return np.array(self.request.get_output_tensor(0).data, dtype=np.float32, copy=True)
 
-    def describe(self) -> dict[str, Any]:
-        return {"engine": self.engine, "precision": self.precision, "inference_precision": self.inference_precision,
-                "ir_path": str(self.ir_path), "converted": self.converted, "prepare_s": round(self.prepare_s, 3)}
 
-
-class CompiledIR:
+class CompiledIR(_OpenVINOModel):
     """Any IR compiled for the CPU, run on numpy arrays without torch: ``model(*inputs)`` -> the outputs as a
     list of float32/bool arrays (copied out of the request). Thread-safe. Attributes as
     :class:`CompiledTextEncoder`."""
-
-    engine = "openvino"
-
-    def __init__(self, compiled: Any, *, precision: str, inference_precision: str, prepare_s: float,
-                 ir_path: Path) -> None:
-        self.compiled = compiled
-        self.request = compiled.create_infer_request()
-        self.precision = precision
-        self.inference_precision = inference_precision
-        self.prepare_s = prepare_s
-        self.ir_path = ir_path
-        self.converted = False
-        self._lock = threading.Lock()
 
     def __call__(self, *inputs: npt.NDArray[Any]) -> list[npt.NDArray[Any]]:
         arrays = {i: np.ascontiguousarray(a) for i, a in enumerate(inputs)}
@@ -692,10 +683,6 @@ class CompiledIR:
             self.request.infer(arrays, share_inputs=True)
             return [np.array(self.request.get_output_tensor(k).data, copy=True)
                     for k in range(len(self.compiled.outputs))]
-
-    def describe(self) -> dict[str, Any]:
-        return {"engine": self.engine, "precision": self.precision, "inference_precision": self.inference_precision,
-                "ir_path": str(self.ir_path), "converted": False, "prepare_s": round(self.prepare_s, 3)}
 
 
 def load_ir_model(xml: str | Path, precision: str | None) -> CompiledIR:
