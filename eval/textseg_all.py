@@ -30,14 +30,43 @@ from eval.splits import checkpoint_split_ids, select_ids
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_FOLDERS", "existence_suite", "format_all_tables", "format_existence_table",
-           "largest_component_3d", "text_seg_all", "volume_suite"]
+__all__ = ["CROSS_SOURCE_BOXES", "DEFAULT_FOLDERS", "existence_suite", "finding_box_suite", "format_all_tables",
+           "format_existence_table", "largest_component_3d", "text_seg_all", "volume_suite"]
 
 DEFAULT_FOLDERS: tuple[str, ...] = (
     "cxr_jsrt_scr", "cxr_covid_v7_lungs", "ct_curvas_abdomen", "ct_msd_spleen", "mr_hippocampus_msd",
     "mr_brats2015_slices", "mr_acdc_cardiac", "us_hc18_fetal_head", "derm_ham10000", "endo_kvasir_polyp",
 )
 """Folders of ``medvlm eval text-seg --all`` (each scored on the checkpoint's val split where it has one)."""
+
+
+#: chest X-rays from another hospital than the training masks: (folder, structure asked, box label it should
+#: cover). NIH ChestX-ray14 cardiomegaly boxes enclose the enlarged heart, so the heart mask's box is scored on them.
+CROSS_SOURCE_BOXES: tuple[tuple[str, str, str], ...] = (("cxr_nih_bbox", "heart", "cardiomegaly"),)
+
+
+def finding_box_suite(data: str | Path, segmenter: Any, structure: str, label: str) -> dict[str, Any]:
+    """Every box labelled ``label`` in the folder ``data`` against the box of ``segmenter``'s mask for
+    ``structure`` on the same image (pixels of the original grid; an empty mask scores IoU 0). Every image is used
+    (such folders are never trained on). Returns ``{"suite": "finding-box", "data", "structure", "label", "n",
+    "miou", "per_case": [{"id", "iou"}]}``; ``miou`` None when the folder has no such box."""
+    from medvlm.datasets import open_dataset
+    from medvlm.types import Mask
+    from segmentation.base import Prompt
+
+    dataset = open_dataset(data)
+    cases: list[dict[str, Any]] = []
+    for sample_id in dataset.ids():
+        sample = dataset.load(sample_id)
+        boxes = [b.box for b in sample.boxes if b.label == label]
+        if not boxes:
+            continue
+        result = segmenter.predict_many(segmenter.encode(sample.image), [Prompt(text=structure)])[0]
+        got = Mask(result.mask.data).to_box() if _found(result) else None
+        cases += [{"id": sample_id, "iou": 0.0 if got is None else float(got.iou(box))} for box in boxes]
+    ious = [float(c["iou"]) for c in cases]
+    return {"suite": "finding-box", "data": str(data), "structure": structure, "label": label, "n": len(cases),
+            "miou": float(np.mean(ious)) if ious else None, "per_case": cases}
 
 
 def _found(result: Any) -> bool:
@@ -206,6 +235,13 @@ def text_seg_all(folders: Sequence[str] = DEFAULT_FOLDERS, *, checkpoint: str | 
             out["skipped"][name] = str(exc)
             continue
         out["folders"][name] = {"kind": kind_of(name), "segmentation": seg, "existence": ex}
+    out["cross_source"] = []
+    for name, structure, label in CROSS_SOURCE_BOXES:
+        path = default_data_root() / name
+        if path.is_dir():
+            out["cross_source"].append(finding_box_suite(path, segmenter, structure, label))
+        else:
+            out["skipped"][name] = f"{path} not found"
     return out
 
 
@@ -221,6 +257,11 @@ def format_all_tables(result: dict[str, Any]) -> str:
         blocks.append(f"== {kind}")
         blocks += [format_table(result["folders"][n]["segmentation"]) for n in names]
     blocks.append(format_existence_table([e["existence"] for e in result["folders"].values()]))
+    for r in result.get("cross_source", []):
+        miou = "-" if r["miou"] is None else f"{r['miou']:.3f}"
+        blocks.append(f"another hospital: {Path(r['data']).name}, box of the '{r['structure']}' mask against the "
+                      f"{r['n']} '{r['label']}' boxes: mIoU {miou} ("
+                      + ", ".join(f"{c['iou']:.3f}" for c in r["per_case"]) + ")")
     if result["skipped"]:
         blocks.append("skipped: " + "; ".join(f"{k} ({v})" for k, v in result["skipped"].items()))
     return "\n\n".join(blocks)

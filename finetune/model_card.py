@@ -97,6 +97,10 @@ def write_card(checkpoint: Path, text_seg: dict[str, Any], oracle: dict[str, Any
             lines += [f"### {name} ({entry['kind']})", "", "```text", format_table(entry["segmentation"]), "```", ""]
         lines += ["### Not in this image", "", "```text",
                   format_existence_table([e["existence"] for e in all_folders["folders"].values()]), "```"]
+        for r in all_folders.get("cross_source", []):
+            miou = "-" if r["miou"] is None else f"{r['miou']:.3f}"
+            lines += ["", f"Another hospital ({Path(r['data']).name}): box of the '{r['structure']}' mask against "
+                      f"the {r['n']} '{r['label']}' boxes, mIoU {miou}."]
     lines += ["", "Licences: the training images' terms are in ../shared/data (JSRT/SCR research use; V7 masks "
               "CC BY 4.0; ...); the weights here are derived from them and meant for research use.", ""]
     path = checkpoint / "README.md"

@@ -178,3 +178,46 @@ def test_distillation_keeps_the_teachers_answer(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="distill_sources"):
         TrainConfig(data=[source], distill_from=str(tmp_path / "teacher"), distill_weight=1.0,
                     distill_sources=["nope"]).validate()
+
+
+@pytest.mark.data
+def test_cross_source_heart_boxes_are_scored_against_cardiomegaly_boxes() -> None:
+    """eval text-seg --all's check on another hospital: the box of the heart mask against each NIH cardiomegaly
+    box; a perfect mask scores 1, a mask shifted by half its width ~1/3, no mask 0."""
+    from types import SimpleNamespace
+
+    from eval.textseg_all import finding_box_suite
+    from medvlm.datasets import open_dataset
+    from medvlm.types import Mask
+
+    folder = data_dir("cxr_nih_bbox")
+    dataset = open_dataset(folder)
+
+    class Fake:
+        def __init__(self, shift: float, found: bool = True) -> None:
+            self.shift, self.found, self.asked = shift, found, []
+
+        def encode(self, image: object) -> object:
+            return image
+
+        def predict_many(self, image: object, prompts: list) -> list:
+            self.asked += [p.text for p in prompts]
+            mask = np.zeros(image.shape, bool)  # type: ignore[attr-defined]
+            for sample_id in dataset.ids():  # the image's own cardiomegaly box, found by identity of its pixels
+                sample = dataset.load(sample_id)
+                if sample.image.pixels.shape == image.pixels.shape and np.array_equal(sample.image.pixels,
+                                                                                      image.pixels):
+                    for ann in sample.boxes:
+                        if ann.label == "cardiomegaly":
+                            b = ann.box
+                            dx = round(self.shift * (b.x1 - b.x0))
+                            mask[round(b.y0):round(b.y1), round(b.x0) + dx:round(b.x1) + dx] = True
+            return [SimpleNamespace(mask=Mask(mask), meta={"found": self.found and bool(mask.any())})]
+
+    perfect = finding_box_suite(folder, Fake(0.0), "heart", "cardiomegaly")
+    assert perfect["n"] == 3 and perfect["miou"] == pytest.approx(1.0, abs=0.01)
+    half = finding_box_suite(folder, Fake(0.5), "heart", "cardiomegaly")
+    assert 0.3 < half["miou"] < 0.45  # 1/3 for a box shifted by half its width (more where the image edge clips it)
+    missing = finding_box_suite(folder, Fake(0.0, found=False), "heart", "cardiomegaly")
+    assert missing["miou"] == 0.0 and [c["iou"] for c in missing["per_case"]] == [0.0] * 3
+    assert finding_box_suite(folder, Fake(0.0), "heart", "no such finding")["miou"] is None
