@@ -250,8 +250,7 @@ def train_mllm(cfg: MLLMTrainConfig, *, resume: bool = True, examples: list[dict
 
     ``examples``: pre-built TRL examples (images as file paths) instead of building them from ``cfg.data``.
     """
-    import torch
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     cfg.validate()
     out = Path(cfg.out_dir)
@@ -272,14 +271,7 @@ def train_mllm(cfg: MLLMTrainConfig, *, resume: bool = True, examples: list[dict
     aligned = None
     if cfg.align_steps and not (resume and checkpoints):  # a LoRA-stage checkpoint already holds every weight
         aligned = _align(cfg, model, processor, trainer_cls, dataset, out / "align", resume=resume)
-    args = SFTConfig(output_dir=str(out / "checkpoints"), max_steps=cfg.steps,
-                     per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-                     learning_rate=cfg.lr, lr_scheduler_type="cosine", warmup_steps=cfg.warmup_steps,
-                     logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, save_total_limit=2,
-                     seed=cfg.seed, bf16=_use_bf16(cfg), gradient_checkpointing=cfg.gradient_checkpointing,
-                     max_length=cfg.max_length, report_to="none", dataloader_num_workers=0,
-                     remove_unused_columns=False, disable_tqdm=True,
-                     use_cpu=_use_bf16(cfg) and not torch.cuda.is_available())  # bf16 on CPU: autocast
+    args = _sft_args(cfg, out / "checkpoints", cfg.steps, cfg.lr, cfg.warmup_steps, keep=2)
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=processor)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if resume and checkpoints else None)
@@ -307,7 +299,6 @@ def _align(cfg: MLLMTrainConfig, model: Any, processor: Any, trainer_cls: Any, d
     ``folder/done.json``. A finished stage is loaded, not rerun. Returns ``{"steps", "first_loss", "last_loss"}``."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
-    from trl import SFTConfig
 
     done = folder / "done.json"
     lora = [p for n, p in model.named_parameters() if "lora_" in n]
@@ -316,14 +307,8 @@ def _align(cfg: MLLMTrainConfig, model: Any, processor: Any, trainer_cls: Any, d
         return dict(json.loads(done.read_text()))
     for p in lora:
         p.requires_grad_(False)
-    args = SFTConfig(output_dir=str(folder / "checkpoints"), max_steps=cfg.align_steps,
-                     per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-                     learning_rate=cfg.align_lr, lr_scheduler_type="cosine",
-                     warmup_steps=min(cfg.warmup_steps, cfg.align_steps // 10), logging_steps=cfg.logging_steps,
-                     save_steps=cfg.save_steps, save_total_limit=1, seed=cfg.seed, bf16=_use_bf16(cfg),
-                     gradient_checkpointing=cfg.gradient_checkpointing, max_length=cfg.max_length, report_to="none",
-                     dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True,
-                     use_cpu=_use_bf16(cfg) and not _cuda())
+    args = _sft_args(cfg, folder / "checkpoints", cfg.align_steps, cfg.align_lr,
+                     min(cfg.warmup_steps, cfg.align_steps // 10), keep=1)
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=processor)
     checkpoints = sorted((folder / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     try:
@@ -339,10 +324,18 @@ def _align(cfg: MLLMTrainConfig, model: Any, processor: Any, trainer_cls: Any, d
     return summary
 
 
-def _cuda() -> bool:
+def _sft_args(cfg: MLLMTrainConfig, output_dir: Path, steps: int, lr: float, warmup: int, *, keep: int) -> Any:
+    """TRL's SFTConfig of one stage (``keep``: checkpoints kept); the rest comes from ``cfg``."""
     import torch
+    from trl import SFTConfig
 
-    return bool(torch.cuda.is_available())
+    return SFTConfig(output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=cfg.batch_size,
+                     gradient_accumulation_steps=cfg.grad_accum, learning_rate=lr, lr_scheduler_type="cosine",
+                     warmup_steps=warmup, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
+                     save_total_limit=keep, seed=cfg.seed, bf16=_use_bf16(cfg),
+                     gradient_checkpointing=cfg.gradient_checkpointing, max_length=cfg.max_length, report_to="none",
+                     dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True,
+                     use_cpu=_use_bf16(cfg) and not torch.cuda.is_available())  # bf16 on CPU: autocast
 
 
 def load_finetuned(adapter_dir: str | Path, *, base_model: str | None = None) -> tuple[Any, Any]:

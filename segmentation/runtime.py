@@ -589,7 +589,7 @@ def compile_encoder(module: torch.nn.Module, example: torch.Tensor, precision: s
     ``example``: a float32 input ``(B0, ...)`` used to trace the module (its batch size does not matter: the
     batch dimension of the compiled model is dynamic, the others are fixed to the example's).
     ``precision``: ``auto``/``fp32``/``bf16`` or None (:func:`requested_precision`): OpenVINO with
-    ``INFERENCE_PRECISION_HINT`` bf16 or f32, ``INFERENCE_NUM_THREADS = torch.get_num_threads()`` and
+    ``INFERENCE_PRECISION_HINT`` bf16 or f32, ``INFERENCE_NUM_THREADS = inference_threads()`` and
     ``PERFORMANCE_HINT=LATENCY``. ``key``: extra text in the cache key (name the forward code: the sha256 covers
     only the weights). ``max_batch``: largest chunk sent at once.
 
@@ -597,7 +597,6 @@ def compile_encoder(module: torch.nn.Module, example: torch.Tensor, precision: s
     :func:`openvino_cache_dir` yet; compiled encoders are shared through an LRU of :data:`LRU_SIZE`. Without
     OpenVINO: torch fp32 (``auto``/``fp32``, debug log) or torch bf16 autocast (``bf16`` asked, warning).
     """
-    import torch
 
     asked = requested_precision(precision)
     resolved = resolve_precision(asked)
@@ -616,7 +615,7 @@ def compile_encoder(module: torch.nn.Module, example: torch.Tensor, precision: s
 
     import openvino as ov
 
-    threads = max(1, int(torch.get_num_threads()))
+    threads = inference_threads()
     digest = _module_digest(module, [example], key, ov.__version__, f"batch+{list(sample_shape)}")
 
     def make() -> CompiledEncoder:
@@ -711,13 +710,12 @@ def compile_text_encoder(module: torch.nn.Module, input_ids: torch.Tensor, atten
     skip masking, and tracing would freeze that branch. Requires OpenVINO (callers check
     :func:`openvino_available`; there is no torch fallback object here)."""
     import openvino as ov
-    import torch
 
     if not bool((attention_mask == 0).any()):
         raise input_error("compile_text_encoder example", expected="an attention_mask with padding (some zeros)",
                           received="a mask of ones", fix="tokenize two texts of different lengths together")
     resolved = resolve_precision(precision)
-    threads = max(1, int(torch.get_num_threads()))
+    threads = inference_threads()
     examples = [input_ids, attention_mask]
     digest = _module_digest(module, examples, key, ov.__version__, "dynamic")
 
