@@ -22,7 +22,7 @@ from typing import Any
 
 from medvlm.errors import input_error
 
-__all__ = ["TASKS", "MLLMDataSource", "build_examples", "render_image"]
+__all__ = ["TASKS", "MLLMDataSource", "build_examples", "pack_turns", "render_image"]
 
 TASKS: tuple[str, ...] = ("anatomy_grounding", "finding_grounding", "anatomy_segmentation", "relative_position",
                           "reference_pair", "drr")
@@ -132,6 +132,43 @@ def build_examples(sources: Sequence[MLLMDataSource], out_dir: str | Path, *, da
             f.write(json.dumps(example) + "\n")
     (out / "data" / "val_ids.txt").write_text("".join(f"{v}\n" for v in val_all))
     return examples, val_all
+
+
+def pack_turns(examples: Sequence[dict[str, Any]], turns: int, rng: random.Random) -> list[dict[str, Any]]:
+    """TRL prompt-completion ``examples`` as conversational ones (``{"messages", "images"}``), the questions about
+    one image grouped up to ``turns`` at a time into one multi-turn conversation: the image (64 tokens for
+    medvlm-mini) and the system prompt are paid once per group instead of once per question, and a loss on every
+    assistant turn (TRL ``assistant_only_loss``) trains each answer. The image part stays in the first user turn
+    only, where inference puts it; which questions share a conversation is drawn by ``rng``. Examples with several
+    images (reference pairs) are converted one to one. ``turns`` = 1 converts every example as it is."""
+    if turns < 1:
+        raise input_error("turns_per_image", expected="an integer >= 1", received=repr(turns),
+                          fix="use 1 (one question per example) or e.g. 5")
+    by_image: dict[str, list[dict[str, Any]]] = {}
+    out: list[dict[str, Any]] = []
+    for example in examples:
+        if len(example["images"]) == 1:
+            by_image.setdefault(example["images"][0], []).append(example)
+        else:
+            out.append(_conversation([example]))
+    for items in by_image.values():
+        items = list(items)
+        rng.shuffle(items)
+        out += [_conversation(items[k:k + turns]) for k in range(0, len(items), turns)]
+    return out
+
+
+def _conversation(group: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    messages: list[dict[str, Any]] = []
+    for k, example in enumerate(group):
+        for message in example["prompt"]:
+            content = message["content"]
+            if k and isinstance(content, list):  # later turns refer to the image of the first one
+                content = [part for part in content if part.get("type") != "image"]
+            messages.append({"role": message["role"], "content": content})
+        messages += [dict(m) for m in example["completion"]]
+    return {"messages": messages, "images": list(group[0]["images"]), "task": group[0].get("task"),
+            "meta": [e.get("meta") for e in group]}
 
 
 def _sample_examples(sample: Any, per_sample: Sequence[str], rng: random.Random) -> list[dict[str, Any]]:

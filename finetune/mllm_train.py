@@ -28,12 +28,15 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from finetune.mllm_data import MLLMDataSource, build_examples
 from medvlm.errors import input_error
 from medvlm.tokens import LOC_BINS
 
-__all__ = ["LANGUAGE_MODEL_LORA_TARGETS", "MLLMTrainConfig", "export_merged", "load_finetuned",
-           "load_mllm_config", "location_loss", "prepare_model", "train_mllm"]
+__all__ = ["LANGUAGE_MODEL_LORA_TARGETS", "PROBE_STRUCTURES", "HeldoutProbe", "MLLMTrainConfig", "export_merged",
+           "format_probe_table", "load_finetuned", "load_mllm_config", "location_loss", "prepare_model",
+           "probe_adapters", "train_mllm", "training_chat_template"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +86,16 @@ class MLLMTrainConfig:
     #: 1024 bins with this standard deviation (in bins) instead of the one bin, so a near miss costs less than a
     #: far one (0 = plain cross-entropy); needs ``add_location_tokens``
     loc_sigma: float = 0.0
+    #: several questions about one image in one multi-turn conversation (:func:`finetune.mllm_data.pack_turns`):
+    #: the image tokens and the system prompt are paid once per group, and every answer is trained (TRL
+    #: assistant-only loss); 1 = one question per example
+    turns_per_image: int = 1
+    #: the held-out curve: every ``probe_every`` optimizer steps (and at the start of each stage), the box mIoU of
+    #: the five chest structures, asked by name, on the first ``probe_images`` held-out JSRT images, beside the
+    #: image-blind prior (each structure's mean relative box on the JSRT train images), appended to
+    #: ``out_dir/probe.jsonl`` (0 = off)
+    probe_every: int = 0
+    probe_images: int = 10
 
     def validate(self) -> None:
         if not isinstance(self.base_model, str) or not self.base_model.strip():
@@ -103,6 +116,12 @@ class MLLMTrainConfig:
             raise input_error("mllm train config loc_sigma", expected=">= 0, and add_location_tokens when > 0",
                               received=f"loc_sigma={self.loc_sigma}, add_location_tokens={self.add_location_tokens}",
                               fix="e.g. loc_sigma: 2.0 with add_location_tokens: true (or loc_sigma: 0)")
+        others = {"turns_per_image": (self.turns_per_image, 1), "probe_every": (self.probe_every, 0),
+                  "probe_images": (self.probe_images, 1)}
+        odd = {k: v for k, (v, low) in others.items() if not isinstance(v, int) or v < low}
+        if odd:
+            raise input_error("mllm train config", expected="turns_per_image >= 1, probe_every >= 0, probe_images >= 1",
+                              received=repr(odd), fix="e.g. turns_per_image: 5, probe_every: 100, probe_images: 10")
         if not self.lr > 0 or not 0 <= self.lora_dropout < 1:
             raise input_error("mllm train config", expected="lr > 0 and 0 <= lora_dropout < 1",
                               received=f"lr={self.lr}, lora_dropout={self.lora_dropout}", fix="e.g. lr: 2e-4")
@@ -183,10 +202,12 @@ def _use_bf16(cfg: MLLMTrainConfig) -> bool:
 
 
 def _hf_dataset(examples: list[dict[str, Any]]) -> Any:
-    """A datasets.Dataset of prompt/completion/images whose images decode lazily from their PNG paths."""
+    """A datasets.Dataset of prompt/completion/images (or, packed, messages/images) whose images decode lazily
+    from their PNG paths."""
     import datasets
 
-    rows = [{"prompt": e["prompt"], "completion": e["completion"], "images": e["images"]} for e in examples]
+    keys = ("messages",) if "messages" in examples[0] else ("prompt", "completion")
+    rows = [{**{k: e[k] for k in keys}, "images": e["images"]} for e in examples]
     ds = datasets.Dataset.from_list(rows)
     return ds.cast_column("images", datasets.Sequence(datasets.Image()))
 
@@ -266,16 +287,32 @@ def train_mllm(cfg: MLLMTrainConfig, *, resume: bool = True, examples: list[dict
     processor, model, new_ids = prepare_model(cfg)
     loc_ids = new_ids[:LOC_BINS] if cfg.loc_sigma > 0 else None  # mask_tokens(): the bins first, in order
     trainer_cls = _full_logits_trainer(loc_ids, cfg.loc_sigma) if new_ids else SFTTrainer
+    if cfg.turns_per_image > 1:
+        import random
+
+        from finetune.mllm_data import pack_turns
+
+        examples = pack_turns(examples, cfg.turns_per_image, random.Random(cfg.seed))
     dataset = _hf_dataset(examples)
+    probe = HeldoutProbe(processor, out / "probe.jsonl", cfg.probe_every, n_images=cfg.probe_images,
+                         val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
+                         data_root=cfg.data_root) if cfg.probe_every else None
+    inference_template = processor.chat_template
+    if cfg.turns_per_image > 1:  # TRL's assistant-only loss reads the turns from {% generation %} markers
+        processor.chat_template = training_chat_template(inference_template, processor)
     checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     aligned = None
-    if cfg.align_steps and not (resume and checkpoints):  # a LoRA-stage checkpoint already holds every weight
-        aligned = _align(cfg, model, processor, trainer_cls, dataset, out / "align", resume=resume)
-    args = _sft_args(cfg, out / "checkpoints", cfg.steps, cfg.lr, cfg.warmup_steps, keep=2)
-    trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=processor)
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if resume and checkpoints else None)
-    wall = time.perf_counter() - start
+    try:
+        if cfg.align_steps and not (resume and checkpoints):  # a LoRA-stage checkpoint already holds every weight
+            aligned = _align(cfg, model, processor, trainer_cls, dataset, out / "align", resume=resume, probe=probe)
+        args = _sft_args(cfg, out / "checkpoints", cfg.steps, cfg.lr, cfg.warmup_steps, keep=2)
+        trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=processor,
+                              callbacks=[probe.callback("lora")] if probe else None)
+        start = time.perf_counter()
+        result = trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if resume and checkpoints else None)
+        wall = time.perf_counter() - start
+    finally:
+        processor.chat_template = inference_template  # what inference and vLLM render: saved with the adapter
     adapter = out / "adapter"
     trainer.save_model(str(adapter))
     processor.save_pretrained(str(adapter))
@@ -293,7 +330,7 @@ def train_mllm(cfg: MLLMTrainConfig, *, resume: bool = True, examples: list[dict
 
 
 def _align(cfg: MLLMTrainConfig, model: Any, processor: Any, trainer_cls: Any, dataset: Any, folder: Path, *,
-           resume: bool) -> dict[str, Any]:
+           resume: bool, probe: HeldoutProbe | None = None) -> dict[str, Any]:
     """The alignment stage (``cfg.align_steps``): LoRA frozen, the new token rows and ``modules_to_save``
     trained at ``cfg.align_lr``; checkpoints in ``folder/checkpoints``, the result in ``folder/adapter`` with
     ``folder/done.json``. A finished stage is loaded, not rerun. Returns ``{"steps", "first_loss", "last_loss"}``."""
@@ -309,7 +346,8 @@ def _align(cfg: MLLMTrainConfig, model: Any, processor: Any, trainer_cls: Any, d
         p.requires_grad_(False)
     args = _sft_args(cfg, folder / "checkpoints", cfg.align_steps, cfg.align_lr,
                      min(cfg.warmup_steps, cfg.align_steps // 10), keep=1)
-    trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=processor)
+    trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=processor,
+                          callbacks=[probe.callback("align")] if probe else None)
     checkpoints = sorted((folder / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     try:
         trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if resume and checkpoints else None)
@@ -335,7 +373,178 @@ def _sft_args(cfg: MLLMTrainConfig, output_dir: Path, steps: int, lr: float, war
                      save_total_limit=keep, seed=cfg.seed, bf16=_use_bf16(cfg),
                      gradient_checkpointing=cfg.gradient_checkpointing, max_length=cfg.max_length, report_to="none",
                      dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True,
+                     assistant_only_loss=cfg.turns_per_image > 1,
                      use_cpu=_use_bf16(cfg) and not torch.cuda.is_available())  # bf16 on CPU: autocast
+
+
+def training_chat_template(template: str, processor: Any = None) -> str:
+    """``template`` with ``{% generation %}`` markers around every assistant turn (its text and its end-of-turn
+    token), which TRL's assistant-only loss needs to find the answers of a multi-turn conversation; unchanged when
+    it has markers. Works for ChatML templates that write each message as ``<|im_start|>{{ message['role'] }}``
+    + newline ... ``<|im_end|>`` + newline in one loop (medvlm-mini's). With ``processor`` the new template is
+    checked to render a two-turn conversation exactly as the old one does."""
+    if "generation %}" in template:
+        return template
+    head, tail = "<|im_start|>{{ message['role'] }}\n", "<|im_end|>\n{% endfor %}"
+    i = template.find(head)
+    j = template.find(tail, i + len(head)) if i >= 0 else -1
+    if j < 0:
+        raise input_error("chat template for turns_per_image > 1",
+                          expected="a template with {% generation %} markers, or medvlm-mini's ChatML one",
+                          received=template[:120].replace("\n", " ") + " ...",
+                          fix="add {% generation %}...{% endgeneration %} around the assistant turns of the "
+                              "processor's chat_template, or use turns_per_image: 1")
+    start, body = i + len(head), template[i + len(head):j]
+    marked = (template[:start] + "{% if message['role'] == 'assistant' %}{% generation %}" + body
+              + "<|im_end|>\n{% endgeneration %}{% else %}" + body + "<|im_end|>\n{% endif %}{% endfor %}"
+              + template[j + len(tail):])
+    if processor is not None:
+        talk = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q1"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "a1"}]},
+                {"role": "user", "content": [{"type": "text", "text": "q2"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "a2"}]}]
+        if (processor.apply_chat_template(talk, tokenize=False, chat_template=marked)
+                != processor.apply_chat_template(talk, tokenize=False, chat_template=template)):
+            raise input_error("chat template for turns_per_image > 1", expected="markers that change no text",
+                              received="a different rendering", fix="use turns_per_image: 1")
+    return marked
+
+
+PROBE_STRUCTURES: tuple[str, ...] = ("heart", "left lung", "right lung", "left clavicle", "right clavicle")
+"""What the held-out probe asks, by name, on each probe image."""
+
+
+class HeldoutProbe:
+    """The held-out curve of a run: box mIoU of :data:`PROBE_STRUCTURES` on a fixed set of held-out JSRT images,
+    asked through the ``grounding_tokens`` prompt and parsed as ``--grounder mini`` parses it, beside the
+    image-blind prior (each structure's mean box relative to the image, over the JSRT train images).
+
+    The probe images are the first ``n_images`` held-out JSRT ids of the split that :func:`build_examples` makes
+    (``val_fraction``, ``split_seed``), so no run trains on them; ``path``: JSON lines ``{"stage", "step", "miou",
+    "per_target", "prior_miou", "prior_per_target", "seconds"}``; ``every``: optimizer steps between probes. Boxes
+    are pixel xyxy of the original image; a missing or unparseable answer scores IoU 0.
+    """
+
+    def __init__(self, processor: Any, path: Path, every: int, *, n_images: int = 10, val_fraction: float = 0.2,
+                 split_seed: int = 0, data_root: str | None = None) -> None:
+        from medvlm.datasets import open_dataset, split_ids
+        from medvlm.types import Box
+
+        self.processor, self.path, self.every = processor, Path(path), every
+        ds = open_dataset("cxr_jsrt_scr", root=data_root)
+        train, val_ids = split_ids(ds.ids(), val_fraction, split_seed, group=ds.group)  # as build_examples splits
+        self.samples = [ds.load(i) for i in val_ids[:n_images]]
+        sums: dict[str, np.ndarray] = {}
+        counts: dict[str, int] = {}
+        for sid in train:
+            sample = ds.load(sid)
+            h, w = sample.image.shape
+            for name in PROBE_STRUCTURES:
+                box = sample.mask(name).to_box() if name in sample.masks else None
+                if box is not None:
+                    sums[name] = sums.get(name, np.zeros(4)) + box.to_array() / [w, h, w, h]
+                    counts[name] = counts.get(name, 0) + 1
+        self.prior = {n: sums[n] / counts[n] for n in sums}
+        self.truth: list[dict[str, Box]] = []
+        for sample in self.samples:
+            boxes = {n: sample.mask(n).to_box() for n in PROBE_STRUCTURES if n in sample.masks}
+            self.truth.append({n: b for n, b in boxes.items() if b is not None})
+
+    def measure(self, model: Any) -> dict[str, Any]:
+        """Ground every probe structure on every probe image with ``model`` (greedy, no grad, eval mode; its
+        mode and the tokenizer's padding side are restored); returns the record without stage/step."""
+        import torch
+
+        from agents.grounders.hf import TransformersGrounder
+        from medvlm.types import Box
+
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        side, training = tokenizer.padding_side, model.training
+        t0 = time.perf_counter()
+        ious: dict[str, list[float]] = {n: [] for n in PROBE_STRUCTURES}
+        prior: dict[str, list[float]] = {n: [] for n in PROBE_STRUCTURES}
+        model.eval()
+        try:
+            grounder = TransformersGrounder.from_loaded(self.processor, model, name="probe", max_new_tokens=24)
+            with torch.no_grad():
+                for sample, truth in zip(self.samples, self.truth):
+                    names = [n for n in PROBE_STRUCTURES if n in truth]
+                    h, w = sample.image.shape
+                    for name, result in zip(names, grounder.ground_many(sample.image, names)):
+                        ious[name].append(max((r.box.iou(truth[name]) for r in result.regions), default=0.0))
+                        if name in self.prior:
+                            rel = self.prior[name] * [w, h, w, h]
+                            prior[name].append(Box(*(float(v) for v in rel)).iou(truth[name]))
+        finally:
+            tokenizer.padding_side = side
+            model.train(training)
+        per = {n: float(np.mean(v)) for n, v in ious.items() if v}
+        per_prior = {n: float(np.mean(v)) for n, v in prior.items() if v}
+        return {"miou": float(np.mean([x for v in ious.values() for x in v])), "per_target": per,
+                "prior_miou": float(np.mean([x for v in prior.values() for x in v])), "prior_per_target": per_prior,
+                "n_images": len(self.samples), "seconds": round(time.perf_counter() - t0, 1)}
+
+    def record(self, model: Any, stage: str, step: int) -> dict[str, Any]:
+        """:meth:`measure` appended to the log as ``{"stage", "step", ...}``."""
+        out = {"stage": stage, "step": step, **self.measure(model)}
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(out) + "\n")
+        log.info("probe %s step %d: mIoU %.3f (prior %.3f)", stage, step, out["miou"], out["prior_miou"])
+        return out
+
+    def callback(self, stage: str) -> Any:
+        """A transformers ``TrainerCallback`` that records at the first step of a fresh stage and every
+        ``every`` optimizer steps."""
+        from transformers import TrainerCallback
+
+        probe = self
+
+        class _Probe(TrainerCallback):
+            def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **_: Any) -> None:
+                if state.global_step == 0 and model is not None:
+                    probe.record(model, stage, 0)
+
+            def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **_: Any) -> None:
+                if model is not None and state.global_step % probe.every == 0:
+                    probe.record(model, stage, state.global_step)
+
+        return _Probe()
+
+
+def format_probe_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of :class:`HeldoutProbe` records (``{"stage"|"adapter", "step", "miou", "per_target",
+    "prior_miou"}``), one row each, the prior's row last."""
+    if not rows:
+        return "(no probe records)"
+    head = "| run | step | box mIoU | " + " | ".join(PROBE_STRUCTURES) + " |"
+    lines = [head, "|" + "---|" * (3 + len(PROBE_STRUCTURES))]
+    for r in rows:
+        per = r.get("per_target", {})
+        cells = [f"{per[n]:.3f}" if n in per else "-" for n in PROBE_STRUCTURES]
+        lines.append(f"| {r.get('adapter') or r.get('stage', '')} | {r.get('step', '-')} | {r['miou']:.3f} | "
+                     + " | ".join(cells) + " |")
+    last = rows[-1]
+    prior = [f"{last['prior_per_target'][n]:.3f}" if n in last.get("prior_per_target", {}) else "-"
+             for n in PROBE_STRUCTURES]
+    lines.append(f"| image-blind prior (mean train box) | - | {last['prior_miou']:.3f} | " + " | ".join(prior) + " |")
+    return "\n".join(lines)
+
+
+def probe_adapters(adapters: list[str], *, n_images: int = 10, data_root: str | None = None) -> list[dict[str, Any]]:
+    """:meth:`HeldoutProbe.measure` of each medvlm-mini adapter folder (the shipped ``agents/weights/mini``, a
+    run's ``adapter`` or one of its checkpoints), merged into the ``medvlm build-mini`` base, on the same probe
+    images; records with ``adapter``."""
+    from agents.mini import load_mini
+
+    out = []
+    probe = None
+    for adapter in adapters:
+        processor, model = load_mini(adapter)
+        if probe is None:
+            probe = HeldoutProbe(processor, Path("/dev/null"), 1, n_images=n_images, data_root=data_root)
+        probe.processor = processor
+        out.append({"adapter": adapter, **probe.measure(model)})
+    return out
 
 
 def load_finetuned(adapter_dir: str | Path, *, base_model: str | None = None) -> tuple[Any, Any]:

@@ -23,7 +23,11 @@ Keeping what a checkpoint knew (``distill_from`` + ``distill_weight`` > 0): for 
 comes from one of ``distill_sources`` and whose structure is present, a frozen teacher (that checkpoint, usually
 the shipped chest X-ray model) predicts the same text on the same cached features, and the loss adds
 ``distill_weight`` x BCE of the student's logits against the teacher's probabilities (learning without
-forgetting): the new modalities cannot buy their Dice with the teacher's structures.
+forgetting): the new modalities cannot buy their Dice with the teacher's structures. ``distill_structures``
+extends this to structures a source does not annotate (the heart and clavicles on lung-only chest X-ray folders
+from other hospitals): each image of a ``distill_sources`` folder gets one extra row for one of those structures
+it has no mask for, whose target is the teacher's own mask (logit > 0; existence 1 where that mask is not empty)
+plus the same soft-target BCE, so what the teacher knew about other hospitals' images is kept too.
 
 Run folder ``out_dir``: ``last/`` (weights + optimizer + step, for resume), ``best/`` (best val Dice),
 ``log.jsonl`` (one line per eval), ``val_ids.txt``, ``train_config.json``.
@@ -116,6 +120,8 @@ class TrainConfig:
     distill_from: str | None = None
     distill_weight: float = 0.0
     distill_sources: list[str] = field(default_factory=list)
+    #: structures the teacher labels (pseudo-masks) on ``distill_sources`` images that have no mask for them
+    distill_structures: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_images < 1 or self.texts_per_image < 1:
@@ -156,6 +162,18 @@ class TrainConfig:
         if unknown:
             raise input_error("distill_sources", expected="names of sources listed under data",
                               received=str(sorted(unknown)), fix="list only sources that are in data")
+        if self.distill_structures and self.distill_weight <= 0:
+            raise input_error("distill_structures", expected="distill_weight > 0 and a teacher (distill_from)",
+                              received=f"distill_structures={self.distill_structures}, "
+                                       f"distill_weight={self.distill_weight}",
+                              fix="set distill_from and distill_weight, or remove distill_structures")
+        from medvlm.datasets.kinds import KIND_STRUCTURES
+
+        known_names = {n for names in KIND_STRUCTURES.values() for n in names}
+        odd = sorted(set(self.distill_structures) - known_names)
+        if odd:
+            raise input_error("distill_structures", expected=f"canonical structure names ({sorted(known_names)})",
+                              received=str(odd), fix="e.g. distill_structures: [heart, left clavicle, right clavicle]")
 
 
 def load_train_config(path: str | Path) -> TrainConfig:
@@ -220,12 +238,13 @@ def thin_per_case(ids: Sequence[str], every: int, group: Any) -> list[str]:
 def sample_batch(entries: Sequence[CacheEntry], weights: np.ndarray, cache: FeatureCache, cfg: TrainConfig,
                   rng: random.Random, nrng: np.random.Generator) -> tuple[torch.Tensor, list[int], list[str],
                                                                             torch.Tensor, torch.Tensor,
-                                                                            list[str]]:
+                                                                            list[str], torch.Tensor]:
     """(prefixes (B, ...), row -> image index, texts, targets (R, 1, S, S), is_prior (R,) bool, source (R,)
-    dataset name of each row's image).
+    dataset name of each row's image, pseudo (R,) bool).
 
     Rows with ``is_prior`` are finding phrases whose target is the soft anatomical prior in [0, 1] (learned
-    gating), the others structure texts with a binary mask target."""
+    gating), the others structure texts with a binary mask target. Rows with ``pseudo`` (``distill_structures``)
+    have an all-zero target here that the teacher's mask replaces (:func:`pseudo_targets`)."""
     from finetune.textseg_prior import sample_finding_prior
     from prompts.anatomy import sample_text
 
@@ -235,6 +254,8 @@ def sample_batch(entries: Sequence[CacheEntry], weights: np.ndarray, cache: Feat
     prefixes, rows, texts, targets = [], [], [], []
     flags: list[bool] = []
     sources: list[str] = []
+    pseudo: list[bool] = []
+    distill_sources = set(cfg.distill_sources) if cfg.distill_structures else set()
     for bi, idx in enumerate(picks):
         e = entries[int(idx)]
         prefixes.append(cache.prefix[e.key].float())
@@ -252,8 +273,10 @@ def sample_batch(entries: Sequence[CacheEntry], weights: np.ndarray, cache: Feat
             # negative texts take the last slots when the image already fills texts_per_image
             keep = max(1, cfg.texts_per_image - len(negatives))
             chosen = [*chosen[:keep], *((n, False) for n in negatives)]
+        unlabelled = [n for n in cfg.distill_structures if n not in e.structures and n not in e.absent]
+        teach = [rng.choice(unlabelled)] if e.dataset in distill_sources and unlabelled else []
         size = next(iter(cache.masks[e.key].values())).shape[-1] if cache.masks[e.key] else 256
-        for name, present in chosen:
+        for name, present in [*chosen, *((n, True) for n in teach)]:
             level = rng.choices(levels, weights=lw)[0]
             # the site hint half of the time: at inference only the modality may be known
             site = e.site if e.site and rng.random() < 0.5 else None
@@ -261,10 +284,12 @@ def sample_batch(entries: Sequence[CacheEntry], weights: np.ndarray, cache: Feat
                                   site=site)
             texts.append(text)
             rows.append(bi)
-            tgt = cache.masks[e.key][name] if present else torch.zeros(size, size, dtype=torch.bool)
+            is_pseudo = name in teach
+            tgt = cache.masks[e.key][name] if present and not is_pseudo else torch.zeros(size, size, dtype=torch.bool)
             targets.append(tgt[None].float())
             flags.append(False)
             sources.append(e.dataset)
+            pseudo.append(is_pseudo)
         if cfg.prior_weight > 0:
             for _ in range(cfg.prior_texts_per_image):
                 found = sample_finding_prior(cache.masks[e.key], rng)
@@ -275,8 +300,9 @@ def sample_batch(entries: Sequence[CacheEntry], weights: np.ndarray, cache: Feat
                 targets.append(torch.from_numpy(found[1])[None])
                 flags.append(True)
                 sources.append(e.dataset)
+                pseudo.append(False)
     return (torch.stack(prefixes), rows, texts, torch.stack(targets), torch.tensor(flags, dtype=torch.bool),
-            sources)
+            sources, torch.tensor(pseudo, dtype=torch.bool))
 
 
 def _forward_full(model: MedVLM, prefixes: torch.Tensor, rows: list[int], texts: list[str],
@@ -404,6 +430,20 @@ def distill_loss(teacher: MedVLM, prefixes: torch.Tensor, rows: list[int], texts
     return torch.nn.functional.binary_cross_entropy_with_logits(logits[keep], soft)
 
 
+@torch.no_grad()
+def pseudo_targets(teacher: MedVLM, prefixes: torch.Tensor, rows: list[int], texts: list[str],
+                   targets: torch.Tensor, pseudo: torch.Tensor) -> torch.Tensor:
+    """``targets`` (R, 1, S, S) with the ``pseudo`` rows replaced by the teacher's mask (logit > 0) of the same
+    text on the same cached prefixes (B, ...); the other rows unchanged."""
+    idx = [i for i in range(len(texts)) if bool(pseudo[i])]
+    if not idx:
+        return targets
+    logits = forward_cached(teacher, prefixes, [rows[i] for i in idx], [texts[i] for i in idx])
+    out = targets.clone()
+    out[idx] = (logits > 0).to(out.dtype)
+    return out
+
+
 def _save_state(model: MedVLM, optimizer: torch.optim.Optimizer, step: int, directory: Path,
                 meta: dict[str, Any]) -> None:
     from medvlm.io import atomic_open
@@ -502,7 +542,10 @@ def train_medvlm(cfg: TrainConfig, *, progress: bool = True, resume: bool = True
         raw_model.train()
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, cfg)
-        prefixes, rows, texts, targets, is_prior, sources = sample_batch(entries, weights, cache, cfg, rng, nrng)
+        prefixes, rows, texts, targets, is_prior, sources, pseudo = sample_batch(entries, weights, cache, cfg, rng,
+                                                                                  nrng)
+        if teacher is not None and bool(pseudo.any()):
+            targets = pseudo_targets(teacher, prefixes.to(accelerator.device), rows, texts, targets, pseudo)
         logits, exist = _forward_full(raw_model, prefixes.to(accelerator.device), rows, texts)
         targets, is_prior = targets.to(logits.device), is_prior.to(logits.device)
         loss = bce_dice_loss(logits[~is_prior], targets[~is_prior])

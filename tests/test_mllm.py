@@ -343,3 +343,127 @@ def test_training_with_the_location_loss(tiny_vlm: Path, picture: Path, tmp_path
     assert summary["steps"] == 6 and summary["last_loss"] < summary["first_loss"]
     with pytest.raises(Exception, match="loc_sigma"):
         _config(tiny_vlm, tmp_path / "bad", loc_sigma=2.0, add_location_tokens=False).validate()
+
+
+def test_questions_about_one_image_are_packed_into_turns() -> None:
+    """turns_per_image: the questions about one image share a conversation, the image part stays in its first
+    user turn only, every answer is kept once, and a two-image example is converted one to one."""
+    import random
+
+    from finetune.mllm_data import pack_turns
+    from finetune.tasks import sft_example
+
+    singles = [sft_example("anatomy_grounding", ["a.png"], f"Locate the s{k} in this image.", f"s{k}: A{k}")
+               for k in range(5)] + [sft_example("anatomy_grounding", ["b.png"], "Locate the t in this image.", "t: B")]
+    pair = sft_example("reference_pair", ["a.png", "b.png"], "Same structure?", "t: C")
+    packed = pack_turns([*singles, pair], 2, random.Random(0))
+    assert len(packed) == 3 + 1 + 1  # a.png: 2 + 2 + 1 questions; b.png: 1; the pair
+    answers: list[str] = []
+    for conv in packed:
+        msgs = conv["messages"]
+        assert [m["role"] for m in msgs] == ["user", "assistant"] * (len(msgs) // 2)
+        images = [p for m in msgs if isinstance(m["content"], list) for p in m["content"] if p.get("type") == "image"]
+        assert len(images) == len(conv["images"])  # one placeholder per image, all in the first turn
+        assert all(p.get("type") != "image" for m in msgs[1:] if isinstance(m["content"], list) for p in m["content"])
+        answers += [p["text"] for m in msgs if m["role"] == "assistant" for p in m["content"]]
+    assert sorted(answers) == sorted([f"s{k}: A{k}" for k in range(5)] + ["t: B", "t: C"])
+    assert {tuple(c["images"]) for c in packed} == {("a.png",), ("b.png",), ("a.png", "b.png")}
+    with pytest.raises(InputError, match="turns_per_image"):
+        pack_turns(singles, 0, random.Random(0))
+
+
+def test_training_template_marks_exactly_the_answers(tiny_vlm: Path) -> None:
+    """The {% generation %} version of a ChatML template renders the same text, and its assistant mask covers
+    each answer with its end-of-turn token and nothing else; a template of another shape is refused."""
+    from transformers import AutoProcessor
+
+    from finetune.mini import CHAT_TEMPLATE
+    from finetune.mllm_train import training_chat_template
+
+    processor = AutoProcessor.from_pretrained(str(tiny_vlm))
+    marked = training_chat_template(processor.chat_template, processor)
+    assert "{% generation %}" in marked and training_chat_template(marked) == marked
+    assert "{% generation %}" in training_chat_template(CHAT_TEMPLATE)  # medvlm-mini's template has the shape too
+    talk = [{"role": "user", "content": [{"type": "text", "text": "q1"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "first"}]},
+            {"role": "user", "content": [{"type": "text", "text": "q2"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "second"}]}]
+    out = processor.tokenizer.apply_chat_template(talk, chat_template=marked, tokenize=True, return_dict=True,
+                                                  return_assistant_tokens_mask=True)
+    ids, mask = out["input_ids"], out["assistant_masks"]
+    trained = processor.tokenizer.decode([i for i, m in zip(ids, mask) if m])
+    assert trained == "first<|im_end|>\nsecond<|im_end|>\n"
+    with pytest.raises(InputError, match="generation"):
+        training_chat_template("{{ messages[0]['content'] }}")
+
+
+def test_packed_turns_train_and_leave_the_inference_template(tiny_vlm: Path, picture: Path, tmp_path: Path) -> None:
+    """turns_per_image > 1 trains (TRL assistant-only loss over the turns; the loss falls) and the adapter keeps
+    the processor's own chat template, without training markers."""
+    from transformers import AutoProcessor
+
+    from finetune.mllm_train import train_mllm
+    from finetune.tasks import sft_example
+
+    examples = [sft_example("anatomy_grounding", [str(picture)], QUESTION, _answer()),
+                sft_example("anatomy_grounding", [str(picture)], "Locate the cardiac silhouette in this image.",
+                            "cardiac silhouette: " + _answer().split(": ", 1)[1])] * 4
+    summary = train_mllm(_config(tiny_vlm, tmp_path / "run", steps=6, lr=5e-3, turns_per_image=2),
+                         examples=examples, resume=False)
+    assert summary["steps"] == 6 and summary["last_loss"] < summary["first_loss"]
+    saved = AutoProcessor.from_pretrained(summary["adapter"]).chat_template
+    assert saved == AutoProcessor.from_pretrained(str(tiny_vlm)).chat_template and "{% generation %}" not in saved
+
+
+@pytest.mark.data
+def test_heldout_probe_logs_the_curve_beside_the_prior(tiny_vlm: Path, tmp_path: Path) -> None:
+    """probe_every: records at the start of the stage and every N steps, on held-out JSRT images only, with the
+    image-blind prior of the same structures (a mean box: lungs and heart well above 0.5 IoU)."""
+    from finetune.mllm_train import PROBE_STRUCTURES, HeldoutProbe, train_mllm
+    from finetune.tasks import sft_example
+    from medvlm.datasets import open_dataset, split_ids
+    from tests.conftest import data_dir
+
+    folder = data_dir("cxr_jsrt_scr")
+    ds = open_dataset(folder)
+    train_ids, val_ids = split_ids(ds.ids(), 0.2, 0, group=ds.group)
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(tiny_vlm))
+    model = AutoModelForImageTextToText.from_pretrained(str(tiny_vlm)).train()
+    side = processor.tokenizer.padding_side
+    probe = HeldoutProbe(processor, tmp_path / "probe.jsonl", 3, n_images=2, data_root=str(folder.parent))
+    assert [s.id for s in probe.samples] == val_ids[:2]
+    record = probe.record(model, "lora", 0)
+    assert set(record["per_target"]) == set(PROBE_STRUCTURES) and record["n_images"] == 2
+    assert 0.0 <= record["miou"] < 0.3  # random weights: noise replies, scored 0 when unparseable
+    assert all(record["prior_per_target"][n] > 0.5 for n in ("heart", "left lung", "right lung"))
+    assert model.training and processor.tokenizer.padding_side == side  # restored
+
+    from PIL import Image
+
+    png = tmp_path / "x.png"
+    Image.fromarray(ds.load(train_ids[0]).image.to_rgb_uint8()).save(png)
+    examples = [sft_example("anatomy_grounding", [str(png)], QUESTION, _answer())] * 4
+    cfg = _config(tiny_vlm, tmp_path / "run", steps=3, lr=1e-3, probe_every=3, probe_images=1,
+                  data_root=str(folder.parent))
+    assert train_mllm(cfg, examples=examples, resume=False)["steps"] == 3
+    lines = [json.loads(x) for x in (tmp_path / "run" / "probe.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["step"], r["n_images"]) for r in lines] == [("lora", 0, 1), ("lora", 3, 1)]
+
+
+def test_mini_probe_command_prints_a_curve(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`medvlm eval mini-probe --curve` prints one row per record and the prior's row; with neither --curve nor
+    --adapter it says what it needs."""
+    from medvlm.app.cli import main
+
+    rec = {"stage": "align", "step": 20, "miou": 0.5, "per_target": {"heart": 0.25, "left lung": 0.75},
+           "prior_miou": 0.652, "prior_per_target": {"heart": 0.646}}
+    curve = tmp_path / "probe.jsonl"
+    curve.write_text(json.dumps(rec) + "\n" + json.dumps({**rec, "stage": "lora", "step": 40, "miou": 0.6}) + "\n")
+    assert main(["eval", "mini-probe", "--curve", str(curve)]) == 0
+    out = capsys.readouterr().out
+    assert "| align | 20 | 0.500 | 0.250 | 0.750 | - | - | - |" in out
+    assert "| lora | 40 | 0.600 |" in out and "| image-blind prior (mean train box) | - | 0.652 | 0.646 |" in out
+    assert main(["eval", "mini-probe"]) != 0
+    assert "--adapter DIR (repeatable) or --curve" in capsys.readouterr().err

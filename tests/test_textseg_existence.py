@@ -89,7 +89,7 @@ def test_training_with_existence_and_foreign_negatives(tmp_path: Path) -> None:
     cache = FeatureCache(tmp_path / "cache", model.image_encoder)
     entries = [e for e in cache.entries if e.structures]
     weights = np.full(len(entries), 1.0 / len(entries))
-    _, rows, texts, targets, _, _ = sample_batch(entries, weights, cache, cfg, random.Random(0),
+    _, rows, texts, targets, _, _, _ = sample_batch(entries, weights, cache, cfg, random.Random(0),
                                               np.random.default_rng(0))
     # 2 images x (1 structure + 2 foreign negatives); every negative has an empty target
     assert len(texts) == 6 and rows == [0, 0, 0, 1, 1, 1]
@@ -178,6 +178,58 @@ def test_distillation_keeps_the_teachers_answer(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="distill_sources"):
         TrainConfig(data=[source], distill_from=str(tmp_path / "teacher"), distill_weight=1.0,
                     distill_sources=["nope"]).validate()
+
+
+@pytest.mark.data
+def test_teacher_labels_structures_a_source_does_not_annotate(tmp_path: Path) -> None:
+    """distill_structures: a lung-only chest X-ray folder gets one extra row per image for a structure it has
+    no mask for (heart); its target is the teacher's mask of that text, the other rows keep their ground truth,
+    and a run with it trains."""
+    import random
+
+    from finetune.textseg_cache import FeatureCache
+    from finetune.textseg_train import (
+        DataSource,
+        TrainConfig,
+        forward_cached,
+        load_teacher,
+        pseudo_targets,
+        sample_batch,
+        train_medvlm,
+    )
+    from segmentation.textseg.checkpoint import save_medvlm
+    from segmentation.textseg.model import build_medvlm
+
+    torch.manual_seed(3)
+    save_medvlm(build_medvlm(_tiny()), tmp_path / "teacher")
+    folder = data_dir("cxr_shenzhen_lungs")
+    source = DataSource(str(folder), 1, 1.0, limit=3)
+    cfg = TrainConfig(model=_tiny().to_json(), data=[source], out_dir=str(tmp_path / "run"),
+                      cache_dir=str(tmp_path / "cache"), steps=2, batch_images=2, texts_per_image=2, warmup_steps=1,
+                      eval_every=2, checkpoint_every=2, val_fraction=0.34, distill_from=str(tmp_path / "teacher"),
+                      distill_weight=1.0, distill_sources=[source.name], distill_structures=["heart"])
+    assert np.isfinite(train_medvlm(cfg, progress=False)["best_val_dice"])
+
+    teacher = load_teacher(cfg, _tiny())
+    cache = FeatureCache(tmp_path / "cache", teacher.image_encoder)
+    entries = [e for e in cache.entries if e.structures]
+    assert entries and all("heart" not in e.structures for e in entries)
+    weights = np.full(len(entries), 1.0 / len(entries))
+    prefixes, rows, texts, targets, _, _, pseudo = sample_batch(entries, weights, cache, cfg, random.Random(0),
+                                                                np.random.default_rng(0))
+    assert int(pseudo.sum()) == 2  # one heart row per image
+    assert all(float(targets[i].sum()) == 0 for i in range(len(texts)) if pseudo[i])
+    assert all(float(targets[i].sum()) > 0 for i in range(len(texts)) if not pseudo[i])  # the lungs' masks
+    filled = pseudo_targets(teacher, prefixes, rows, texts, targets, pseudo)
+    with torch.no_grad():
+        expected = (forward_cached(teacher, prefixes, rows, texts) > 0).float()
+    assert torch.equal(filled[pseudo], expected[pseudo])
+    assert torch.equal(filled[~pseudo], targets[~pseudo])
+    with pytest.raises(Exception, match="distill_structures"):
+        TrainConfig(data=[source], distill_structures=["heart"]).validate()
+    with pytest.raises(Exception, match="canonical structure"):
+        TrainConfig(data=[source], distill_from=str(tmp_path / "teacher"), distill_weight=1.0,
+                    distill_sources=[source.name], distill_structures=["cardiac thing"]).validate()
 
 
 @pytest.mark.data

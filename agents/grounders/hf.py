@@ -63,6 +63,21 @@ class TransformersGrounder:
         self._processor: Any = None
         self._model: Any = None
 
+    @classmethod
+    def from_loaded(cls, processor: Any, model: Any, *, name: str = "loaded", answer: str = "tokens",
+                    max_new_tokens: int = 32, max_side: int = 1024, batch_size: int = 8) -> TransformersGrounder:
+        """A grounder over a processor and model already in memory (a model being trained, for its held-out
+        probe); the model stays on its device and in the mode its caller sets. Generation pads on the left, so
+        the caller restores the tokenizer's ``padding_side`` if it needs another one."""
+        grounder = cls(name, device=str(getattr(model, "device", "cpu")), max_new_tokens=max_new_tokens,
+                       max_side=max_side, answer=answer, batch_size=batch_size)
+        tokenizer = getattr(processor, "tokenizer", processor)
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        grounder._processor, grounder._model = processor, model
+        return grounder
+
     def _load(self) -> tuple[Any, Any]:
         if self._model is None:
             try:

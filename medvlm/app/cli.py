@@ -129,6 +129,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
                    "folders) and the 'not in this image' table (matched phrases found vs mismatched ones masked)")
     _add_eval_grounding(sub)
     _add_eval_codec(sub)
+    _add_eval_mini_probe(sub)
     _add_eval_link_report(sub)
     _add_eval_weakloc(sub)
     _add_eval_refseg(sub)
@@ -258,6 +259,19 @@ def _add_eval_codec(sub: Any) -> None:
     c.add_argument("--split", choices=("auto", "val", "all"), default="auto",
                    help="with --grounder mini: auto = the shipped Med-VLM held-out split (default)")
     c.add_argument("--ids", default=None, help="with --grounder mini: file of image ids to evaluate")
+
+
+def _add_eval_mini_probe(sub: Any) -> None:
+    m = sub.add_parser("mini-probe", help="medvlm-mini's held-out probe: box mIoU of the 5 chest structures on 10 "
+                       "held-out JSRT images, per adapter or along a run's curve, beside the image-blind prior",
+                       description="The probe that `medvlm train mllm` logs every probe_every steps "
+                       "(out_dir/probe.jsonl), run on adapter folders (--adapter, repeatable) or printed from a "
+                       "run's log (--curve). Example: medvlm eval mini-probe --adapter agents/weights/mini")
+    m.add_argument("--adapter", action="append", default=None, dest="adapters",
+                   help="adapter or checkpoint folder (repeatable), e.g. agents/weights/mini")
+    m.add_argument("--curve", default=None, help="a run's probe.jsonl to print as a table")
+    m.add_argument("--images", type=int, default=10, help="probe images (default: %(default)s)")
+    m.add_argument("--json", default=None, dest="json_out", help="write the records as JSON to this path")
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:

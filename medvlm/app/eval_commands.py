@@ -74,6 +74,17 @@ def run_eval(args: argparse.Namespace) -> int:
             return _emit(result, format_model_codec_table(result), args.json_out)
         result = codec_suite(args.data, budgets=args.budgets or (16, 32, 64), limit=args.limit)
         return _emit(result, format_codec_table(result), args.json_out)
+    elif args.suite == "mini-probe":
+        import json
+
+        from finetune.mllm_train import format_probe_table, probe_adapters
+
+        if not args.adapters and not args.curve:
+            raise input_error("medvlm eval mini-probe", expected="--adapter DIR (repeatable) or --curve PROBE.jsonl",
+                              received="neither", fix="e.g. --adapter agents/weights/mini")
+        rows = [json.loads(line) for line in Path(args.curve).read_text().splitlines()] if args.curve else []
+        rows += probe_adapters(args.adapters or [], n_images=args.images)
+        return _emit({"suite": "mini-probe", "records": rows}, format_probe_table(rows), args.json_out)
     elif args.suite == "link-report":
         from eval.link_report import format_link_report_table, link_report_suite
 
