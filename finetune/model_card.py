@@ -70,6 +70,9 @@ def write_card(checkpoint: Path, text_seg: dict[str, Any], oracle: dict[str, Any
                      "as a frozen teacher on the present "
                      f"structures of {', '.join(tc.get('distill_sources', []))} (soft-target BCE, weight "
                      f"{tc['distill_weight']}).")
+        if tc.get("distill_structures"):
+            lines.append(f"- The teacher's masks also label {', '.join(tc['distill_structures'])} on those sources' "
+                         "images that have no mask for them (one pseudo-labelled row per image).")
     if train_seconds is not None:
         lines.append(f"- Time: {train_seconds / 60:.0f} min of training on 2 CPU cores, after the one-off "
                      "feature cache (~1.2 s per image variant).")

@@ -467,3 +467,39 @@ def test_mini_probe_command_prints_a_curve(tmp_path: Path, capsys: pytest.Captur
     assert "| lora | 40 | 0.600 |" in out and "| image-blind prior (mean train box) | - | 0.652 | 0.646 |" in out
     assert main(["eval", "mini-probe"]) != 0
     assert "--adapter DIR (repeatable) or --curve" in capsys.readouterr().err
+
+
+def test_location_grammar_holds_answers_to_the_token_syntax() -> None:
+    """In-process decoding of token answers follows the syntax vLLM's regex enforces: 4 location tokens after
+    <box> then </box>; after <poly> location tokens, </poly> only after an even number >= 6; free elsewhere;
+    inactive for a tokenizer without the location tokens."""
+    from agents.grounders.hf import LocationTokenGrammar
+    from medvlm.tokens import mask_tokens
+
+    vocab = {name: 100 + i for i, name in enumerate(mask_tokens())}
+
+    class Tok:
+        unk_token_id = 0
+
+        def convert_tokens_to_ids(self, name: str) -> int:
+            return vocab.get(name, 0)
+
+    grammar = LocationTokenGrammar(Tok(), prompt_length=2)
+    assert grammar.active
+    box, box_end, poly, poly_end = vocab["<box>"], vocab["</box>"], vocab["<poly>"], vocab["</poly>"]
+    loc = [vocab[f"<loc{k:04d}>"] for k in (5, 900, 17, 640, 3, 8)]
+    assert grammar.allowed([7, 8]) is None
+    assert grammar.allowed([7, box]) == grammar.loc and grammar.allowed([7, box, *loc[:3]]) == grammar.loc
+    assert grammar.allowed([7, box, *loc[:4]]) == [box_end]
+    assert grammar.allowed([7, box, *loc[:4], box_end]) is None
+    assert poly_end not in (grammar.allowed([poly, *loc[:4]]) or []) + (grammar.allowed([poly, *loc[:5]]) or [])
+    assert grammar.allowed([poly, *loc[:6]]) == [*grammar.loc, poly_end]
+
+    scores = torch.zeros(2, 1200)
+    scores[:, box_end] = 5.0  # the greedy choice without the grammar
+    ids = torch.tensor([[1, 2, box, loc[0]], [1, 2, 9, 9]])
+    out = grammar(ids, scores.clone())
+    assert int(out[0].argmax()) in grammar.loc and float(out[0, box_end]) == float("-inf")
+    assert torch.equal(out[1], scores[1])  # outside a box: unchanged
+    vocab.clear()
+    assert not LocationTokenGrammar(Tok(), 0).active

@@ -21,7 +21,7 @@ from prompts.templates import load_templates
 if TYPE_CHECKING:
     from medvlm.io import MedicalImage
 
-__all__ = ["TransformersGrounder"]
+__all__ = ["LocationTokenGrammar", "TransformersGrounder"]
 
 
 class TransformersGrounder:
@@ -146,10 +146,68 @@ class TransformersGrounder:
         images = [p for group in pictures for p in group]
         inputs = processor(text=prompts, images=images or None, return_tensors="pt",
                            padding=len(prompts) > 1).to(self.device)
+        extra: dict[str, Any] = {}
+        if self.answer == "tokens":  # the grammar vLLM's regex enforces when served; the same answers in process
+            from transformers import LogitsProcessorList
+
+            grammar = LocationTokenGrammar(getattr(processor, "tokenizer", processor), inputs["input_ids"].shape[1])
+            if grammar.active:
+                extra["logits_processor"] = LogitsProcessorList([grammar])
         with torch.inference_mode():
-            output = model.generate(**inputs, max_new_tokens=max_new_tokens or self.max_new_tokens, do_sample=False)
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens or self.max_new_tokens, do_sample=False,
+                                    **extra)
         start = inputs["input_ids"].shape[1]
         return [_decode(processor, row[start:]) for row in output], inputs
+
+
+class LocationTokenGrammar:
+    """A transformers logits processor that holds location-token answers to their syntax while decoding: after
+    ``<box>`` only ``<locNNNN>`` tokens until there are 4, then only ``</box>``; after ``<poly>`` only location
+    tokens, and ``</poly>`` once an even number >= 6 (3 vertices) has been written. Elsewhere scores pass
+    unchanged. A model trained with a distance-aware location loss spreads an answer's mass over neighbouring
+    bins, so unconstrained greedy decoding can prefer a single ``</box>`` over any one bin; served through vLLM
+    the same answers are held to this syntax by a regex.
+
+    ``tokenizer``: one with the :func:`medvlm.tokens.mask_tokens` added (``active`` is False otherwise, and the
+    processor changes nothing); ``prompt_length``: columns of ``input_ids`` before the generated tokens.
+    """
+
+    def __init__(self, tokenizer: Any, prompt_length: int) -> None:
+        from medvlm.tokens import LOC_BINS, mask_tokens
+
+        ids = [tokenizer.convert_tokens_to_ids(t) for t in mask_tokens()]
+        unknown = getattr(tokenizer, "unk_token_id", None)
+        self.active = all(isinstance(i, int) and i >= 0 and i != unknown for i in ids) and len(set(ids)) == len(ids)
+        self.loc = list(ids[:LOC_BINS])
+        self._loc = set(self.loc)
+        self.poly_open, self.poly_close, self.box_open, self.box_close = ids[LOC_BINS:LOC_BINS + 4]
+        self.start = int(prompt_length)
+
+    def allowed(self, generated: Sequence[int]) -> list[int] | None:
+        """Token ids allowed next after ``generated`` (the answer so far), or None for any."""
+        opener, count = None, 0
+        for token in generated:
+            if token in (self.box_open, self.poly_open):
+                opener, count = token, 0
+            elif token in (self.box_close, self.poly_close):
+                opener = None
+            elif opener is not None and token in self._loc:
+                count += 1
+        if opener == self.box_open:
+            return self.loc if count < 4 else [self.box_close]
+        if opener == self.poly_open:
+            return self.loc + ([self.poly_close] if count >= 6 and count % 2 == 0 else [])
+        return None
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        """``input_ids (B, T)``, ``scores (B, V)`` -> scores with every disallowed token at -inf."""
+        for row in range(input_ids.shape[0]):
+            allowed = self.allowed(input_ids[row, self.start:].tolist())
+            if allowed is not None:
+                keep = scores[row, allowed].clone()
+                scores[row] = float("-inf")
+                scores[row, allowed] = keep
+        return scores
 
 
 def with_image_placeholder(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
