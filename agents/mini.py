@@ -210,7 +210,8 @@ class MiniGrounder(TransformersGrounder):
 class MiniChatClient:
     """In-process stand-in for :class:`agents.llm.OpenAIChatClient` backed by medvlm-mini: ``chat(messages)``
     with OpenAI content parts (``image_url`` data URLs, text), greedy. No regex constraint runs here
-    (``last_structured`` is False): a reply off the token syntax is parsed as not found."""
+    (``last_structured`` is False), only the location-token grammar inside boxes and polygons
+    (:class:`agents.grounders.hf.LocationTokenGrammar`): a reply off the token syntax is parsed as not found."""
 
     def __init__(self, adapter: str | Path | None = None, base: str | Path | None = None) -> None:
         self.grounder = MiniGrounder(adapter, base)

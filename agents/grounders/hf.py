@@ -35,8 +35,9 @@ class TransformersGrounder:
         max_side: longer side, pixels, of the image given to the processor (never enlarged).
         answer: ``"json"`` (any instruction-following VLM, the v1 ``grounding`` template) or ``"tokens"`` (a model
             fine-tuned by ``medvlm train mllm``, e.g. a merged medvlm-mini: the ``grounding_tokens`` template it
-            was trained on, replies ``label: <box>4 x <locNNNN></box>``, bins of the image sent). Without vLLM's
-            regex constraint a malformed reply is reported as not parseable.
+            was trained on, replies ``label: <box>4 x <locNNNN></box>``, bins of the image sent), decoded under
+            :class:`LocationTokenGrammar` (the syntax vLLM's regex holds served answers to); a reply that never
+            opens a box is reported as not parseable.
         batch_size: phrases generated together per forward pass (left padding).
     """
 
