@@ -447,12 +447,12 @@ class HeldoutProbe:
     are pixel xyxy of the original image; a missing or unparseable answer scores IoU 0.
     """
 
-    def __init__(self, processor: Any, path: Path, every: int, *, n_images: int = 10, val_fraction: float = 0.2,
+    def __init__(self, processor: Any, path: Path | None, every: int, *, n_images: int = 10, val_fraction: float = 0.2,
                  split_seed: int = 0, data_root: str | None = None) -> None:
         from medvlm.datasets import open_dataset, split_ids
         from medvlm.types import Box
 
-        self.processor, self.path, self.every = processor, Path(path), every
+        self.processor, self.path, self.every = processor, Path(path) if path else None, every
         ds = open_dataset("cxr_jsrt_scr", root=data_root)
         train, val_ids = split_ids(ds.ids(), val_fraction, split_seed, group=ds.group)  # as build_examples splits
         self.samples = [ds.load(i) for i in val_ids[:n_images]]
@@ -462,22 +462,24 @@ class HeldoutProbe:
             boxes = {n: sample.mask(n).to_box() for n in PROBE_STRUCTURES if n in sample.masks}
             self.truth.append({n: b for n, b in boxes.items() if b is not None})
 
-    def measure(self, model: Any) -> dict[str, Any]:
-        """Ground every probe structure on every probe image with ``model`` (greedy, no grad, eval mode; its
-        mode and the tokenizer's padding side are restored); returns the record without stage/step."""
+    def measure(self, model: Any, processor: Any = None) -> dict[str, Any]:
+        """Ground every probe structure on every probe image with ``model`` and its ``processor`` (default: the
+        probe's; greedy, no grad, eval mode; its mode and the tokenizer's padding side are restored); returns the
+        record without stage/step."""
         import torch
 
         from agents.grounders.hf import TransformersGrounder
         from medvlm.types import Box
 
-        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        processor = processor if processor is not None else self.processor
+        tokenizer = getattr(processor, "tokenizer", processor)
         side, training = tokenizer.padding_side, model.training
         t0 = time.perf_counter()
         ious: dict[str, list[float]] = {n: [] for n in PROBE_STRUCTURES}
         prior: dict[str, list[float]] = {n: [] for n in PROBE_STRUCTURES}
         model.eval()
         try:
-            grounder = TransformersGrounder.from_loaded(self.processor, model, name="probe", max_new_tokens=24)
+            grounder = TransformersGrounder.from_loaded(processor, model, name="probe", max_new_tokens=24)
             with torch.no_grad():
                 for sample, truth in zip(self.samples, self.truth):
                     names = [n for n in PROBE_STRUCTURES if n in truth]
@@ -498,6 +500,8 @@ class HeldoutProbe:
 
     def record(self, model: Any, stage: str, step: int) -> dict[str, Any]:
         """:meth:`measure` appended to the log as ``{"stage", "step", ...}``."""
+        if self.path is None:
+            raise ValueError("HeldoutProbe.record needs the probe built with a log path")
         out = {"stage": stage, "step": step, **self.measure(model)}
         with self.path.open("a") as fh:
             fh.write(json.dumps(out) + "\n")
@@ -552,10 +556,9 @@ def probe_adapters(adapters: list[str], *, n_images: int = 10, data_root: str | 
     probe = None
     for adapter in adapters:
         processor, model = load_mini(adapter)
-        if probe is None:
-            probe = HeldoutProbe(processor, Path("/dev/null"), 1, n_images=n_images, data_root=data_root)
-        probe.processor = processor
-        out.append({"adapter": adapter, **probe.measure(model)})
+        if probe is None:  # the probe images and the prior are read once for every adapter
+            probe = HeldoutProbe(processor, None, 0, n_images=n_images, data_root=data_root)
+        out.append({"adapter": adapter, **probe.measure(model, processor)})
     return out
 
 
