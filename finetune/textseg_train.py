@@ -29,6 +29,10 @@ from other hospitals): each image of a ``distill_sources`` folder gets one extra
 it has no mask for, whose target is the teacher's own mask (logit > 0; existence 1 where that mask is not empty)
 plus the same soft-target BCE, so what the teacher knew about other hospitals' images is kept too.
 
+"Not in this image": with ``foreign_negative_prob`` each image also gets ``negatives_per_image`` structures of other
+kinds of image (empty target, existence 0); ``hard_negatives`` draws them by the model's running existence score
+per (source, structure) (:class:`HardNegativeMiner`) instead of uniformly.
+
 Run folder ``out_dir``: ``last/`` (weights + optimizer + step, for resume), ``best/`` (best val Dice),
 ``log.jsonl`` (one line per eval), ``val_ids.txt``, ``train_config.json``.
 """
@@ -43,7 +47,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -55,7 +59,8 @@ from segmentation.textseg.config import MedVLMConfig
 from segmentation.textseg.losses import bce_dice_loss, prior_mass_loss
 from segmentation.textseg.model import MedVLM, build_medvlm
 
-__all__ = ["DataSource", "TrainConfig", "load_train_config", "train_medvlm"]
+__all__ = ["Batch", "DataSource", "HardNegativeMiner", "TrainConfig", "load_train_config", "sample_batch",
+           "train_medvlm"]
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +127,9 @@ class TrainConfig:
     distill_sources: list[str] = field(default_factory=list)
     #: structures the teacher labels (pseudo-masks) on ``distill_sources`` images that have no mask for them
     distill_structures: list[str] = field(default_factory=list)
+    #: online hard-negative mining: foreign negatives are drawn in proportion to the model's running existence
+    #: score for that (source, structure) pair (:class:`HardNegativeMiner`) instead of uniformly
+    hard_negatives: bool = False
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_images < 1 or self.texts_per_image < 1:
@@ -167,6 +175,10 @@ class TrainConfig:
                               received=f"distill_structures={self.distill_structures}, "
                                        f"distill_weight={self.distill_weight}",
                               fix="set distill_from and distill_weight, or remove distill_structures")
+        if self.hard_negatives and self.foreign_negative_prob <= 0:
+            raise input_error("hard_negatives", expected="foreign_negative_prob > 0 (it weights those negatives)",
+                              received=f"foreign_negative_prob={self.foreign_negative_prob}",
+                              fix="set e.g. foreign_negative_prob: 0.7, or remove hard_negatives")
         from medvlm.datasets.kinds import KIND_STRUCTURES
 
         known_names = {n for names in KIND_STRUCTURES.values() for n in names}
@@ -235,16 +247,64 @@ def thin_per_case(ids: Sequence[str], every: int, group: Any) -> list[str]:
     return kept
 
 
-def sample_batch(entries: Sequence[CacheEntry], weights: np.ndarray, cache: FeatureCache, cfg: TrainConfig,
-                  rng: random.Random, nrng: np.random.Generator) -> tuple[torch.Tensor, list[int], list[str],
-                                                                            torch.Tensor, torch.Tensor,
-                                                                            list[str], torch.Tensor]:
-    """(prefixes (B, ...), row -> image index, texts, targets (R, 1, S, S), is_prior (R,) bool, source (R,)
-    dataset name of each row's image, pseudo (R,) bool).
+class Batch(NamedTuple):
+    """One training step's rows. ``prefixes`` (B, ...) frozen encoder prefixes; per row r: ``rows[r]`` its image
+    in the batch, ``texts[r]``, ``targets[r]`` (1, S, S) in the 256 letterbox frame, ``is_prior[r]`` (a finding
+    phrase whose target is the soft anatomical prior in [0, 1]), ``sources[r]`` the image's dataset,
+    ``pseudo[r]`` (``distill_structures``: an all-zero target here that the teacher's mask replaces,
+    :func:`pseudo_targets`), ``names[r]`` the canonical structure ("" for finding phrases) and ``negative[r]``
+    (a foreign negative: another kind's structure, empty target)."""
 
-    Rows with ``is_prior`` are finding phrases whose target is the soft anatomical prior in [0, 1] (learned
-    gating), the others structure texts with a binary mask target. Rows with ``pseudo`` (``distill_structures``)
-    have an all-zero target here that the teacher's mask replaces (:func:`pseudo_targets`)."""
+    prefixes: torch.Tensor
+    rows: list[int]
+    texts: list[str]
+    targets: torch.Tensor
+    is_prior: torch.Tensor
+    sources: list[str]
+    pseudo: torch.Tensor
+    names: list[str]
+    negative: list[bool]
+
+
+class HardNegativeMiner:
+    """Online hard-negative mining for "not in this image": which foreign structures the model still calls present.
+
+    A uniform draw over the ~16 structures of other kinds spends most negatives on pairs the model already
+    rejects (the liver on a chest X-ray) and few on those it does not (the polyp, skin lesion or fetal head on a
+    brain MR: one salient blob per image in their own sources, so "the salient thing" is what the model learnt).
+    The miner keeps, per (source, structure), an exponential moving average of the existence probability the
+    model gave that foreign negative in training (starting at ``start``) and draws negatives in proportion to
+    ``score + floor``, so every pair keeps being checked while the hard ones get most of the rows. The state is
+    not checkpointed: after a resume it re-learns within a few hundred steps.
+    """
+
+    def __init__(self, momentum: float = 0.9, floor: float = 0.05, start: float = 0.5) -> None:
+        self.momentum, self.floor, self.start = momentum, floor, start
+        self.scores: dict[tuple[str, str], float] = {}
+
+    def pick(self, source: str, candidates: Sequence[str], k: int, rng: random.Random) -> list[str]:
+        """``min(k, len(candidates))`` distinct candidates, drawn without replacement by weight."""
+        pool = list(candidates)
+        out: list[str] = []
+        while pool and len(out) < k:
+            weights = [self.scores.get((source, c), self.start) + self.floor for c in pool]
+            out.append(pool.pop(rng.choices(range(len(pool)), weights=weights)[0]))
+        return out
+
+    def update(self, source: str, name: str, probability: float) -> None:
+        """Fold the existence probability (0-1) the model gave ``name`` on an image of ``source`` into its score."""
+        old = self.scores.get((source, name), self.start)
+        self.scores[(source, name)] = self.momentum * old + (1.0 - self.momentum) * float(probability)
+
+
+def sample_batch(entries: Sequence[CacheEntry], weights: np.ndarray, cache: FeatureCache, cfg: TrainConfig,
+                 rng: random.Random, nrng: np.random.Generator, miner: HardNegativeMiner | None = None) -> Batch:
+    """Draw ``batch_images`` cached images (by ``weights``) and their text rows (:class:`Batch`).
+
+    Per image: up to ``texts_per_image`` present structures; with ``negative_prob`` one the source annotates but
+    this image lacks, and with ``foreign_negative_prob`` ``negatives_per_image`` structures of other kinds
+    (uniformly, or by ``miner`` when given), all with empty targets; one pseudo-labelled row per
+    ``distill_sources`` image; ``prior_texts_per_image`` finding phrases on chest radiographs."""
     from finetune.textseg_prior import sample_finding_prior
     from prompts.anatomy import sample_text
 
@@ -255,6 +315,8 @@ def sample_batch(entries: Sequence[CacheEntry], weights: np.ndarray, cache: Feat
     flags: list[bool] = []
     sources: list[str] = []
     pseudo: list[bool] = []
+    names_out: list[str] = []
+    negative: list[bool] = []
     distill_sources = set(cfg.distill_sources) if cfg.distill_structures else set()
     for bi, idx in enumerate(picks):
         e = entries[int(idx)]
@@ -268,7 +330,10 @@ def sample_batch(entries: Sequence[CacheEntry], weights: np.ndarray, cache: Feat
             negatives.append(rng.choice(list(e.absent)))
         foreign = mismatched_structures(e.dataset)
         if foreign and rng.random() < cfg.foreign_negative_prob:
-            negatives += rng.sample(list(foreign), min(len(foreign), cfg.negatives_per_image))
+            if miner is not None:
+                negatives += miner.pick(e.dataset, foreign, cfg.negatives_per_image, rng)
+            else:
+                negatives += rng.sample(list(foreign), min(len(foreign), cfg.negatives_per_image))
         if negatives:
             # negative texts take the last slots when the image already fills texts_per_image
             keep = max(1, cfg.texts_per_image - len(negatives))
@@ -290,6 +355,8 @@ def sample_batch(entries: Sequence[CacheEntry], weights: np.ndarray, cache: Feat
             flags.append(False)
             sources.append(e.dataset)
             pseudo.append(is_pseudo)
+            names_out.append(name)
+            negative.append(name in foreign and not present)
         if cfg.prior_weight > 0:
             for _ in range(cfg.prior_texts_per_image):
                 found = sample_finding_prior(cache.masks[e.key], rng)
@@ -301,8 +368,10 @@ def sample_batch(entries: Sequence[CacheEntry], weights: np.ndarray, cache: Feat
                 flags.append(True)
                 sources.append(e.dataset)
                 pseudo.append(False)
-    return (torch.stack(prefixes), rows, texts, torch.stack(targets), torch.tensor(flags, dtype=torch.bool),
-            sources, torch.tensor(pseudo, dtype=torch.bool))
+                names_out.append("")
+                negative.append(False)
+    return Batch(torch.stack(prefixes), rows, texts, torch.stack(targets), torch.tensor(flags, dtype=torch.bool),
+                 sources, torch.tensor(pseudo, dtype=torch.bool), names_out, negative)
 
 
 def _forward_full(model: MedVLM, prefixes: torch.Tensor, rows: list[int], texts: list[str],
@@ -538,12 +607,13 @@ def train_medvlm(cfg: TrainConfig, *, progress: bool = True, resume: bool = True
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not progress)
     t_train = time.time()
     ema = None
+    miner = HardNegativeMiner() if cfg.hard_negatives else None
     for step in bar:
         raw_model.train()
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, cfg)
-        prefixes, rows, texts, targets, is_prior, sources, pseudo = sample_batch(entries, weights, cache, cfg, rng,
-                                                                                  nrng)
+        batch = sample_batch(entries, weights, cache, cfg, rng, nrng, miner)
+        prefixes, rows, texts, targets, is_prior, sources, pseudo = batch[:7]
         if teacher is not None and bool(pseudo.any()):
             targets = pseudo_targets(teacher, prefixes.to(accelerator.device), rows, texts, targets, pseudo)
         logits, exist = _forward_full(raw_model, prefixes.to(accelerator.device), rows, texts)
@@ -556,6 +626,11 @@ def train_medvlm(cfg: TrainConfig, *, progress: bool = True, resume: bool = True
             present = targets[~is_prior].flatten(1).amax(1)
             loss = loss + cfg.existence_weight * torch.nn.functional.binary_cross_entropy_with_logits(
                 exist[~is_prior], present)
+            if miner is not None:
+                probs = torch.sigmoid(exist.detach()).tolist()
+                for r, neg in enumerate(batch.negative):
+                    if neg:
+                        miner.update(batch.sources[r], batch.names[r], probs[r])
         if bool(is_prior.any()):
             loss = loss + cfg.prior_weight * prior_mass_loss(logits[is_prior], targets[is_prior])
         accelerator.backward(loss)

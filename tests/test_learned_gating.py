@@ -118,8 +118,8 @@ def test_training_with_learned_gating_runs_resumes_and_reports(tmp_path: Path) -
     cache = FeatureCache(tmp_path / "cache", model.image_encoder)
     entries = [e for e in cache.entries if e.structures]
     weights = np.full(len(entries), 1.0 / len(entries))
-    _, rows, texts, targets, is_prior, _, _ = sample_batch(entries, weights, cache, cfg, random.Random(0),
-                                                      np.random.default_rng(0))
+    batch = sample_batch(entries, weights, cache, cfg, random.Random(0), np.random.default_rng(0))
+    rows, texts, targets, is_prior = batch.rows, batch.texts, batch.targets, batch.is_prior
     assert int(is_prior.sum()) == 4 and int((~is_prior).sum()) == 4  # 2 images x (2 structures + 2 findings)
     assert len(rows) == len(texts) == targets.shape[0] == 8
     soft = targets[is_prior]

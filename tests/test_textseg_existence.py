@@ -79,7 +79,7 @@ def test_training_with_existence_and_foreign_negatives(tmp_path: Path) -> None:
     cfg = TrainConfig(model=_tiny().to_json(), data=[DataSource(str(folder), 1, 1.0, limit=4)],
                       out_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), steps=3, batch_images=2,
                       texts_per_image=3, warmup_steps=1, eval_every=3, checkpoint_every=3, val_fraction=0.25,
-                      foreign_negative_prob=1.0, negatives_per_image=2, balance="source")
+                      foreign_negative_prob=1.0, negatives_per_image=2, balance="source", hard_negatives=True)
     summary = train_medvlm(cfg, progress=False)
     assert summary["steps"] == 3
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
@@ -89,12 +89,15 @@ def test_training_with_existence_and_foreign_negatives(tmp_path: Path) -> None:
     cache = FeatureCache(tmp_path / "cache", model.image_encoder)
     entries = [e for e in cache.entries if e.structures]
     weights = np.full(len(entries), 1.0 / len(entries))
-    _, rows, texts, targets, _, _, _ = sample_batch(entries, weights, cache, cfg, random.Random(0),
-                                              np.random.default_rng(0))
+    batch = sample_batch(entries, weights, cache, cfg, random.Random(0), np.random.default_rng(0))
+    rows, texts, targets = batch.rows, batch.texts, batch.targets
     # 2 images x (1 structure + 2 foreign negatives); every negative has an empty target
     assert len(texts) == 6 and rows == [0, 0, 0, 1, 1, 1]
     empty = [float(t.sum()) == 0 for t in targets]
     assert sum(empty) >= 4
+    assert sum(batch.negative) == 4 and all(empty[r] for r, neg in enumerate(batch.negative) if neg)
+    assert all(batch.names[r] not in ("", "heart", "left lung", "right lung") for r, neg in enumerate(batch.negative)
+               if neg)
 
     seg = MedVLMSegmenter(tmp_path / "run" / "last")
     assert seg.model.config.existence_head
@@ -215,8 +218,8 @@ def test_teacher_labels_structures_a_source_does_not_annotate(tmp_path: Path) ->
     entries = [e for e in cache.entries if e.structures]
     assert entries and all("heart" not in e.structures for e in entries)
     weights = np.full(len(entries), 1.0 / len(entries))
-    prefixes, rows, texts, targets, _, _, pseudo = sample_batch(entries, weights, cache, cfg, random.Random(0),
-                                                                np.random.default_rng(0))
+    batch = sample_batch(entries, weights, cache, cfg, random.Random(0), np.random.default_rng(0))
+    prefixes, rows, texts, targets, pseudo = batch.prefixes, batch.rows, batch.texts, batch.targets, batch.pseudo
     assert int(pseudo.sum()) == 2  # one heart row per image
     assert all(float(targets[i].sum()) == 0 for i in range(len(texts)) if pseudo[i])
     assert all(float(targets[i].sum()) > 0 for i in range(len(texts)) if not pseudo[i])  # the lungs' masks
@@ -273,3 +276,29 @@ def test_cross_source_heart_boxes_are_scored_against_cardiomegaly_boxes() -> Non
     missing = finding_box_suite(folder, Fake(0.0, found=False), "heart", "cardiomegaly")
     assert missing["miou"] == 0.0 and [c["iou"] for c in missing["per_case"]] == [0.0] * 3
     assert finding_box_suite(folder, Fake(0.0), "heart", "no such finding")["miou"] is None
+
+
+def test_hard_negative_miner_draws_what_the_model_still_calls_present() -> None:
+    """The running score is an EMA of the existence probabilities; draws are distinct and follow score + floor."""
+    import random
+
+    from finetune.textseg_train import HardNegativeMiner
+
+    miner = HardNegativeMiner(momentum=0.5, floor=0.05, start=0.5)
+    miner.update("mri", "polyp", 1.0)
+    assert miner.scores[("mri", "polyp")] == pytest.approx(0.75)
+    miner.update("mri", "polyp", 1.0)
+    for name in ("liver", "heart", "kidney"):
+        for _ in range(8):
+            miner.update("mri", name, 0.0)
+    assert miner.scores[("mri", "polyp")] == pytest.approx(0.875)
+    assert miner.scores[("mri", "liver")] == pytest.approx(0.5 * 0.5 ** 8)
+    rng = random.Random(0)
+    candidates = ["heart", "kidney", "liver", "polyp"]
+    first = [miner.pick("mri", candidates, 1, rng)[0] for _ in range(2000)]
+    # polyp weight 0.925 against 3 x ~0.052: drawn ~86 % of the time; another source still starts uniform
+    assert 0.80 < first.count("polyp") / 2000 < 0.91
+    other = [miner.pick("ct", candidates, 1, rng)[0] for _ in range(2000)]
+    assert 0.2 < other.count("polyp") / 2000 < 0.3
+    two = miner.pick("mri", candidates, 2, rng)
+    assert len(set(two)) == 2 and miner.pick("mri", candidates, 9, rng).__len__() == 4
