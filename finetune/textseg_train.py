@@ -59,8 +59,8 @@ from segmentation.textseg.config import MedVLMConfig
 from segmentation.textseg.losses import bce_dice_loss, prior_mass_loss
 from segmentation.textseg.model import MedVLM, build_medvlm
 
-__all__ = ["Batch", "DataSource", "HardNegativeMiner", "TrainConfig", "load_train_config", "sample_batch",
-           "train_medvlm"]
+__all__ = ["Batch", "DataSource", "HardNegativeMiner", "TrainConfig", "load_train_config", "mask_loss_rows",
+           "sample_batch", "train_medvlm"]
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,11 @@ class TrainConfig:
     #: online hard-negative mining: foreign negatives are drawn in proportion to the model's running existence
     #: score for that (source, structure) pair (:class:`HardNegativeMiner`) instead of uniformly
     hard_negatives: bool = False
+    #: whether foreign negatives also train the mask towards empty (True) or only the existence head (False).
+    #: With hard mining a few structures take most negative rows ("polyp" on every other kind of image), and
+    #: empty-mask targets on all of them teach that text to draw nothing even where it is (run 5: polyp val
+    #: Dice 0.26 -> 0.01); the existence head alone decides "not in this image" at inference anyway.
+    foreign_negative_mask_loss: bool = True
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_images < 1 or self.texts_per_image < 1:
@@ -272,29 +277,52 @@ class HardNegativeMiner:
     A uniform draw over the ~16 structures of other kinds spends most negatives on pairs the model already
     rejects (the liver on a chest X-ray) and few on those it does not (the polyp, skin lesion or fetal head on a
     brain MR: one salient blob per image in their own sources, so "the salient thing" is what the model learnt).
-    The miner keeps, per (source, structure), an exponential moving average of the existence probability the
-    model gave that foreign negative in training (starting at ``start``) and draws negatives in proportion to
-    ``score + floor``, so every pair keeps being checked while the hard ones get most of the rows. The state is
-    not checkpointed: after a resume it re-learns within a few hundred steps.
+    The miner keeps, per (kind of image, structure), an exponential moving average of the existence probability
+    the model gave that foreign negative in training (starting at ``start``) and draws negatives in proportion to
+    ``score + floor``, so every pair keeps being checked while the hard ones get most of the rows. Keyed by kind
+    (``medvlm.datasets.kinds.kind_of``; the folder name for an unknown folder), not by folder, so that the few
+    hundred negatives of a CPU run update each key often enough to move it. The state is not checkpointed: after
+    a resume it re-learns within a few hundred steps.
     """
 
-    def __init__(self, momentum: float = 0.9, floor: float = 0.05, start: float = 0.5) -> None:
+    def __init__(self, momentum: float = 0.7, floor: float = 0.05, start: float = 0.5) -> None:
         self.momentum, self.floor, self.start = momentum, floor, start
         self.scores: dict[tuple[str, str], float] = {}
 
+    @staticmethod
+    def key(source: str) -> str:
+        """The kind of image of dataset ``source`` (the folder's name when it has no kind)."""
+        from medvlm.datasets.kinds import kind_of
+
+        return kind_of(source) or source.rstrip("/").rsplit("/", 1)[-1]
+
     def pick(self, source: str, candidates: Sequence[str], k: int, rng: random.Random) -> list[str]:
-        """``min(k, len(candidates))`` distinct candidates, drawn without replacement by weight."""
+        """``min(k, len(candidates))`` distinct candidates for an image of dataset ``source``, drawn without
+        replacement by weight."""
+        kind = self.key(source)
         pool = list(candidates)
         out: list[str] = []
         while pool and len(out) < k:
-            weights = [self.scores.get((source, c), self.start) + self.floor for c in pool]
+            weights = [self.scores.get((kind, c), self.start) + self.floor for c in pool]
             out.append(pool.pop(rng.choices(range(len(pool)), weights=weights)[0]))
         return out
 
     def update(self, source: str, name: str, probability: float) -> None:
-        """Fold the existence probability (0-1) the model gave ``name`` on an image of ``source`` into its score."""
-        old = self.scores.get((source, name), self.start)
-        self.scores[(source, name)] = self.momentum * old + (1.0 - self.momentum) * float(probability)
+        """Fold the existence probability (0-1) the model gave ``name`` on an image of dataset ``source`` into
+        its score."""
+        kind = self.key(source)
+        old = self.scores.get((kind, name), self.start)
+        self.scores[(kind, name)] = self.momentum * old + (1.0 - self.momentum) * float(probability)
+
+
+def mask_loss_rows(batch: Batch, cfg: TrainConfig) -> torch.Tensor:
+    """(R,) bool: the rows whose mask the BCE + Dice loss trains: every structure row (present, absent, pseudo),
+    not the finding phrases (``is_prior``: prior mass loss), and not the foreign negatives when
+    ``foreign_negative_mask_loss`` is off (those then train only the existence head)."""
+    rows = ~batch.is_prior
+    if not cfg.foreign_negative_mask_loss:
+        rows = rows & ~torch.tensor(batch.negative, dtype=torch.bool)
+    return rows
 
 
 def sample_batch(entries: Sequence[CacheEntry], weights: np.ndarray, cache: FeatureCache, cfg: TrainConfig,
@@ -618,7 +646,8 @@ def train_medvlm(cfg: TrainConfig, *, progress: bool = True, resume: bool = True
             targets = pseudo_targets(teacher, prefixes.to(accelerator.device), rows, texts, targets, pseudo)
         logits, exist = _forward_full(raw_model, prefixes.to(accelerator.device), rows, texts)
         targets, is_prior = targets.to(logits.device), is_prior.to(logits.device)
-        loss = bce_dice_loss(logits[~is_prior], targets[~is_prior])
+        mask_rows = mask_loss_rows(batch, cfg).to(logits.device)
+        loss = bce_dice_loss(logits[mask_rows], targets[mask_rows])
         if teacher is not None:
             loss = loss + cfg.distill_weight * distill_loss(teacher, prefixes.to(logits.device), rows, texts,
                                                              logits, targets, is_prior, sources, distill_sources)

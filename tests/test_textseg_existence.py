@@ -69,7 +69,7 @@ def test_training_with_existence_and_foreign_negatives(tmp_path: Path) -> None:
     import random
 
     from finetune.textseg_cache import FeatureCache
-    from finetune.textseg_train import DataSource, TrainConfig, sample_batch, train_medvlm
+    from finetune.textseg_train import DataSource, TrainConfig, mask_loss_rows, sample_batch, train_medvlm
     from medvlm.datasets import open_dataset
     from segmentation.base import Prompt
     from segmentation.textseg.model import build_medvlm
@@ -96,6 +96,10 @@ def test_training_with_existence_and_foreign_negatives(tmp_path: Path) -> None:
     empty = [float(t.sum()) == 0 for t in targets]
     assert sum(empty) >= 4
     assert sum(batch.negative) == 4 and all(empty[r] for r, neg in enumerate(batch.negative) if neg)
+    # the mask loss covers every row, or only the positives when foreign negatives train the existence head alone
+    assert mask_loss_rows(batch, cfg).tolist() == [True] * 6
+    cfg.foreign_negative_mask_loss = False
+    assert mask_loss_rows(batch, cfg).tolist() == [not n for n in batch.negative]
     assert all(batch.names[r] not in ("", "heart", "left lung", "right lung") for r, neg in enumerate(batch.negative)
                if neg)
 
@@ -285,20 +289,21 @@ def test_hard_negative_miner_draws_what_the_model_still_calls_present() -> None:
     from finetune.textseg_train import HardNegativeMiner
 
     miner = HardNegativeMiner(momentum=0.5, floor=0.05, start=0.5)
-    miner.update("mri", "polyp", 1.0)
-    assert miner.scores[("mri", "polyp")] == pytest.approx(0.75)
-    miner.update("mri", "polyp", 1.0)
+    miner.update("mr_brats2015_slices", "polyp", 1.0)
+    assert miner.scores[("brain_mr", "polyp")] == pytest.approx(0.75)
+    miner.update("mr_hippocampus_msd", "polyp", 1.0)  # another brain MR folder: the same key
     for name in ("liver", "heart", "kidney"):
         for _ in range(8):
-            miner.update("mri", name, 0.0)
-    assert miner.scores[("mri", "polyp")] == pytest.approx(0.875)
-    assert miner.scores[("mri", "liver")] == pytest.approx(0.5 * 0.5 ** 8)
+            miner.update("/data/mr_brats2015_slices/", name, 0.0)
+    assert miner.scores[("brain_mr", "polyp")] == pytest.approx(0.875)
+    assert miner.scores[("brain_mr", "liver")] == pytest.approx(0.5 * 0.5 ** 8)
     rng = random.Random(0)
     candidates = ["heart", "kidney", "liver", "polyp"]
-    first = [miner.pick("mri", candidates, 1, rng)[0] for _ in range(2000)]
-    # polyp weight 0.925 against 3 x ~0.052: drawn ~86 % of the time; another source still starts uniform
+    first = [miner.pick("mr_hippocampus_msd", candidates, 1, rng)[0] for _ in range(2000)]
+    # polyp weight 0.925 against 3 x ~0.052: drawn ~86 % of the time; another kind still starts uniform
     assert 0.80 < first.count("polyp") / 2000 < 0.91
-    other = [miner.pick("ct", candidates, 1, rng)[0] for _ in range(2000)]
+    other = [miner.pick("derm_ham10000", candidates, 1, rng)[0] for _ in range(2000)]
     assert 0.2 < other.count("polyp") / 2000 < 0.3
-    two = miner.pick("mri", candidates, 2, rng)
-    assert len(set(two)) == 2 and miner.pick("mri", candidates, 9, rng).__len__() == 4
+    assert HardNegativeMiner.key("my_folder/") == "my_folder"
+    two = miner.pick("mr_brats2015_slices", candidates, 2, rng)
+    assert len(set(two)) == 2 and len(miner.pick("mr_brats2015_slices", candidates, 9, rng)) == 4
