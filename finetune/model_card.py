@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +28,19 @@ def _table(payload: dict[str, Any]) -> list[str]:
 
 def write_card(checkpoint: Path, text_seg: dict[str, Any], oracle: dict[str, Any] | None, command: str,
                train_seconds: float | None, train_log: list[dict[str, Any]], all_folders: dict[str, Any] | None = None,
-               config_path: str = "finetune/configs/medvlm_default.yaml") -> Path:
+               config_path: str = "finetune/configs/medvlm_default.yaml", title: str = "Med-VLM default checkpoint",
+               all_command: str | None = None, notes: Sequence[str] = ()) -> Path:
+    """Write ``checkpoint/README.md``; ``all_command`` is the command that wrote ``all_folders`` (default: ``medvlm
+    eval text-seg --all --checkpoint CHECKPOINT``), ``notes`` are paragraphs placed under the title."""
     config = json.loads((checkpoint / "config.json").read_text())
     meta = config.get("meta", {})
     tc = meta.get("train_config", {})
     size_mb = (checkpoint / "model.safetensors").stat().st_size / 2**20
     model = config["config"]
     lines = [
-        "# Med-VLM default checkpoint",
+        f"# {title}",
         "",
+        *[line for note in notes for line in (note, "")],
         "Text-guided segmentation: frozen LiteMedSAM TinyViT image encoder + frozen all-MiniLM-L6-v2 text encoder,",
         f"LoRA rank {model['image_encoder']['lora_rank']} (image: the last {model['image_encoder']['lora_last_stages']}"
         f" encoder stage, the neck) and rank {model['text_encoder']['lora_rank']} (text: query/key/value of every "
@@ -95,7 +100,8 @@ def write_card(checkpoint: Path, text_seg: dict[str, Any], oracle: dict[str, Any
         from eval.textseg_all import format_existence_table
 
         lines += ["", "## Measured on every kind of image (each folder's val split, by case)", "",
-                  f"`medvlm eval text-seg --all --checkpoint {checkpoint}` (3D Dice for volume folders):", ""]
+                  f"`{all_command or f'medvlm eval text-seg --all --checkpoint {checkpoint}'}` (3D Dice for volume "
+                  "folders):", ""]
         for name, entry in all_folders["folders"].items():
             lines += [f"### {name} ({entry['kind']})", "", "```text", format_table(entry["segmentation"]), "```", ""]
         lines += ["### Not in this image", "", "```text",
@@ -121,12 +127,16 @@ def main() -> None:
     ap.add_argument("--train-log", default=None, help="log.jsonl of the run")
     ap.add_argument("--all", default=None, dest="all_folders", help="JSON of medvlm eval text-seg --all")
     ap.add_argument("--config", default="finetune/configs/medvlm_default.yaml", help="the training config")
+    ap.add_argument("--title", default="Med-VLM default checkpoint")
+    ap.add_argument("--all-command", default=None, help="the command that wrote --all (when it had options)")
+    ap.add_argument("--note", action="append", default=[], help="a paragraph under the title (repeatable)")
     args = ap.parse_args()
     log = [json.loads(x) for x in Path(args.train_log).read_text().splitlines()] if args.train_log else []
     oracle = json.loads(Path(args.oracle).read_text()) if args.oracle else None
     path = write_card(Path(args.checkpoint), json.loads(Path(args.text_seg).read_text()), oracle, args.command,
                       args.train_seconds, log,
-                      json.loads(Path(args.all_folders).read_text()) if args.all_folders else None, args.config)
+                      json.loads(Path(args.all_folders).read_text()) if args.all_folders else None, args.config,
+                      args.title, args.all_command, args.note)
     print(f"wrote {path}")
 
 

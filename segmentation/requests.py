@@ -60,9 +60,14 @@ def segment_to_regions(segmenter: Any, image: Any, prompts: Sequence[Any], label
             prompt_json["text"] = prompt.text
             if result.meta.get("structure"):
                 prompt_json["structure"] = result.meta["structure"]
+        provenance: dict[str, Any] = {"model": segmenter.name, "prompt": prompt_json}
+        if "found" in result.meta:  # a checkpoint with an existence head: "not in this image" is an answer
+            provenance["found"] = bool(result.meta["found"])
+            if result.meta.get("existence") is not None:
+                provenance["existence"] = round(float(result.meta["existence"]), 4)
         regions.append(Region(
             box=box if box is not None else prompt.box or Box(0, 0, 0, 0),
             label=label, mask=result.mask, points=prompt.points, score=float(result.score),
-            provenance={"model": segmenter.name, "prompt": prompt_json},
+            provenance=provenance,
         ))
     return regions

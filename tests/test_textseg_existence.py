@@ -307,3 +307,43 @@ def test_hard_negative_miner_draws_what_the_model_still_calls_present() -> None:
     assert HardNegativeMiner.key("my_folder/") == "my_folder"
     two = miner.pick("mr_brats2015_slices", candidates, 2, rng)
     assert len(set(two)) == 2 and len(miner.pick("mr_brats2015_slices", candidates, 9, rng)) == 4
+
+
+def test_packaged_checkpoints_resolve_by_name() -> None:
+    """``multi`` and ``default`` name the packaged folders; an unknown bare name is refused with the choices."""
+    from segmentation.textseg.predictor import packaged_checkpoints, resolve_checkpoint
+
+    packaged = packaged_checkpoints()
+    assert {"default", "multi"} <= set(packaged)
+    assert resolve_checkpoint("multi") == packaged["multi"] and (packaged["multi"] / "model.safetensors").is_file()
+    with pytest.raises(InputError, match="multi"):
+        resolve_checkpoint("no-such-checkpoint")
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_packaged_multi_checkpoint_segments_and_says_not_found() -> None:
+    """The packaged multi-modality checkpoint on held-out images of two kinds: the brain on a BraTS MR slice and
+    the heart on a JSRT radiograph are found with high Dice; the brain on the radiograph and the liver on the MR
+    are not found (no mask). Body structures are no negatives on a chest radiograph (it shows the liver dome)."""
+    from eval.metrics import dice
+    from medvlm.datasets import open_dataset
+    from segmentation.base import Prompt
+    from segmentation.requests import segment_to_regions
+    from segmentation.textseg.checkpoint import read_checkpoint_config
+    from segmentation.textseg.predictor import MedVLMSegmenter, resolve_checkpoint
+
+    seg = MedVLMSegmenter("multi")
+    val = set(read_checkpoint_config(resolve_checkpoint("multi"))[1]["val_ids"])
+    cases = [("cxr_jsrt_scr", "heart", 0.85, "brain"), ("mr_brats2015_slices", "brain", 0.9, "liver")]
+    for folder_name, name, floor, absent in cases:
+        ds = open_dataset(data_dir(folder_name))
+        ids = [i for i in ds.ids() if i in val] or ds.ids()  # BraTS has too few cases for a val split
+        sample = next(s for s in (ds.load(i) for i in ids[:10]) if name in s.masks and s.masks[name].any())
+        found, other = seg.segment(sample.image, [Prompt(text=name), Prompt(text=absent)])
+        assert found.meta["found"] and dice(found.mask.data, sample.masks[name]) > floor, folder_name
+        assert not other.meta["found"] and not other.mask.data.any() and other.meta["existence"] < 0.5, folder_name
+    # what `medvlm segment` writes: the answer "not found" and the existence in each region's provenance
+    regions = segment_to_regions(seg, sample.image, [Prompt(text="brain"), Prompt(text="liver")], ["brain", "liver"])
+    assert [r.provenance["found"] for r in regions] == [True, False]
+    assert regions[0].provenance["existence"] > 0.5 > regions[1].provenance["existence"]

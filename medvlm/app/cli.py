@@ -48,6 +48,10 @@ Run `medvlm COMMAND --help` for the options of one command.
 """
 
 
+#: --checkpoint of the Med-VLM commands
+CHECKPOINT_HELP = ("Med-VLM checkpoint folder, or a packaged name: multi (every modality, with 'not found') or "
+                   "default (chest X-ray, the default)")
+
 def _add_segment(p: argparse.ArgumentParser) -> None:
     p.add_argument("image", help="image file: PNG/JPEG (8/16 bit), DICOM, or NIfTI (with --slice); with --text and "
                    "no --slice also a 3D NIfTI or a folder holding one DICOM series: every axial slice is segmented "
@@ -70,7 +74,7 @@ def _add_segment(p: argparse.ArgumentParser) -> None:
     p.add_argument("--segmenter", default=None, help="segmenter preset: litemedsam (default for boxes/points, "
                    "offline), sam2 (needs --checkpoint or MEDVLM_SAM2_CHECKPOINT), medvlm (default for --text)")
     p.add_argument("--checkpoint", default=None, help="segmenter checkpoint: sam2 .pt path or hub id, or a Med-VLM "
-                   "checkpoint folder (default: the shipped one)")
+                   "checkpoint folder or packaged name (multi: every modality; default: chest X-ray)")
     p.add_argument("--slice", type=int, default=None, dest="slice_index", help="slice index for a 3D NIfTI/DICOM "
                    "(segments that one slice; without it --text segments the whole volume)")
     p.add_argument("--axis", type=int, default=2, help="slice axis for 3D NIfTI (default 2, axial)")
@@ -111,7 +115,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
                        "HD95 mm, ASD mm (same JSON shape as oracle-box). By default only the images the "
                        "checkpoint never trained on are scored (its JSRT val split; a folder it never saw: all).")
     _add_suite_io(t)
-    t.add_argument("--checkpoint", default=None, help="Med-VLM checkpoint folder (default: the shipped one)")
+    t.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     t.add_argument("--split", choices=("auto", "val", "all"), default="auto",
                    help="auto: the checkpoint's val ids when they are in this folder, else all; val: only those; "
                    "all: every image (may include training images: the table says how many)")
@@ -237,7 +241,7 @@ def _add_eval_weakloc(sub: Any) -> None:
                    help="auto: the Med-VLM checkpoint's val ids when they are in a folder, else all")
     w.add_argument("--box-fraction", type=float, default=0.5,
                    help="the box is read where the map exceeds this fraction of its maximum (default 0.5)")
-    w.add_argument("--checkpoint", default=None, help="Med-VLM checkpoint folder (default: the shipped one)")
+    w.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     w.add_argument("--learned", default=None, help="also a Med-VLM checkpoint trained with learned gating "
                    "(prior_weight > 0, e.g. runs/medvlm_prior/best): columns L:<source>, ungated and gated")
     w.add_argument("--json", default=None, dest="json_out", help="write the results as JSON to this path")
@@ -354,7 +358,7 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-results", type=int, default=256, help="results kept for download, oldest evicted "
                    "(default 256)")
     p.add_argument("--cache-size", type=int, default=8, help="image encodings cached per model (default 8)")
-    p.add_argument("--checkpoint", default=None, help="Med-VLM checkpoint folder (default: the shipped one)")
+    p.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     p.add_argument("--preload", action="store_true", help="load every model before listening (default: on first "
                    "use)")
     p.add_argument("--api-key", default=None, metavar="KEY", help="require 'Authorization: Bearer KEY' on every route "
@@ -388,7 +392,7 @@ def _add_grounding(p: argparse.ArgumentParser, *, check: bool = True) -> None:
                    help="json: any instruction-following VLM answers JSON boxes; tokens: a model fine-tuned by "
                    "medvlm train mllm answers <box><loc..> tokens (its chat is not used for phrase extraction); "
                    "for the openai and transformers grounders")
-    p.add_argument("--checkpoint", default=None, help="Med-VLM checkpoint folder (default: the shipped one)")
+    p.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     p.add_argument("--refine", default="auto", help="auto: LiteMedSAM turns mask-less regions (LLM boxes) into masks; "
                    "none; or a promptable segmenter (litemedsam, sam2) that refines every region")
     if check:
@@ -454,7 +458,7 @@ def _add_heatmap(p: argparse.ArgumentParser) -> None:
                    "(default image_proj; e.g. image_encoder.stages.9 re-runs the image encoder)")
     p.add_argument("--box-fraction", type=float, default=0.5,
                    help="box = largest connected part of the map above this fraction of its maximum (default 0.5)")
-    p.add_argument("--checkpoint", default=None, help="Med-VLM checkpoint folder (default: the shipped one)")
+    p.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     p.add_argument("--slice", type=int, default=None, dest="slice_index", help="slice index for a 3D image")
     p.add_argument("--out", default="out", help="output directory (default: out): <stem>.heatmap.overlay.png, "
                    "<stem>.heatmap.png, <stem>.heatmap.json")
@@ -571,7 +575,7 @@ def _add_pacs(p: argparse.ArgumentParser) -> None:
                    "segment each)")
     s.add_argument("--label", action="append", default=[], help="segment label of each --text, in order (default: "
                    "the text)")
-    s.add_argument("--checkpoint", default=None, help="Med-VLM checkpoint folder (default: the shipped one)")
+    s.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     s.add_argument("--window", nargs=2, type=float, metavar=("CENTER", "WIDTH"), default=None,
                    help="display window the images are segmented with (default: 40 400 for CT, else the "
                    "image's own)")

@@ -25,6 +25,11 @@ def _print_regions(regions: Sequence[Region], spacing: tuple[float, float] | Non
         else:
             area = f"{r.mask.area_px} px"
         score = f"{r.score:.3f}" if r.score is not None else "-"
+        if r.provenance.get("found") is False:
+            exist = r.provenance.get("existence")
+            print(f"{k:>2}  {r.label:<16} not found in this image" + (f" (existence {exist:.3f})" if exist is not None
+                                                                        else ""))
+            continue
         print(f"{k:>2}  {r.label:<16} {box:<28} {score:>6} {area:>14}")
 
 

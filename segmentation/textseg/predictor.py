@@ -41,7 +41,8 @@ from segmentation.runtime import (
     encoder_plan,
 )
 
-__all__ = ["DEFAULT_CHECKPOINT_ENV", "MedVLMSegmenter", "default_checkpoint_dir", "expand_text"]
+__all__ = ["DEFAULT_CHECKPOINT_ENV", "MedVLMSegmenter", "default_checkpoint_dir", "expand_text", "packaged_checkpoints",
+           "resolve_checkpoint"]
 
 DEFAULT_CHECKPOINT_ENV = "MEDVLM_TEXTSEG_CHECKPOINT"
 #: names the forward code of the exported Med-VLM image encoder in the OpenVINO IR cache key
@@ -49,12 +50,35 @@ IMAGE_EXPORT_KEY = "medvlm-image-encoder/1"
 TEXT_EXPORT_KEY = "medvlm-text-encoder+proj/1"
 
 
+def packaged_checkpoints() -> dict[str, Path]:
+    """The checkpoints shipped in the package, by name: ``default`` (chest X-ray), ``multi`` (every modality,
+    with the existence head); each a folder under ``segmentation/textseg/weights``."""
+    root = Path(str(resources.files("segmentation.textseg").joinpath("weights")))
+    return {d.name: d for d in sorted(root.iterdir()) if (d / "config.json").is_file()} if root.is_dir() else {}
+
+
+def resolve_checkpoint(checkpoint: str | Path) -> Path:
+    """A checkpoint folder from a path, or from the name of a packaged checkpoint (``multi``, ``default``) when no
+    such path exists here."""
+    path = Path(checkpoint)
+    if path.exists():
+        return path
+    packaged = packaged_checkpoints()
+    if str(checkpoint) in packaged:
+        return packaged[str(checkpoint)]
+    if os.sep not in str(checkpoint) and "/" not in str(checkpoint):
+        raise input_error("Med-VLM checkpoint", expected=f"a checkpoint folder or a packaged name "
+                          f"({', '.join(packaged) or 'none installed'})", received=repr(str(checkpoint)),
+                          fix="pass e.g. --checkpoint multi, or the folder written by `medvlm train medvlm`")
+    return path  # a missing folder: load_medvlm names what it expected there
+
+
 def default_checkpoint_dir() -> Path:
     """The checkpoint shipped in the package (``segmentation/textseg/weights/default``), or
-    ``$MEDVLM_TEXTSEG_CHECKPOINT`` when set."""
+    ``$MEDVLM_TEXTSEG_CHECKPOINT`` (a folder or a packaged name such as ``multi``) when set."""
     env = os.environ.get(DEFAULT_CHECKPOINT_ENV)
     if env:
-        return Path(env)
+        return resolve_checkpoint(env)
     return Path(str(resources.files("segmentation.textseg").joinpath("weights", "default")))
 
 
@@ -108,7 +132,7 @@ class MedVLMSegmenter(SegmenterBase):
     def __init__(self, checkpoint: str | Path | None = None, *, device: str = "cpu", text_level: str = "complex",
                  threshold: float = 0.5, existence_threshold: float = 0.5, precision: str | None = None,
                  text_cache_size: int = 256, encode_batch_size: int = 8, light: bool = True) -> None:
-        directory = Path(checkpoint) if checkpoint is not None else default_checkpoint_dir()
+        directory = resolve_checkpoint(checkpoint) if checkpoint is not None else default_checkpoint_dir()
         if text_level not in ("complex", "simple", "verbatim"):
             raise input_error("text_level", expected="'complex', 'simple' or 'verbatim'", received=repr(text_level),
                               fix="use 'complex' (default)")
