@@ -31,7 +31,8 @@ plus the same soft-target BCE, so what the teacher knew about other hospitals' i
 
 "Not in this image": with ``foreign_negative_prob`` each image also gets ``negatives_per_image`` structures of other
 kinds of image (empty target, existence 0); ``hard_negatives`` draws them by the model's running existence score
-per (source, structure) (:class:`HardNegativeMiner`) instead of uniformly.
+per (kind of image, structure) (:class:`HardNegativeMiner`) instead of uniformly; with ``foreign_negative_mask_loss``
+off they train only the existence head.
 
 Run folder ``out_dir``: ``last/`` (weights + optimizer + step, for resume), ``best/`` (best val Dice),
 ``log.jsonl`` (one line per eval), ``val_ids.txt``, ``train_config.json``.
@@ -128,7 +129,7 @@ class TrainConfig:
     #: structures the teacher labels (pseudo-masks) on ``distill_sources`` images that have no mask for them
     distill_structures: list[str] = field(default_factory=list)
     #: online hard-negative mining: foreign negatives are drawn in proportion to the model's running existence
-    #: score for that (source, structure) pair (:class:`HardNegativeMiner`) instead of uniformly
+    #: score for that (kind of image, structure) pair (:class:`HardNegativeMiner`) instead of uniformly
     hard_negatives: bool = False
     #: whether foreign negatives also train the mask towards empty (True) or only the existence head (False).
     #: With hard mining a few structures take most negative rows ("polyp" on every other kind of image), and

@@ -52,6 +52,7 @@ Run `medvlm COMMAND --help` for the options of one command.
 CHECKPOINT_HELP = ("Med-VLM checkpoint folder, or a packaged name: multi (every modality, with 'not found') or "
                    "default (chest X-ray, the default)")
 
+
 def _add_segment(p: argparse.ArgumentParser) -> None:
     p.add_argument("image", help="image file: PNG/JPEG (8/16 bit), DICOM, or NIfTI (with --slice); with --text and "
                    "no --slice also a 3D NIfTI or a folder holding one DICOM series: every axial slice is segmented "

@@ -17,6 +17,11 @@ from segmentation.requests import build_prompts, segment_to_regions, text_prompt
 def _print_regions(regions: Sequence[Region], spacing: tuple[float, float] | None) -> None:
     print(f"{'#':>2}  {'label':<16} {'box (x0 y0 x1 y1, px)':<28} {'score':>6} {'area':>14}")
     for k, r in enumerate(regions, start=1):
+        if r.provenance.get("found") is False:  # an existence head's answer: no box, no area
+            exist = r.provenance.get("existence")
+            print(f"{k:>2}  {r.label:<16} not found in this image" + (f" (existence {exist:.3f})" if exist is not None
+                                                                        else ""))
+            continue
         box = " ".join(f"{v:.0f}" for v in r.box.to_list())
         if r.mask is None:
             area = "-"
@@ -25,11 +30,6 @@ def _print_regions(regions: Sequence[Region], spacing: tuple[float, float] | Non
         else:
             area = f"{r.mask.area_px} px"
         score = f"{r.score:.3f}" if r.score is not None else "-"
-        if r.provenance.get("found") is False:
-            exist = r.provenance.get("existence")
-            print(f"{k:>2}  {r.label:<16} not found in this image" + (f" (existence {exist:.3f})" if exist is not None
-                                                                        else ""))
-            continue
         print(f"{k:>2}  {r.label:<16} {box:<28} {score:>6} {area:>14}")
 
 

@@ -50,10 +50,14 @@ IMAGE_EXPORT_KEY = "medvlm-image-encoder/1"
 TEXT_EXPORT_KEY = "medvlm-text-encoder+proj/1"
 
 
+def _weights_root() -> Path:
+    return Path(str(resources.files("segmentation.textseg").joinpath("weights")))
+
+
 def packaged_checkpoints() -> dict[str, Path]:
     """The checkpoints shipped in the package, by name: ``default`` (chest X-ray), ``multi`` (every modality,
     with the existence head); each a folder under ``segmentation/textseg/weights``."""
-    root = Path(str(resources.files("segmentation.textseg").joinpath("weights")))
+    root = _weights_root()
     return {d.name: d for d in sorted(root.iterdir()) if (d / "config.json").is_file()} if root.is_dir() else {}
 
 
@@ -66,7 +70,7 @@ def resolve_checkpoint(checkpoint: str | Path) -> Path:
     packaged = packaged_checkpoints()
     if str(checkpoint) in packaged:
         return packaged[str(checkpoint)]
-    if os.sep not in str(checkpoint) and "/" not in str(checkpoint):
+    if len(path.parts) == 1:  # a bare name that is neither a folder here nor packaged
         raise input_error("Med-VLM checkpoint", expected=f"a checkpoint folder or a packaged name "
                           f"({', '.join(packaged) or 'none installed'})", received=repr(str(checkpoint)),
                           fix="pass e.g. --checkpoint multi, or the folder written by `medvlm train medvlm`")
@@ -79,7 +83,7 @@ def default_checkpoint_dir() -> Path:
     env = os.environ.get(DEFAULT_CHECKPOINT_ENV)
     if env:
         return resolve_checkpoint(env)
-    return Path(str(resources.files("segmentation.textseg").joinpath("weights", "default")))
+    return _weights_root() / "default"
 
 
 def expand_text(text: str, level: str = "complex", modality: str | None = None) -> tuple[str, str | None]:
