@@ -99,7 +99,7 @@ def refseg_suite(data: str | Path, references: str | Path | None = None, *, ks: 
             log.info("refseg k=%d seed %d done", k, seed)
     extra: dict[str, Any] = {}
     if compare:
-        from eval.splits import n_trained_on
+        from eval.splits import n_trained_on, segmenter_meta
         from segmentation.textseg.predictor import MedVLMSegmenter
 
         text = MedVLMSegmenter()
@@ -112,7 +112,8 @@ def refseg_suite(data: str | Path, references: str | Path | None = None, *, ks: 
             for name, text_result in zip(names, text.segment(sample.image, [Prompt(text=n) for n in names])):
                 acc("text-guided (medvlm)").update(name, text_result.mask.data, sample.masks[name],
                                                    spacing_mm=spacing)
-        extra["text_guided_n_trained_on"] = n_trained_on(text.meta, target_ds.name, target_ids)
+        extra["text_guided_n_trained_on"] = n_trained_on(segmenter_meta(text, target_ds.name), target_ds.name,
+                                                         target_ids)
     return {"suite": "refseg", "data": str(data), "references": str(references or data),
             "n_images": len(target_ids), "target_ids": list(target_ids), "ks": list(ks), "seeds": list(seeds),
             "methods": {m: a.compute() for m, a in accs.items()}, "seconds": round(time.perf_counter() - started, 1),

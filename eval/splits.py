@@ -12,6 +12,13 @@ from typing import Any
 from medvlm.errors import input_error
 
 
+def segmenter_meta(segmenter: Any, dataset: str) -> dict[str, Any]:
+    """The training meta (val ids, sources) of the Med-VLM model that answers images of ``dataset`` (folder name
+    or path): ``segmenter.meta_for(dataset)`` for a routed checkpoint, else ``segmenter.meta``."""
+    meta_for = getattr(segmenter, "meta_for", None)
+    return dict(meta_for(dataset)) if callable(meta_for) else dict(getattr(segmenter, "meta", {}))
+
+
 def select_ids(ids: Sequence[str], ids_file: str | None, limit: int | None) -> list[str]:
     """The ids a suite scores: ``ids`` in order, or those listed in ``ids_file`` (one per line, each must be in
     ``ids``), then the first ``limit``. Unknown ids and a non-positive limit are input errors."""

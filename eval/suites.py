@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from eval.splits import checkpoint_split_ids, n_trained_on, select_ids
+from eval.splits import checkpoint_split_ids, n_trained_on, segmenter_meta, select_ids
 from segmentation.textseg.wholes import add_wholes
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def text_seg(data: str | Path, *, checkpoint: str | None = None, split: str = "a
     dataset = open_dataset(data)
     segmenter = segmenter if segmenter is not None else MedVLMSegmenter(checkpoint, text_level=level)
     level = segmenter.text_level
-    meta = segmenter.meta
+    meta = segmenter_meta(segmenter, dataset.name)
     all_ids = dataset.ids()
     chosen, used = checkpoint_split_ids(meta, all_ids, split, data)
     # an --ids file picks from the whole folder; n_trained_on below still counts any training image in it

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from eval.splits import checkpoint_split_ids, select_ids
+from eval.splits import checkpoint_split_ids, segmenter_meta, select_ids
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def existence_suite(data: str | Path, segmenter: Any, *, split: str = "auto", li
     from segmentation.base import Prompt
 
     dataset = open_dataset(data)
-    chosen, used = checkpoint_split_ids(segmenter.meta, dataset.ids(), split, data)
+    chosen, used = checkpoint_split_ids(segmenter_meta(segmenter, dataset.name), dataset.ids(), split, data)
     ids = select_ids(chosen, None, limit)
     foreign = mismatched_structures(dataset.name)
     matched: list[tuple[bool, float | None]] = []
@@ -149,9 +149,10 @@ def volume_suite(data: str | Path, segmenter: Any, *, split: str = "auto", limit
         raise input_error("text-seg 3D", expected="a folder of 3D volumes (e.g. mr_hippocampus_msd)",
                           received=str(data), fix="use the 2D suite (medvlm eval text-seg --data FOLDER)")
     every_slice: Any = type(dataset)(dataset.root, all_slices=True)  # type: ignore[call-arg]
-    chosen, used = checkpoint_split_ids(segmenter.meta, dataset.ids(), split, data)
+    meta = segmenter_meta(segmenter, dataset.name)
+    chosen, used = checkpoint_split_ids(meta, dataset.ids(), split, data)
     volumes = sorted({dataset.group(i) for i in chosen})
-    trained_on = sum(1 for v in volumes if v not in {dataset.group(i) for i in segmenter.meta.get("val_ids", [])})
+    trained_on = sum(1 for v in volumes if v not in {dataset.group(i) for i in meta.get("val_ids", [])})
     volumes = select_ids(volumes, None, limit)
     acc = SegmentationAccumulator()
     per_volume: list[dict[str, Any]] = []

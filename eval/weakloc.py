@@ -113,7 +113,7 @@ def weakloc_suite(datasets: Sequence[str] = DEFAULT_DATASETS, *, sources: Sequen
     """
     from agents.anatomy import segment_chest_anatomy
     from agents.heatmap import SOURCES, HeatmapConfig, finding_heatmap, plan_gate, read_heatmap
-    from eval.splits import n_trained_on
+    from eval.splits import n_trained_on, segmenter_meta
     from medvlm.datasets import open_dataset
     from segmentation.textseg.predictor import MedVLMSegmenter
 
@@ -134,9 +134,10 @@ def weakloc_suite(datasets: Sequence[str] = DEFAULT_DATASETS, *, sources: Sequen
     t0 = time.perf_counter()
     for name in datasets:
         dataset = open_dataset(name)
-        ids, used = _pick_ids(dataset, segmenter.meta, split, limit)
+        meta = segmenter_meta(segmenter, dataset.name)
+        ids, used = _pick_ids(dataset, meta, split, limit)
         used_sets.append({"name": dataset.name, "split": used, "n_images": len(ids), "ids": ids,
-                          "n_trained_on": n_trained_on(segmenter.meta, dataset.name, ids)})
+                          "n_trained_on": n_trained_on(meta, dataset.name, ids)})
         for sid in ids:
             sample = dataset.load(sid)
             image = sample.image

@@ -1,5 +1,6 @@
 """Write the model card (README.md) of a Med-VLM checkpoint from what was measured.
 
+    python -m finetune.model_card CHECKPOINT_DIR --kind-only     # only the kind-of-image section, from its files
     python -m finetune.model_card CHECKPOINT_DIR --text-seg out/textseg_val.json \
         [--oracle out/oracle_val.json] [--all out/textseg_all.json] [--command "medvlm train medvlm ..."] \
         [--train-seconds S] [--train-log RUN/log.jsonl] [--config finetune/configs/medvlm_v2.yaml]
@@ -110,6 +111,7 @@ def write_card(checkpoint: Path, text_seg: dict[str, Any], oracle: dict[str, Any
             miou = "-" if r["miou"] is None else f"{r['miou']:.3f}"
             lines += ["", f"Another hospital ({Path(r['data']).name}): box of the '{r['structure']}' mask against "
                       f"the {r['n']} '{r['label']}' boxes, mIoU {miou}."]
+    lines += kind_section(checkpoint)
     lines += ["", "Licences: the training images' terms are in ../shared/data (JSRT/SCR research use; V7 masks "
               "CC BY 4.0; ...); the weights here are derived from them and meant for research use.", ""]
     path = checkpoint / "README.md"
@@ -117,10 +119,66 @@ def write_card(checkpoint: Path, text_seg: dict[str, Any], oracle: dict[str, Any
     return path
 
 
+KIND_HEADING = "## Kind of image (classifier, gate and routes)"
+
+
+def kind_section(checkpoint: Path) -> list[str]:
+    """The card's section on the checkpoint's kind classifier (``kind_classifier.json``: fit command, counts, train
+    and val accuracy per kind) and its ``routes.json``; empty when it has neither."""
+    lines: list[str] = []
+    info_path, routes_path = checkpoint / "kind_classifier.json", checkpoint / "routes.json"
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        val, train = info.get("val_accuracy", {}), info.get("train_accuracy", {})
+        lines += ["", KIND_HEADING, "",
+                  f"A linear softmax over the pooled image-encoder features names the kind of image "
+                  f"({', '.join(info.get('kinds', []))}); a structure that no likely kind can show is answered "
+                  "\"not found\" (the kinds that can show it sum to < 0.1; `segmentation/textseg/kind_gate.py`).",
+                  "",
+                  f"Fitted with `{info.get('command', '?')}` in {info.get('seconds', '?')} s on "
+                  f"{train.get('n', '?')} training images ({info.get('encoder_precision', '?')} encoder); "
+                  f"accuracy on {val.get('n', '?')} held-out images: {val.get('all', '?')}.", "",
+                  "| kind | train accuracy | val accuracy |", "|---|---|---|"]
+        for kind in sorted(set(train.get("per_kind", {})) | set(val.get("per_kind", {}))):
+            lines.append(f"| {kind} | {train.get('per_kind', {}).get(kind, '-')} | "
+                         f"{val.get('per_kind', {}).get(kind, '-')} |")
+    if routes_path.is_file():
+        routes = json.loads(routes_path.read_text())
+        lines += ["", f"Routes (`routes.json`): images of modality {', '.join(routes.get('modalities', []))}, or of "
+                  f"unknown modality that the classifier calls {', '.join(routes.get('kinds', []))} with p >= "
+                  f"{routes.get('min_confidence', '?')}, are answered here; every other image by "
+                  f"`{routes.get('otherwise', '?')}`. Why: {routes.get('why', '-')}"]
+    return lines
+
+
+def update_kind_section(checkpoint: Path) -> Path:
+    """Replace (or append) the kind section of ``checkpoint/README.md`` from its files, keeping the rest.
+
+    python -m finetune.model_card CHECKPOINT --kind-only
+    """
+    path = checkpoint / "README.md"
+    text = path.read_text() if path.is_file() else ""
+    marker = "\nLicences:"
+    if KIND_HEADING in text:  # cut the old section: up to the next heading or the licence line
+        start = text.index(KIND_HEADING)
+        ends = [i for i in (text.find("\n## ", start + 1), text.find(marker, start)) if i >= 0]
+        end = min(ends) if ends else len(text)
+        text = text[:start].rstrip("\n") + "\n" + text[end:]
+    section = "\n".join(kind_section(checkpoint)).strip("\n")
+    if marker in text:
+        head, _, rest = text.partition(marker)
+        text = head.rstrip("\n") + "\n\n" + section + "\n" + marker + rest
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint")
-    ap.add_argument("--text-seg", required=True)
+    ap.add_argument("--kind-only", action="store_true", help="only rewrite the kind-of-image section")
+    ap.add_argument("--text-seg", default=None)
     ap.add_argument("--oracle", default=None)
     ap.add_argument("--command", default="medvlm train medvlm finetune/configs/medvlm_default.yaml")
     ap.add_argument("--train-seconds", type=float, default=None)
@@ -131,6 +189,11 @@ def main() -> None:
     ap.add_argument("--all-command", default=None, help="the command that wrote --all (when it had options)")
     ap.add_argument("--note", action="append", default=[], help="a paragraph under the title (repeatable)")
     args = ap.parse_args()
+    if args.kind_only:
+        print(f"wrote {update_kind_section(Path(args.checkpoint))}")
+        return
+    if not args.text_seg:
+        ap.error("--text-seg is required (or --kind-only)")
     log = [json.loads(x) for x in Path(args.train_log).read_text().splitlines()] if args.train_log else []
     oracle = json.loads(Path(args.oracle).read_text()) if args.oracle else None
     path = write_card(Path(args.checkpoint), json.loads(Path(args.text_seg).read_text()), oracle, args.command,

@@ -136,6 +136,9 @@ class TrainConfig:
     #: empty-mask targets on all of them teach that text to draw nothing even where it is (run 5: polyp val
     #: Dice 0.26 -> 0.01); the existence head alone decides "not in this image" at inference anyway.
     foreign_negative_mask_loss: bool = True
+    #: train only the parameters under these name prefixes (e.g. ["existence."]: recalibrate the existence head
+    #: for the kind gate while the masks stay exactly as they were); empty = everything trainable
+    train_modules: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_images < 1 or self.texts_per_image < 1:
@@ -579,6 +582,8 @@ def train_medvlm(cfg: TrainConfig, *, progress: bool = True, resume: bool = True
     model = build_medvlm(model_cfg)
     if cfg.init_from is not None:
         _init_from(model, model_cfg, cfg.init_from)
+    if cfg.train_modules:
+        model.freeze_except(cfg.train_modules)
     trainable, total = model.parameter_counts()
     log.info("Med-VLM parameters: %d trainable / %d total", trainable, total)
     if progress:

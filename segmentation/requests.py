@@ -7,6 +7,7 @@ the same regions). Coordinates are pixel xyxy of the original image (left top ri
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from medvlm.errors import input_error
@@ -65,6 +66,11 @@ def segment_to_regions(segmenter: Any, image: Any, prompts: Sequence[Any], label
             provenance["found"] = bool(result.meta["found"])
             if result.meta.get("existence") is not None:
                 provenance["existence"] = round(float(result.meta["existence"]), 4)
+            if result.meta.get("routed_to"):  # the default hands non-radiographs to the multi-modality model
+                provenance["checkpoint"] = Path(result.meta["routed_to"]).name
+            if result.meta.get("image_kind") is not None:  # a checkpoint with a kind classifier
+                provenance["image_kind"] = result.meta["image_kind"]
+                provenance["ruled_out_by_kind"] = bool(result.meta.get("ruled_out_by_kind"))
         regions.append(Region(
             box=box if box is not None else prompt.box or Box(0, 0, 0, 0),
             label=label, mask=result.mask, points=prompt.points, score=float(result.score),

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -236,26 +233,25 @@ MIN_SEGMENT_DICE = 0.5
 
 @pytest.mark.slow
 @pytest.mark.data
-def test_cli_ask_and_refseg_with_grounder_mini(mini_base: Path, heldout: list[Any], tmp_path: Path) -> None:
-    """The CLI finds the test's base through MEDVLM_HOME: ask writes a LiteMedSAM-refined heart region from the
-    model's box; refseg asks the reference pair in process and writes its provenance."""
+def test_cli_ask_and_refseg_with_grounder_mini(mini_base: Path, heldout: list[Any], tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI (in this process: the model loads are what costs, not the interpreter) finds the test's base
+    through MEDVLM_HOME: ask writes a LiteMedSAM-refined heart region from the model's box; refseg asks the
+    reference pair in process and writes its provenance."""
+    from medvlm.app.cli import main
+
     sample = heldout[1]
     image = Path(sample.source).resolve()
-    env = {**os.environ, "MEDVLM_HOME": str(mini_base.parent.parent)}
-    cmd = [sys.executable, "-m", "medvlm.app.cli"]
-    ask = subprocess.run([*cmd, "ask", str(image), "where is the heart?", "--grounder", "mini", "--out",
-                          str(tmp_path / "ask")], capture_output=True, text=True, env=env, timeout=600)
-    assert ask.returncode == 0, ask.stderr[-2000:]
+    monkeypatch.setenv("MEDVLM_HOME", str(mini_base.parent.parent))
+    assert main(["ask", str(image), "where is the heart?", "--grounder", "mini", "--out", str(tmp_path / "ask")]) == 0
     written = json.loads(next((tmp_path / "ask").glob("*.json")).read_text())
     region = written["regions"][0]
     assert region["provenance"]["grounder"] == "mini" and region["mask"] is not None
     reference = heldout[0]
     ref_image = Path(reference.source).resolve()
     box = _truth_box(reference, "heart").to_list()
-    ref = subprocess.run([*cmd, "refseg", "--reference", str(ref_image), "--reference-box", *map(str, box),
-                          "--target", str(image), "--label", "heart", "--grounder", "mini", "--out",
-                          str(tmp_path / "ref")], capture_output=True, text=True, env=env, timeout=600)
-    assert ref.returncode == 0, ref.stderr[-2000:]
+    assert main(["refseg", "--reference", str(ref_image), "--reference-box", *map(str, box), "--target", str(image),
+                 "--label", "heart", "--grounder", "mini", "--out", str(tmp_path / "ref")]) == 0
     result = json.loads(next((tmp_path / "ref").glob("*.json")).read_text())
     prov = result["regions"][0]["provenance"] if result["regions"] else {}
     assert not result["regions"] or (prov["method"] == "mllm reference pair" and prov["model"] == "mini")

@@ -113,6 +113,31 @@ def test_training_with_existence_and_foreign_negatives(tmp_path: Path) -> None:
 
 
 @pytest.mark.data
+def test_train_modules_trains_the_existence_head_alone(tmp_path: Path) -> None:
+    """``train_modules: [existence.]`` (run 7): two steps change only ``existence.*``; every other trained weight
+    is saved unchanged; a prefix that matches nothing is refused."""
+    from finetune.textseg_train import DataSource, TrainConfig, train_medvlm
+    from segmentation.textseg.checkpoint import load_medvlm, save_medvlm
+    from segmentation.textseg.model import build_medvlm
+
+    torch.manual_seed(2)
+    base = build_medvlm(_tiny())
+    save_medvlm(base, tmp_path / "base")
+    folder = data_dir("cxr_jsrt_scr")
+    cfg = TrainConfig(model=_tiny().to_json(), data=[DataSource(str(folder), 1, 1.0, limit=3)],
+                      out_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), steps=2, batch_images=1,
+                      texts_per_image=2, warmup_steps=1, eval_every=2, checkpoint_every=2, lr=1e-2,
+                      init_from=str(tmp_path / "base"), train_modules=["existence."], negative_prob=0.5)
+    train_medvlm(cfg, progress=False)
+    tuned, _ = load_medvlm(tmp_path / "run" / "last")
+    a, b = base.trainable_state_dict(), tuned.trainable_state_dict()
+    assert set(a) == set(b)
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert changed and all(k.startswith("existence.") for k in changed)
+    with pytest.raises(InputError, match="train_modules"):
+        build_medvlm(_tiny()).freeze_except(["no-such-module."])
+
+
 def test_init_from_a_checkpoint_without_the_head(tmp_path: Path) -> None:
     """Fine-tuning the shipped architecture with a new existence head copies every trained weight it has."""
     from finetune.textseg_train import DataSource, TrainConfig, train_medvlm

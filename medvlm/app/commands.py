@@ -19,8 +19,12 @@ def _print_regions(regions: Sequence[Region], spacing: tuple[float, float] | Non
     for k, r in enumerate(regions, start=1):
         if r.provenance.get("found") is False:  # an existence head's answer: no box, no area
             exist = r.provenance.get("existence")
-            print(f"{k:>2}  {r.label:<16} not found in this image" + (f" (existence {exist:.3f})" if exist is not None
-                                                                        else ""))
+            why = f" (existence {exist:.3f})" if exist is not None else ""
+            if r.provenance.get("ruled_out_by_kind"):
+                kind = r.provenance.get("image_kind", {})
+                why = (f" (a {kind.get('kind', '?').replace('_', ' ')} image, p {kind.get('probability', 0):.2f}, "
+                       "does not show it)")
+            print(f"{k:>2}  {r.label:<16} not found in this image{why}")
             continue
         box = " ".join(f"{v:.0f}" for v in r.box.to_list())
         if r.mask is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
-__all__ = ["COMPATIBLE", "DATASET_KIND", "KIND_STRUCTURES", "kind_of", "mismatched_structures"]
+__all__ = ["COMPATIBLE", "DATASET_KIND", "KIND_STRUCTURES", "kind_of", "mismatched_for_kind", "mismatched_structures"]
 
 KIND_STRUCTURES: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "chest_xray": ("heart", "left lung", "right lung", "lung", "left clavicle", "right clavicle"),
@@ -52,13 +52,19 @@ def kind_of(dataset: str) -> str | None:
     return DATASET_KIND.get(name)
 
 
-def mismatched_structures(dataset: str) -> tuple[str, ...]:
-    """Structures that cannot be in an image of ``dataset`` (name or path): those of every kind neither equal
-    nor compatible with its kind, sorted; empty for an unknown dataset."""
-    kind = kind_of(dataset)
-    if kind is None:
+def mismatched_for_kind(kind: str) -> tuple[str, ...]:
+    """Structures that cannot be in an image of kind ``kind`` (a key of :data:`KIND_STRUCTURES`): those of every
+    kind neither equal nor compatible with it, minus its own, sorted; empty for an unknown kind."""
+    if kind not in KIND_STRUCTURES:
         return ()
     near = {kind}.union(*(group for group in COMPATIBLE if kind in group))
     own = set(KIND_STRUCTURES[kind])
     out = {s for k, names in KIND_STRUCTURES.items() if k not in near for s in names}
     return tuple(sorted(out - own - _NOT_NEGATIVE.get(kind, frozenset())))
+
+
+def mismatched_structures(dataset: str) -> tuple[str, ...]:
+    """Structures that cannot be in an image of ``dataset`` (name or path): :func:`mismatched_for_kind` of its
+    kind; empty for an unknown dataset."""
+    kind = kind_of(dataset)
+    return () if kind is None else mismatched_for_kind(kind)

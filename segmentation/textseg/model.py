@@ -28,6 +28,7 @@ Deviations from the paper's equations, and why:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -253,9 +254,29 @@ class MedVLM(nn.Module):
         return self.forward_features(self.image_encoder.prefix(pixels), input_ids, attention_mask)
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
-        """Only what trains (adapters, projections, mixer, decoder): the checkpoint content."""
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        """Only what trains (adapters, projections, mixer, decoder, heads): the checkpoint content, including
+        what :meth:`freeze_except` holds still for one training run."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad} | getattr(self, "held_still", set())
         return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if k in names}
+
+    def freeze_except(self, prefixes: Sequence[str]) -> int:
+        """Stop gradients to every trainable parameter whose name starts with none of ``prefixes`` (e.g.
+        ``["existence."]``: train the existence head alone); they stay in the checkpoint. Returns how many
+        parameters still train; an empty match is an error (a typo would otherwise train nothing)."""
+        keep = tuple(prefixes)
+        held = {n for n, p in self.named_parameters() if p.requires_grad and not n.startswith(keep)}
+        left = [n for n, p in self.named_parameters() if p.requires_grad and n.startswith(keep)]
+        if not left:
+            from medvlm.errors import input_error
+
+            raise input_error("train_modules", expected="prefixes of trainable parameter names (existence., "
+                              "decoder., mixer., image_proj., text_proj.)", received=str(list(prefixes)),
+                              fix="use e.g. train_modules: [existence.]")
+        for n, p in self.named_parameters():
+            if n in held:
+                p.requires_grad_(False)
+        self.held_still: set[str] = getattr(self, "held_still", set()) | held
+        return sum(p.numel() for n, p in self.named_parameters() if p.requires_grad)
 
     def parameter_counts(self) -> tuple[int, int]:
         """``(trainable, total)`` parameter counts."""

@@ -40,6 +40,7 @@ from segmentation.runtime import (
     compile_text_encoder,
     encoder_plan,
 )
+from segmentation.textseg.kind_gate import KindClassifier, KindVerdict
 
 __all__ = ["DEFAULT_CHECKPOINT_ENV", "MedVLMSegmenter", "default_checkpoint_dir", "expand_text", "packaged_checkpoints",
            "resolve_checkpoint"]
@@ -112,6 +113,44 @@ def _load(directory: str, device: str) -> tuple[Any, dict[str, Any]]:
     return load_medvlm(directory, device)
 
 
+ROUTES_FILE = "routes.json"
+
+
+def read_routes(directory: str | Path) -> dict[str, Any] | None:
+    """The ``routes.json`` of checkpoint folder ``directory`` (see :class:`MedVLMSegmenter`, ``route``), validated,
+    with ``otherwise`` resolved to a folder (a packaged name, or a path relative to ``directory``); None when the
+    folder has none."""
+    from medvlm.datasets.kinds import KIND_STRUCTURES
+
+    path = Path(directory) / ROUTES_FILE
+    if not path.is_file():
+        return None
+    import json
+
+    try:
+        routes = json.loads(path.read_text())
+    except ValueError as exc:
+        raise input_error("Med-VLM routes", expected="JSON", received=f"{path}: {exc}", fix="fix or delete it") from exc
+    kinds = routes.get("kinds") if isinstance(routes, dict) else None
+    other = routes.get("otherwise") if isinstance(routes, dict) else None
+    confidence = routes.get("min_confidence", 0.9) if isinstance(routes, dict) else None
+    modalities = routes.get("modalities", []) if isinstance(routes, dict) else None
+    if (not isinstance(kinds, list) or not kinds or any(k not in KIND_STRUCTURES for k in kinds)
+            or not isinstance(other, str) or not isinstance(confidence, (int, float)) or not 0 <= confidence <= 1
+            or not isinstance(modalities, list) or not all(isinstance(m, str) for m in modalities)):
+        raise input_error("Med-VLM routes", expected='{"kinds": [kinds of image among '
+                          f'{sorted(KIND_STRUCTURES)}], "modalities": ["CR", "DX"], "otherwise": "multi" or a '
+                          'folder, "min_confidence": 0.9}', received=f"{path}: {routes!r}"[:300],
+                          fix="fix or delete it")
+    relative = Path(directory) / other
+    target = relative if relative.is_dir() else resolve_checkpoint(other)
+    if target.resolve() == Path(directory).resolve():
+        raise input_error("Med-VLM routes", expected="another checkpoint in otherwise", received=other,
+                          fix="name a different checkpoint, e.g. multi")
+    return {"kinds": list(kinds), "modalities": [m.strip().upper() for m in modalities], "otherwise": target,
+            "min_confidence": float(confidence)}
+
+
 class MedVLMSegmenter(SegmenterBase):
     """Med-VLM text-guided segmenter. Prompts carry ``text``; boxes and points are rejected.
 
@@ -126,6 +165,24 @@ class MedVLMSegmenter(SegmenterBase):
     ``light``: with OpenVINO, start from the checkpoint's inference bundle when one was saved (no torch encoders
     built: ~7 s less to start on 2 cores; :mod:`segmentation.textseg.bundle`); ``self.light`` says whether it did,
     and :meth:`torch_model` builds the full model when something needs it (Grad-CAM).
+    ``kind_gate``: when the checkpoint carries a kind classifier (:mod:`segmentation.textseg.kind_gate`), a
+    structure that no likely kind of image can show is "not found" (``meta["ruled_out_by_kind"]``): the kinds that
+    could show it have less than ``1 - kind_confidence`` probability together; ``meta["image_kind"]`` carries the
+    verdict.
+    ``empty_fallback``: when the existence head says the structure is there but no pixel passes ``threshold``
+    (a faint mask: small or low-contrast structures such as the pancreas), the mask is the pixels above half of
+    the map's peak probability instead of nothing, so "found" and a non-empty mask always go together
+    (``meta["mask_threshold"]`` says which threshold made the mask).
+    ``route``: a checkpoint folder with a ``routes.json`` (``{"kinds": [...], "modalities": [...], "otherwise":
+    CHECKPOINT, "min_confidence": p}``) keeps the images whose DICOM modality is one of ``modalities`` and, when
+    the modality is unknown (PNG, JPEG), those its kind classifier is ``p`` sure are of ``kinds``; every other
+    image (another known modality, or another kind) goes to the ``otherwise`` checkpoint (built on first need,
+    encoded by it alone when the modality already says so). The packaged default is the chest X-ray model for
+    radiographs and ``multi`` for CT, MR, ultrasound, dermoscopy and endoscopy. A routed embedding says where it
+    went (``extra["routed_to"]``); :meth:`meta_for` gives the training meta of the model that answers a dataset.
+    ``compose_wholes``: a checkpoint trained without wholes (``train_config.wholes`` false, e.g. the chest X-ray
+    default) answers a phrase naming a whole of parts ("lung", "clavicles", "kidneys") with the union of its
+    parts' masks (``meta["parts"]``), found when any part is; ``None`` (default) = when the checkpoint needs it.
     """
 
     name = "medvlm"
@@ -135,7 +192,9 @@ class MedVLMSegmenter(SegmenterBase):
 
     def __init__(self, checkpoint: str | Path | None = None, *, device: str = "cpu", text_level: str = "complex",
                  threshold: float = 0.5, existence_threshold: float = 0.5, precision: str | None = None,
-                 text_cache_size: int = 256, encode_batch_size: int = 8, light: bool = True) -> None:
+                 text_cache_size: int = 256, encode_batch_size: int = 8, light: bool = True,
+                 kind_gate: bool = True, kind_confidence: float = 0.9, empty_fallback: bool = True,
+                 route: bool = True, compose_wholes: bool | None = None) -> None:
         directory = resolve_checkpoint(checkpoint) if checkpoint is not None else default_checkpoint_dir()
         if text_level not in ("complex", "simple", "verbatim"):
             raise input_error("text_level", expected="'complex', 'simple' or 'verbatim'", received=repr(text_level),
@@ -159,6 +218,25 @@ class MedVLMSegmenter(SegmenterBase):
         if not self.light:
             self.model, self.meta = _load(str(directory.resolve()), device)
         self._text_cache: OrderedDict[str, Any] = OrderedDict()  # text read -> (L, d) projected text features
+        self.kind_confidence = float(kind_confidence)
+        self.empty_fallback = bool(empty_fallback)
+        self.kind_gate = bool(kind_gate)
+        self.routes = read_routes(directory) if route else None
+        self.kind_classifier: KindClassifier | None = (KindClassifier.load(directory) if kind_gate or self.routes
+                                                       else None)
+        if self.routes is not None and self.kind_classifier is None:
+            raise input_error("Med-VLM routes", expected=f"a kind classifier beside {ROUTES_FILE} in {directory}",
+                              received="none", fix="fit one: python -m finetune.kind_classifier --checkpoint "
+                              f"{directory}; or delete {ROUTES_FILE}")
+        self._routed: MedVLMSegmenter | None = None
+        trained_wholes = bool(self.meta.get("train_config", {}).get("wholes"))
+        self.compose_wholes = (not trained_wholes) if compose_wholes is None else bool(compose_wholes)
+        self._route_lock = threading.Lock()
+        self._options: dict[str, Any] = {"device": device, "text_level": text_level, "threshold": threshold,
+                         "existence_threshold": existence_threshold, "precision": precision,
+                         "text_cache_size": text_cache_size, "encode_batch_size": encode_batch_size, "light": light,
+                         "kind_gate": kind_gate, "kind_confidence": kind_confidence,
+                         "empty_fallback": empty_fallback, "compose_wholes": compose_wholes}
 
     def _start_from_bundle(self, directory: Path) -> None:
         from segmentation.runtime import load_ir_encoder, load_ir_text_encoder
@@ -278,7 +356,7 @@ class MedVLMSegmenter(SegmenterBase):
                                      "encode_s": seconds, "precision": self.plan.precision,
                                      "engine": self.plan.engine})
 
-    def encode(self, image: ImageInput) -> ImageEmbedding:
+    def _encode_own(self, image: ImageInput) -> ImageEmbedding:
         rgb = as_rgb_uint8(image)
         t0 = time.perf_counter()
         chw, content = self.model.image_encoder.preprocess(rgb)
@@ -292,9 +370,7 @@ class MedVLMSegmenter(SegmenterBase):
                 features = self._run_encoder(torch.from_numpy(chw)[None].to(self.device))
         return self._embedding(image, rgb, features, content, time.perf_counter() - t0)
 
-    def encode_batch(self, images: Sequence[ImageInput]) -> list[ImageEmbedding]:
-        """Encode several images, ``encode_batch_size`` per encoder call; one embedding per image, as
-        :meth:`encode` gives (``extra["encode_s"]``: the batch's seconds divided by the number of images)."""
+    def _encode_batch_own(self, images: Sequence[ImageInput]) -> list[ImageEmbedding]:
         if not images:
             return []
         t0 = time.perf_counter()
@@ -323,6 +399,87 @@ class MedVLMSegmenter(SegmenterBase):
         # clone: an embedding must not keep the whole batch's features alive
         return [self._embedding(im, rgb, features[i:i + 1].clone(), content, per_image)
                 for i, (im, rgb, (_, content)) in enumerate(zip(images, rgbs, prepared))]
+
+    def routed_segmenter(self) -> MedVLMSegmenter | None:
+        """The ``otherwise`` segmenter of this checkpoint's routes (built once, with this one's options), or None
+        without routes."""
+        if self.routes is None:
+            return None
+        with self._route_lock:  # a server's threads must not build it twice
+            if self._routed is None:
+                self._routed = MedVLMSegmenter(self.routes["otherwise"], **self._options, route=False)
+        return self._routed
+
+    def _other(self) -> MedVLMSegmenter:
+        other = self.routed_segmenter()
+        if other is None:  # only called with routes
+            raise RuntimeError("no routes: nothing to hand the image to")
+        return other
+
+    def _keeps(self, embedding: ImageEmbedding) -> bool:
+        """Whether this checkpoint answers the image of ``embedding`` (always, without routes)."""
+        if self.routes is None:
+            return True
+        verdict = self._image_kind(embedding)
+        return (verdict is not None and verdict.kind in self.routes["kinds"]
+                and verdict.probability >= self.routes["min_confidence"])
+
+    def _mark_routed(self, embedding: ImageEmbedding, verdict: KindVerdict | None) -> ImageEmbedding:
+        embedding.extra["routed_to"] = self._other().checkpoint
+        embedding.extra["routed_from"] = {"checkpoint": self.checkpoint,
+                                          "image_kind": None if verdict is None else verdict.to_json()}
+        return embedding
+
+    def _modality_keeps(self, image: ImageInput) -> bool | None:
+        """With routes: True/False when the image's DICOM modality decides (one of ``modalities`` / another known
+        one), None when it is unknown (then the kind classifier decides); None without routes."""
+        if self.routes is None:
+            return None
+        modality = str(getattr(image, "modality", None) or "unknown").strip().upper()
+        if modality in ("UNKNOWN", "OT", ""):
+            return None
+        return modality in self.routes["modalities"]
+
+    def encode(self, image: ImageInput) -> ImageEmbedding:
+        """The image encoder's features of ``image`` (one pass; every text prompt reuses them). With routes, an
+        image this checkpoint does not keep is encoded by the ``otherwise`` one (class docstring)."""
+        by_modality = self._modality_keeps(image)
+        if by_modality is False:
+            return self._mark_routed(self._other().encode(image), None)
+        embedding = self._encode_own(image)
+        if self.routes is None or by_modality or self._keeps(embedding):
+            return embedding
+        return self._mark_routed(self._other().encode(image), self._image_kind(embedding))
+
+    def encode_batch(self, images: Sequence[ImageInput]) -> list[ImageEmbedding]:
+        """Encode several images, ``encode_batch_size`` per encoder call; one embedding per image, as
+        :meth:`encode` gives (``extra["encode_s"]``: the batch's seconds divided by the number of images). With
+        routes, the images this checkpoint does not keep go to the ``otherwise`` checkpoint in one batch."""
+        decided = [self._modality_keeps(im) for im in images]  # all None without routes
+        own = [i for i, d in enumerate(decided) if d is not False]
+        out: list[ImageEmbedding | None] = [None] * len(images)
+        for i, e in zip(own, self._encode_batch_own([images[i] for i in own])):
+            out[i] = e
+        away = [i for i, d in enumerate(decided) if d is False]
+        for i in own:
+            embedding = out[i]
+            if (self.routes is not None and decided[i] is None and embedding is not None
+                    and not self._keeps(embedding)):
+                away.append(i)
+        if away:
+            for i, e in zip(away, self._other().encode_batch([images[i] for i in away])):
+                before = out[i]
+                out[i] = self._mark_routed(e, None if before is None else self._image_kind(before))
+        return [e for e in out if e is not None]
+
+    def meta_for(self, dataset: str) -> dict[str, Any]:
+        """The training meta (val ids, sources) of the model that answers images of ``dataset`` (a folder name or
+        path): this checkpoint's, or with routes the ``otherwise`` one's for a kind it hands over."""
+        from medvlm.datasets.kinds import kind_of
+
+        if self.routes is None or kind_of(str(dataset)) in self.routes["kinds"]:
+            return self.meta
+        return self._other().meta
 
     def clear_text_cache(self) -> None:
         """Forget the cached text features (the next prompt of each text runs the text encoder again)."""
@@ -376,21 +533,47 @@ class MedVLMSegmenter(SegmenterBase):
             text_mask[k, : r.shape[0]] = True
         return f_text, text_mask
 
+    def _image_kind(self, embedding: ImageEmbedding) -> KindVerdict | None:
+        """The kind classifier's verdict on ``embedding`` (computed once, kept in ``embedding.extra``)."""
+        if self.kind_classifier is None:
+            return None
+        verdict = embedding.extra.get("image_kind")
+        if not isinstance(verdict, KindVerdict):
+            verdict = self.kind_classifier.predict(embedding.features)
+            embedding.extra["image_kind"] = verdict
+        return verdict
+
     def _result(self, prompt: Prompt, binary: Any, existence: float | None, inside: Any, logits: Any,
-                 text: tuple[str, str | None], frame: str) -> SegmentationResult:
+                text: tuple[str, str | None], frame: str, verdict: KindVerdict | None = None) -> SegmentationResult:
         """One prompt's result from its mask at the original size (``binary``, bool), the existence probability,
-        the probabilities inside the content (``inside``, numpy) and its logits on the input frame."""
-        # "not in this image": the existence head overrules a mask the decoder would draw anyway
-        found = bool(binary.any()) and (existence is None or existence >= self.existence_threshold)
+        the probabilities inside the content (``inside``, numpy ``(h, w)`` on the input frame), its logits on
+        the input frame and the kind classifier's ``verdict`` on the image."""
+        from segmentation.textseg.preprocess import resize_bilinear
+
+        verdict = verdict if self.kind_gate else None
+        ruled_out = verdict is not None and verdict.rules_out(text[1], self.kind_confidence)
+        present = existence is None or existence >= self.existence_threshold
+        mask_threshold = self.threshold
+        if (self.empty_fallback and existence is not None and present and not ruled_out and not binary.any()
+                and inside.size and float(inside.max()) > 0.0):
+            # the head is sure it is there and the decoder's map has a peak, only a faint one: keep its top
+            mask_threshold = 0.5 * float(inside.max())
+            binary = resize_bilinear(inside, binary.shape) > mask_threshold
+        # "not in this image": the existence head (or the kind of image) overrules a mask the decoder would draw
+        found = bool(binary.any()) and present and not ruled_out
         if not found:
             binary = np.zeros_like(binary)
-        sel = (inside > self.threshold) if found else np.zeros(inside.shape, dtype=bool)
+        sel = (inside > mask_threshold) if found else np.zeros(inside.shape, dtype=bool)
         # mean foreground probability of the predicted mask: a confidence in [0, 1], 0 when empty
         score = float(inside[sel].mean()) if bool(sel.any()) else 0.0
-        return SegmentationResult(
-            mask=Mask(np.asarray(binary, dtype=bool)), score=score, logits=logits, prompt=prompt,
-            meta={"backend": self.name, "text_read": text[0], "structure": text[1], "text_level": self.text_level,
-                  "logits_frame": frame, "found": found, "existence": existence})
+        meta: dict[str, Any] = {
+            "backend": self.name, "text_read": text[0], "structure": text[1], "text_level": self.text_level,
+            "logits_frame": frame, "found": found, "existence": existence, "mask_threshold": mask_threshold}
+        if verdict is not None:
+            meta["image_kind"] = verdict.to_json()
+            meta["ruled_out_by_kind"] = ruled_out
+        return SegmentationResult(mask=Mask(np.asarray(binary, dtype=bool)), score=score, logits=logits,
+                                  prompt=prompt, meta=meta)
 
     def _decode_light(self, embedding: ImageEmbedding, prompts: Sequence[Prompt],
                       expanded: list[tuple[str, str | None]]) -> list[SegmentationResult]:
@@ -406,16 +589,71 @@ class MedVLMSegmenter(SegmenterBase):
         exist = None if exist_logits is None else _sigmoid(exist_logits)
         ch, cw = embedding.extra["content_shape"]
         height, width = embedding.original_size
+        verdict = self._image_kind(embedding)
         results = []
         for i, prompt in enumerate(prompts):
             up = resize_bilinear(logits[i, :ch, :cw], (height, width))
             results.append(self._result(prompt, _sigmoid(up) > self.threshold,
                                         None if exist is None else float(exist[i]), probs[i, :ch, :cw],
-                                        logits[i].astype(np.float32), expanded[i], embedding.frame.name))
+                                        logits[i].astype(np.float32), expanded[i], embedding.frame.name, verdict))
         return results
+
+    def _decode_wholes(self, embedding: ImageEmbedding, prompts: Sequence[Prompt], parts: Sequence[tuple[str, ...]],
+                       multimask: bool) -> list[SegmentationResult]:
+        """Each prompt with parts becomes one prompt per part; their results merge into one per prompt: the
+        union of the masks, the max of the logits and of the existences, the mean score of the found parts."""
+        flat: list[Prompt] = []
+        owners: list[int] = []
+        for i, (prompt, names) in enumerate(zip(prompts, parts)):
+            for sub in ([Prompt(text=n) for n in names] if names else [prompt]):
+                flat.append(sub)
+                owners.append(i)
+        decoded = self._decode(embedding, flat, multimask)  # parts have no parts: no recursion beyond one level
+        results: list[SegmentationResult] = []
+        for i, (prompt, names) in enumerate(zip(prompts, parts)):
+            mine = [r for r, o in zip(decoded, owners) if o == i]
+            if not names:
+                results.append(mine[0])
+                continue
+            found = [r for r in mine if r.meta.get("found", bool(r.mask.data.any()))]
+            mask = np.logical_or.reduce([r.mask.data for r in found]) if found else np.zeros_like(mine[0].mask.data)
+            exist = [r.meta["existence"] for r in mine if r.meta.get("existence") is not None]
+            logits = [r.logits for r in mine if r.logits is not None]
+            meta = {**mine[0].meta, "structure": expand_text(str(prompt.text), self.text_level,
+                                                             embedding.extra.get("modality"))[1],
+                    "text_read": "; ".join(str(r.meta.get("text_read")) for r in mine), "parts": list(names),
+                    "found": bool(found), "existence": max(exist) if exist else None}
+            results.append(SegmentationResult(
+                mask=Mask(mask), score=float(np.mean([r.score for r in found])) if found else 0.0,
+                logits=np.maximum.reduce(logits) if logits else None, prompt=prompt, meta=meta))
+        return results
+
+    def _parts(self, prompt: Prompt, modality: str | None) -> tuple[str, ...]:
+        """The parts whose union answers ``prompt`` when this checkpoint composes wholes, else ``()``."""
+        if not self.compose_wholes or prompt.text is None:
+            return ()
+        from prompts.anatomy import parts_of
+
+        structure = expand_text(str(prompt.text), self.text_level, modality)[1]
+        return parts_of(structure) if structure is not None else ()
 
     def _decode(self, embedding: ImageEmbedding, prompts: Sequence[Prompt],
                 multimask: bool) -> list[SegmentationResult]:
+        routed_to = embedding.extra.get("routed_to")
+        if routed_to is None or routed_to == self.checkpoint:
+            modality = embedding.extra.get("modality")
+            parts = [self._parts(p, modality) for p in prompts]
+            if any(parts):
+                return self._decode_wholes(embedding, prompts, parts, multimask)
+        if routed_to is not None and routed_to != self.checkpoint:
+            other = self.routed_segmenter()
+            if other is None or other.checkpoint != routed_to:
+                raise input_error("Med-VLM embedding", expected=f"an embedding of {self.checkpoint}",
+                                  received=f"one routed to {routed_to}", fix="encode with this segmenter")
+            results = other._decode(embedding, prompts, multimask)
+            for r in results:
+                r.meta["routed_to"] = routed_to
+            return results
         modality = embedding.extra.get("modality")
         expanded = [expand_text(str(p.text), self.text_level, modality) for p in prompts]
         if self.light:
@@ -433,6 +671,7 @@ class MedVLMSegmenter(SegmenterBase):
             exist = None if exist_logits is None else torch.sigmoid(exist_logits.float()).cpu().numpy()
             ch, cw = embedding.extra["content_shape"]
             height, width = embedding.original_size
+            verdict = self._image_kind(embedding)
             results = []
             for i, prompt in enumerate(prompts):
                 up = F.interpolate(logits[i, :ch, :cw][None, None], size=(height, width), mode="bilinear",
@@ -440,5 +679,6 @@ class MedVLMSegmenter(SegmenterBase):
                 binary = (torch.sigmoid(up) > self.threshold).cpu().numpy()
                 results.append(self._result(prompt, binary, None if exist is None else float(exist[i]),
                                             probs[i, :ch, :cw].float().cpu().numpy(),
-                                            logits[i].float().cpu().numpy(), expanded[i], embedding.frame.name))
+                                            logits[i].float().cpu().numpy(), expanded[i], embedding.frame.name,
+                                            verdict))
         return results
