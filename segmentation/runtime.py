@@ -220,7 +220,11 @@ def encoder_plan(requested: str | None = None, device: str = "cpu") -> EncoderPl
 
 
 def openvino_cache_dir() -> Path:
-    """``$MEDVLM_HOME/openvino`` when MEDVLM_HOME is set, else ``~/.cache/medvlm/openvino``."""
+    """``$MEDVLM_OPENVINO_CACHE`` when set (one IR cache shared by several homes), else ``$MEDVLM_HOME/openvino``
+    when MEDVLM_HOME is set, else ``~/.cache/medvlm/openvino``."""
+    shared = os.environ.get("MEDVLM_OPENVINO_CACHE")
+    if shared:
+        return Path(shared).expanduser()
     home = os.environ.get("MEDVLM_HOME")
     base = Path(home) if home else Path.home() / ".cache" / "medvlm"
     return base / "openvino"

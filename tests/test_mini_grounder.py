@@ -242,6 +242,9 @@ def test_cli_ask_and_refseg_with_grounder_mini(mini_base: Path, heldout: list[An
 
     sample = heldout[1]
     image = Path(sample.source).resolve()
+    from segmentation.runtime import openvino_cache_dir
+
+    monkeypatch.setenv("MEDVLM_OPENVINO_CACHE", str(openvino_cache_dir()))  # LiteMedSAM's IR: the suite's cache
     monkeypatch.setenv("MEDVLM_HOME", str(mini_base.parent.parent))
     assert main(["ask", str(image), "where is the heart?", "--grounder", "mini", "--out", str(tmp_path / "ask")]) == 0
     written = json.loads(next((tmp_path / "ask").glob("*.json")).read_text())

@@ -164,7 +164,11 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
 
 @pytest.fixture
 def pacs_env(orthanc: Orthanc, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Orthanc:
-    """The credentials in the environment (as a user would keep them) and a private instance cache."""
+    """The credentials in the environment (as a user would keep them) and a private instance cache; the OpenVINO
+    IRs stay in the suite's shared cache (converting the encoders again in every test costs ~30 s each)."""
+    from segmentation.runtime import openvino_cache_dir
+
+    monkeypatch.setenv("MEDVLM_OPENVINO_CACHE", str(openvino_cache_dir()))
     monkeypatch.setenv("MEDVLM_PACS_USER", orthanc.user)
     monkeypatch.setenv("MEDVLM_PACS_PASSWORD", orthanc.password)
     monkeypatch.delenv("MEDVLM_PACS_TOKEN", raising=False)

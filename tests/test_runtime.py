@@ -26,6 +26,7 @@ from segmentation.runtime import (
     compile_encoder,
     cpu_has_bf16,
     encoder_plan,
+    openvino_cache_dir,
     requested_precision,
     resolve_precision,
     runtime_stats,
@@ -560,3 +561,14 @@ def test_bundle_starts_without_torch_encoders_and_answers_the_same(ov_home: Path
     clear_compiled_cache()
     assert not MedVLMSegmenter(tmp_path / "other", precision="auto").light
     assert not MedVLMSegmenter(folder, precision="fp32").light  # the torch reference never starts light
+
+
+def test_openvino_cache_dir_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """$MEDVLM_OPENVINO_CACHE, then $MEDVLM_HOME/openvino, then ~/.cache/medvlm/openvino."""
+    monkeypatch.delenv("MEDVLM_OPENVINO_CACHE", raising=False)
+    monkeypatch.delenv("MEDVLM_HOME", raising=False)
+    assert openvino_cache_dir() == Path.home() / ".cache" / "medvlm" / "openvino"
+    monkeypatch.setenv("MEDVLM_HOME", str(tmp_path / "home"))
+    assert openvino_cache_dir() == tmp_path / "home" / "openvino"
+    monkeypatch.setenv("MEDVLM_OPENVINO_CACHE", str(tmp_path / "shared"))
+    assert openvino_cache_dir() == tmp_path / "shared"
