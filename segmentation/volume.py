@@ -155,6 +155,9 @@ def segment_volume(segmenter: Any, volume: Volume, texts: Sequence[str], labels:
     prompts = [Prompt(text=t) for t in texts]  # built once for the whole volume
     win = window if window is not None else volume.window
     z, h, w = volume.shape
+    pick = getattr(segmenter, "for_image", None)
+    if callable(pick):  # a routed checkpoint chooses its model once per volume, from the middle slice
+        segmenter = pick(volume.slice_image(z // 2, win))
     stacks = [np.zeros((z, h, w), dtype=bool) for _ in texts]
     found = [[False] * z for _ in texts]
     existence: list[list[float | None]] = [[None] * z for _ in texts]

@@ -210,6 +210,10 @@ def test_a_known_modality_routes_without_the_classifier(tmp_path: Path, tiny_fol
     assert routed.extra["routed_to"] and routed.extra["routed_from"]["image_kind"] is None  # never classified
     batch = seg.encode_batch([ct, radiograph, _image()])
     assert [("routed_to" in e.extra) for e in batch] == [True, False, True]
+    # a volume picks its model once: by modality, else by the classifier on one slice
+    assert seg.for_image(radiograph) is seg
+    assert seg.for_image(ct) is seg.routed_segmenter() and seg.for_image(_image()) is seg.routed_segmenter()
+    assert seg.routed_segmenter().for_image(ct) is seg.routed_segmenter()  # type: ignore[union-attr]  # no routes
 
 
 @pytest.mark.slow

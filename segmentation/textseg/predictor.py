@@ -472,6 +472,17 @@ class MedVLMSegmenter(SegmenterBase):
                 out[i] = self._mark_routed(e, None if before is None else self._image_kind(before))
         return [e for e in out if e is not None]
 
+    def for_image(self, image: ImageInput) -> MedVLMSegmenter:
+        """The segmenter that answers images like ``image``: this one, or with routes the ``otherwise`` one when the
+        modality says so or (unknown modality) this checkpoint's classifier does after one encoder pass. A volume
+        asks once for its middle slice, so its slices are neither encoded twice nor split between two models."""
+        by_modality = self._modality_keeps(image)
+        if self.routes is None or by_modality:
+            return self
+        if by_modality is False or not self._keeps(self._encode_own(image)):
+            return self._other()
+        return self
+
     def meta_for(self, dataset: str) -> dict[str, Any]:
         """The training meta (val ids, sources) of the model that answers images of ``dataset`` (a folder name or
         path): this checkpoint's, or with routes the ``otherwise`` one's for a kind it hands over."""
@@ -479,7 +490,11 @@ class MedVLMSegmenter(SegmenterBase):
 
         if self.routes is None or kind_of(str(dataset)) in self.routes["kinds"]:
             return self.meta
-        return self._other().meta
+        if self._routed is not None:
+            return self._routed.meta
+        from segmentation.textseg.checkpoint import read_checkpoint_config
+
+        return read_checkpoint_config(self.routes["otherwise"])[1]  # the config alone: no weights loaded
 
     def clear_text_cache(self) -> None:
         """Forget the cached text features (the next prompt of each text runs the text encoder again)."""
