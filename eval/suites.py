@@ -106,22 +106,24 @@ def oracle_box(data: str | Path, *, segmenter_name: str = "litemedsam", checkpoi
 
 def text_seg(data: str | Path, *, checkpoint: str | None = None, split: str = "auto", level: str = "complex",
              limit: int | None = None, ids_file: str | None = None, keep_worst: int = 3,
-             structures: Sequence[str] | None = None, segmenter: Any = None,
+             structures: Sequence[str] | None = None, segmenter: Any = None, postprocess: str = "full",
              ) -> tuple[dict[str, Any], list[WorstCase]]:
     """Prompt Med-VLM with the text of every ground-truth structure; same JSON as :func:`oracle_box` plus
     ``split``, ``n_trained_on`` (evaluated images the checkpoint was trained on) and ``checkpoint``.
 
     ``split``: ``val`` = the checkpoint's recorded val ids (error if none is in this folder), ``all`` = every
     image, ``auto`` = ``val`` when possible, else ``all``. ``segmenter``: an already loaded MedVLMSegmenter
-    (then ``checkpoint`` and ``level`` are its own). The wholes of labelled parts ("lung" = both lungs,
-    "hippocampus") are asked and scored too.
+    (then ``checkpoint``, ``level`` and ``postprocess`` are its own). ``postprocess``: the segmenter's per-structure
+    postprocessing (``full``, ``masks``, ``off``: :class:`~segmentation.textseg.predictor.MedVLMSegmenter`). The
+    wholes of labelled parts ("lung" = both lungs, "hippocampus") are asked and scored too.
     """
     from medvlm.datasets import open_dataset
     from segmentation.base import Prompt
     from segmentation.textseg.predictor import MedVLMSegmenter
 
     dataset = open_dataset(data)
-    segmenter = segmenter if segmenter is not None else MedVLMSegmenter(checkpoint, text_level=level)
+    segmenter = (segmenter if segmenter is not None
+                 else MedVLMSegmenter(checkpoint, text_level=level, postprocess=postprocess))
     level = segmenter.text_level
     meta = segmenter_meta(segmenter, dataset.name)
     all_ids = dataset.ids()
@@ -136,6 +138,7 @@ def text_seg(data: str | Path, *, checkpoint: str | None = None, split: str = "a
     scores, worst, seconds = _score(dataset, ids, segmenter, make_prompts, keep_worst=keep_worst,
                                     structures=structures, label="text-seg", wholes=True)
     payload: dict[str, Any] = {"suite": "text-seg", "method": f"medvlm ({level} text)", "data": str(data),
+                               "postprocess": segmenter.postprocess,
                                "n_images": len(ids), "split": used, "n_trained_on": trained_on,
                                "checkpoint": segmenter.checkpoint, "seconds": round(seconds, 1), **scores}
     return payload, worst

@@ -166,8 +166,9 @@ def volume_suite(data: str | Path, segmenter: Any, *, split: str = "auto", limit
         pred = {n: np.zeros_like(labels[n]) for n in names}
         for k in range(vol.image.shape[0]):
             # every slice, labelled or not, exactly as the reader shows it (window, orientation)
-            image = every_slice.load(f"{vid}_z{k:03d}").image
-            for name, result in zip(names, segmenter.segment(image, [Prompt(text=n) for n in names])):
+            embedding = segmenter.encode(every_slice.load(f"{vid}_z{k:03d}").image)
+            embedding.extra["postprocess"] = "off"  # as segment_volume: a volume is postprocessed in 3D
+            for name, result in zip(names, segmenter.predict_many(embedding, [Prompt(text=n) for n in names])):
                 pred[name][k] = result.mask.data
             n_slices += 1
         for name in names:
@@ -206,10 +207,11 @@ def format_existence_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def text_seg_all(folders: Sequence[str] = DEFAULT_FOLDERS, *, checkpoint: str | None = None, split: str = "auto",
-                 limit: int | None = None, kind_gate: bool = True) -> dict[str, Any]:
+                 limit: int | None = None, kind_gate: bool = True, postprocess: str = "full") -> dict[str, Any]:
     """Every folder of ``folders`` present on disk: the 2D text-seg suite (3D for volume folders) and the
     existence suite, with one segmenter (``kind_gate=False``: without its kind-of-image gate, to see what the
-    existence head does alone). Returns ``{"suite": "text-seg-all", "checkpoint", "kind_gate", "folders":
+    existence head does alone; ``postprocess``: the segmenter's option, ``off`` to score the decoder's masks as
+    drawn). Returns ``{"suite": "text-seg-all", "checkpoint", "kind_gate", "postprocess", "folders":
     {name: {"kind", "segmentation": <suite JSON>, "existence": <existence JSON>}}, "skipped": {name: reason}}``."""
     from eval.suites import text_seg
     from medvlm.datasets import default_data_root
@@ -217,9 +219,9 @@ def text_seg_all(folders: Sequence[str] = DEFAULT_FOLDERS, *, checkpoint: str | 
     from medvlm.errors import InputError
     from segmentation.textseg.predictor import MedVLMSegmenter
 
-    segmenter = MedVLMSegmenter(checkpoint, kind_gate=kind_gate)
+    segmenter = MedVLMSegmenter(checkpoint, kind_gate=kind_gate, postprocess=postprocess)
     out: dict[str, Any] = {"suite": "text-seg-all", "checkpoint": segmenter.checkpoint, "kind_gate": kind_gate,
-                           "folders": {},
+                           "postprocess": postprocess, "folders": {},
                            "skipped": {}}
     for name in folders:
         path = Path(name) if Path(name).is_dir() else default_data_root() / name

@@ -31,7 +31,7 @@ from segmentation.textseg.kind_gate import KindClassifier, pool_features
 
 log = logging.getLogger(__name__)
 
-__all__ = ["fit_kind_classifier", "fit_linear_softmax", "main"]
+__all__ = ["fit_kind_classifier", "fit_linear_softmax", "main", "pick_ids"]
 
 
 def fit_linear_softmax(x: npt.NDArray[np.float32], y: npt.NDArray[np.int64], n_classes: int, *,
@@ -72,7 +72,8 @@ def fit_linear_softmax(x: npt.NDArray[np.float32], y: npt.NDArray[np.int64], n_c
             mean, std)
 
 
-def _pick(ids: Sequence[str], n: int, seed: int) -> list[str]:
+def pick_ids(ids: Sequence[str], n: int, seed: int) -> list[str]:
+    """Up to ``n`` of ``ids``: all of them when there are no more, else a seeded random sample."""
     ids = list(ids)
     return ids if len(ids) <= n else random.Random(seed).sample(ids, n)
 
@@ -115,8 +116,8 @@ def fit_kind_classifier(checkpoint: str, *, folders: Sequence[str] | None = None
             kinds.append(kind)
         dataset = open_dataset(path)
         ids = list(dataset.ids())
-        picks = {"train": _pick([i for i in ids if i not in val_ids], per_folder, seed),
-                 "val": _pick([i for i in ids if i in val_ids], val_per_folder, seed)}
+        picks = {"train": pick_ids([i for i in ids if i not in val_ids], per_folder, seed),
+                 "val": pick_ids([i for i in ids if i in val_ids], val_per_folder, seed)}
         counts[dataset.name] = {split: len(p) for split, p in picks.items()}
         for split, chosen in picks.items():
             for sample_id in chosen:

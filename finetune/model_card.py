@@ -1,6 +1,7 @@
 """Write the model card (README.md) of a Med-VLM checkpoint from what was measured.
 
     python -m finetune.model_card CHECKPOINT_DIR --kind-only     # only the kind-of-image section, from its files
+    python -m finetune.model_card CHECKPOINT_DIR --postprocess-only   # only the postprocessing section
     python -m finetune.model_card CHECKPOINT_DIR --text-seg out/textseg_val.json \
         [--oracle out/oracle_val.json] [--all out/textseg_all.json] [--command "medvlm train medvlm ..."] \
         [--train-seconds S] [--train-log RUN/log.jsonl] [--config finetune/configs/medvlm_v2.yaml]
@@ -112,6 +113,7 @@ def write_card(checkpoint: Path, text_seg: dict[str, Any], oracle: dict[str, Any
             lines += ["", f"Another hospital ({Path(r['data']).name}): box of the '{r['structure']}' mask against "
                       f"the {r['n']} '{r['label']}' boxes, mIoU {miou}."]
     lines += kind_section(checkpoint)
+    lines += postprocess_section(checkpoint)
     lines += ["", "Licences: the training images' terms are in ../shared/data (JSRT/SCR research use; V7 masks "
               "CC BY 4.0; ...); the weights here are derived from them and meant for research use.", ""]
     path = checkpoint / "README.md"
@@ -151,33 +153,70 @@ def kind_section(checkpoint: Path) -> list[str]:
     return lines
 
 
+def replace_section(checkpoint: Path, heading: str, lines: Sequence[str]) -> Path:
+    """Replace (or append, before the licence line) the section ``heading`` of ``checkpoint/README.md`` with
+    ``lines`` (which start with the heading), keeping the rest; ``lines`` empty removes the section."""
+    path = checkpoint / "README.md"
+    text = path.read_text() if path.is_file() else ""
+    marker = "\nLicences:"
+    if heading in text:  # cut the old section: up to the next heading or the licence line
+        start = text.index(heading)
+        ends = [i for i in (text.find("\n## ", start + 1), text.find(marker, start)) if i >= 0]
+        end = min(ends) if ends else len(text)
+        text = text[:start].rstrip("\n") + "\n" + text[end:]
+    section = "\n".join(lines).strip("\n")
+    if section and marker in text:
+        head, _, rest = text.partition(marker)
+        text = head.rstrip("\n") + "\n\n" + section + "\n" + marker + rest
+    elif section:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+    return path
+
+
 def update_kind_section(checkpoint: Path) -> Path:
     """Replace (or append) the kind section of ``checkpoint/README.md`` from its files, keeping the rest.
 
     python -m finetune.model_card CHECKPOINT --kind-only
     """
-    path = checkpoint / "README.md"
-    text = path.read_text() if path.is_file() else ""
-    marker = "\nLicences:"
-    if KIND_HEADING in text:  # cut the old section: up to the next heading or the licence line
-        start = text.index(KIND_HEADING)
-        ends = [i for i in (text.find("\n## ", start + 1), text.find(marker, start)) if i >= 0]
-        end = min(ends) if ends else len(text)
-        text = text[:start].rstrip("\n") + "\n" + text[end:]
-    section = "\n".join(kind_section(checkpoint)).strip("\n")
-    if marker in text:
-        head, _, rest = text.partition(marker)
-        text = head.rstrip("\n") + "\n\n" + section + "\n" + marker + rest
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
-    return path
+    return replace_section(checkpoint, KIND_HEADING, kind_section(checkpoint))
+
+
+POSTPROCESS_HEADING = "## Postprocessing per structure (chosen on training images)"
+
+
+def postprocess_section(checkpoint: Path) -> list[str]:
+    """The card's section on ``postprocess.json`` (`segmentation/textseg/postprocess.py`): the command, then per
+    structure the mean Dice of every candidate on the training images and the one chosen; empty without it."""
+    from segmentation.textseg.postprocess import CANDIDATES, PostprocessPolicy
+
+    policy = PostprocessPolicy.load(checkpoint)
+    if policy is None:
+        return []
+    names = list(CANDIDATES)
+    lines = ["", POSTPROCESS_HEADING, "",
+             "Mean Dice of the checkpoint's own found masks on images it was trained on (never its val split), "
+             "per candidate; a candidate is kept when it beats `none` by more than "
+             f"{policy.evidence.get('min_gain', 0.005)} over at least {policy.evidence.get('min_cases', 1)} masks. "
+             f"Measured by `{policy.evidence.get('measured_by', policy.source)}`; chosen by `{policy.source}`.", "",
+             "| structure | n | " + " | ".join(names) + " | chosen |", "|---|---|" + "---|" * (len(names) + 1)]
+    for structure, info in sorted(policy.evidence.get("structures", {}).items()):
+        means = info.get("mean_dice", {})
+        cells = [f"{means[n]:.3f}" if n in means else "-" for n in names]
+        lines.append(f"| {structure} | {info.get('n', 0)} | " + " | ".join(cells) + f" | {info.get('chosen')} |")
+    return lines
+
+
+def update_postprocess_section(checkpoint: Path) -> Path:
+    """python -m finetune.model_card CHECKPOINT --postprocess-only"""
+    return replace_section(checkpoint, POSTPROCESS_HEADING, postprocess_section(checkpoint))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint")
     ap.add_argument("--kind-only", action="store_true", help="only rewrite the kind-of-image section")
+    ap.add_argument("--postprocess-only", action="store_true", help="only rewrite the postprocessing section")
     ap.add_argument("--text-seg", default=None)
     ap.add_argument("--oracle", default=None)
     ap.add_argument("--command", default="medvlm train medvlm finetune/configs/medvlm_default.yaml")
@@ -191,6 +230,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.kind_only:
         print(f"wrote {update_kind_section(Path(args.checkpoint))}")
+        return
+    if args.postprocess_only:
+        print(f"wrote {update_postprocess_section(Path(args.checkpoint))}")
         return
     if not args.text_seg:
         ap.error("--text-seg is required (or --kind-only)")

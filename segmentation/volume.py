@@ -129,7 +129,7 @@ def _progress_bar(total: int, desc: str, enabled: bool) -> Any:
 def segment_volume(segmenter: Any, volume: Volume, texts: Sequence[str], labels: Sequence[str] | None = None, *,
                    window: tuple[float, float] | None = None, min_component_ml: float = DEFAULT_MIN_COMPONENT_ML,
                    largest_only: bool = True, progress: bool = False,
-                   encode_batch: int | None = None,
+                   encode_batch: int | None = None, slice_postprocess: str = "off",
                    on_slice: Callable[[int, int], None] | None = None) -> VolumeSegmentation:
     """Segment every text in every axial slice of ``volume`` and post-process each text's stack in 3D.
 
@@ -138,7 +138,10 @@ def segment_volume(segmenter: Any, volume: Volume, texts: Sequence[str], labels:
     (default: the texts). ``min_component_ml`` / ``largest_only``: see :func:`keep_largest_component`.
     ``progress``: show a per-volume progress bar on stderr. ``encode_batch``: slices per ``encode_batch`` call
     (default: the segmenter's ``encode_batch_size``, else :data:`ENCODE_BATCH`); ignored without batched encoding.
-    ``on_slice(done, total)``: called after each slice (a server job's progress).
+    ``on_slice(done, total)``: called after each slice (a server job's progress). ``slice_postprocess``: the 2D
+    per-structure postprocessing a Med-VLM checkpoint would apply to each slice (``off``, ``masks`` or ``full``:
+    :class:`~segmentation.textseg.predictor.MedVLMSegmenter`); ``off`` by default because a volume has its own,
+    in 3D (a liver seen as two pieces on one slice is one 3D component), and ``full`` encodes every slice twice.
     """
     texts = [str(t) for t in texts]
     if not texts:
@@ -181,6 +184,9 @@ def segment_volume(segmenter: Any, volume: Volume, texts: Sequence[str], labels:
             embeddings = list(encode_fn(images)) if encode_fn is not None else [segmenter.encode(images[0])]
             encode_s += time.perf_counter() - t0
             for k, embedding in zip(ks, embeddings):
+                extra = getattr(embedding, "extra", None)
+                if isinstance(extra, dict):  # a backend's embedding (a plain test double may have none)
+                    extra["postprocess"] = slice_postprocess
                 t1 = time.perf_counter()
                 results = segmenter.predict_many(embedding, prompts)
                 decode_s += time.perf_counter() - t1

@@ -54,3 +54,19 @@ def mini_base(mini_parts: dict[str, Path], tmp_path_factory: pytest.TempPathFact
 
     # laid out as $MEDVLM_HOME/mini/model, so a CLI run with MEDVLM_HOME=<its home> finds it as the default
     return assemble_mini(tmp_path_factory.mktemp("home") / "mini" / "model", parts_dir=mini_parts["llm"].parent)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    """One tiny random Med-VLM checkpoint with an existence head, built once per run; tests copy it. Returns
+    (folder, image-encoder channels)."""
+    import torch
+
+    from segmentation.textseg.checkpoint import save_medvlm
+    from segmentation.textseg.config import MedVLMConfig, tiny_test_config
+    from segmentation.textseg.model import build_medvlm
+
+    torch.manual_seed(0)
+    cfg = MedVLMConfig.from_json({**tiny_test_config().to_json(), "existence_head": True})
+    model = build_medvlm(cfg).eval()
+    return save_medvlm(model, tmp_path_factory.mktemp("tiny") / "ckpt"), int(model.image_encoder.out_channels)

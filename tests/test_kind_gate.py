@@ -13,7 +13,6 @@ import torch
 
 from medvlm.errors import InputError
 from segmentation.base import Prompt
-from segmentation.textseg.config import MedVLMConfig, tiny_test_config
 from segmentation.textseg.kind_gate import KIND_CLASSIFIER_JSON, KindClassifier, KindVerdict, pool_features
 
 
@@ -69,19 +68,6 @@ def test_a_confident_kind_rules_out_what_it_cannot_show() -> None:
     # kinds that image the same body parts never rule each other's structures out
     assert not verdict("chest_xray", 0.99).rules_out("liver", 0.9)
     assert not verdict("body_ct", 0.99).rules_out("heart", 0.9)
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
-    """One tiny random checkpoint with an existence head, built once; each test copies it. Returns (folder,
-    image-encoder channels)."""
-    from segmentation.textseg.checkpoint import save_medvlm
-    from segmentation.textseg.model import build_medvlm
-
-    torch.manual_seed(0)
-    cfg = MedVLMConfig.from_json({**tiny_test_config().to_json(), "existence_head": True})
-    model = build_medvlm(cfg).eval()
-    return save_medvlm(model, tmp_path_factory.mktemp("tiny") / "ckpt"), int(model.image_encoder.out_channels)
 
 
 def _tiny_checkpoint(tmp_path: Path, tiny: tuple[Path, int], kind_bias: dict[str, float] | None) -> Path:

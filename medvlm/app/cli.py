@@ -53,6 +53,12 @@ CHECKPOINT_HELP = ("Med-VLM checkpoint folder, or a packaged name: default (the 
                    "radiographs, multi for every other kind of image) or multi (every modality, with 'not found')")
 
 
+POSTPROCESS_CHOICES = ("full", "masks", "off")
+POSTPROCESS_HELP = ("Med-VLM's per-structure postprocessing, chosen on its training images (postprocess.json): "
+                    "full = all of it (LiteMedSAM on the mask's boxes where that helped, largest component, hole "
+                    "filling), masks = no second encoder, off = the decoder's masks")
+
+
 def _add_segment(p: argparse.ArgumentParser) -> None:
     p.add_argument("image", help="image file: PNG/JPEG (8/16 bit), DICOM, or NIfTI (with --slice); with --text and "
                    "no --slice also a 3D NIfTI or a folder holding one DICOM series: every axial slice is segmented "
@@ -70,6 +76,9 @@ def _add_segment(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine", default=None, metavar="SEGMENTER",
                    help="with --text: pass each predicted mask's box to this promptable segmenter (e.g. "
                    "litemedsam) and keep its mask")
+    p.add_argument("--postprocess", choices=POSTPROCESS_CHOICES, default=None,
+                   help=POSTPROCESS_HELP + " (default: full for an image, off for a volume, which keeps its "
+                   "largest 3D component instead)")
     p.add_argument("--label", action="append", default=[],
                    help="name of each --box's structure, in order (used in the JSON and the overlay)")
     p.add_argument("--segmenter", default=None, help="segmenter preset: litemedsam (default for boxes/points, "
@@ -132,6 +141,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     t.add_argument("--all", action="store_true", dest="all_folders",
                    help="every folder of ../shared/data with masks: one table per kind of image (3D Dice for volume "
                    "folders) and the 'not in this image' table (matched phrases found vs mismatched ones masked)")
+    t.add_argument("--postprocess", choices=POSTPROCESS_CHOICES, default="full", help=POSTPROCESS_HELP)
     t.add_argument("--no-kind-gate", action="store_true",
                    help="with --all: leave out the checkpoint's kind-of-image gate (the existence head alone)")
     _add_eval_grounding(sub)

@@ -68,7 +68,9 @@ def run_segment(args: argparse.Namespace) -> int:
     else:
         prompts, labels = build_prompts(args.box, args.point, args.negative_point, args.label)
         name = args.segmenter or "litemedsam"
-    kwargs = {"checkpoint": args.checkpoint} if args.checkpoint else {}
+    kwargs: dict[str, Any] = {"checkpoint": args.checkpoint} if args.checkpoint else {}
+    if name == "medvlm" and getattr(args, "postprocess", None):
+        kwargs["postprocess"] = args.postprocess
     segmenter = build_segmenter(name, **kwargs)
     regions = segment_to_regions(segmenter, image, prompts, labels)
     model = segmenter.name

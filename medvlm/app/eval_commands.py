@@ -41,7 +41,7 @@ def run_eval(args: argparse.Namespace) -> int:
         from eval.textseg_all import format_all_tables, text_seg_all
 
         result = text_seg_all(checkpoint=args.checkpoint, split=args.split, limit=args.limit,
-                              kind_gate=not args.no_kind_gate)
+                              kind_gate=not args.no_kind_gate, postprocess=args.postprocess)
         return _emit(result, format_all_tables(result), args.json_out)
     elif args.suite == "text-seg" and _is_volume_folder(args.data):
         from eval.textseg_all import volume_suite
@@ -123,7 +123,7 @@ def run_eval(args: argparse.Namespace) -> int:
         return _emit(result, format_weakloc_table(result), args.json_out)
     elif args.suite == "text-seg":
         payload, worst = text_seg(args.data, checkpoint=args.checkpoint, split=args.split, level=args.level,
-                                  limit=args.limit, ids_file=args.ids)
+                                  limit=args.limit, ids_file=args.ids, postprocess=args.postprocess)
     else:
         raise input_error("medvlm eval",
                           expected="a known suite (oracle-box, text-seg, grounding, link-report, negation)",

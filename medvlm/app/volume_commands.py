@@ -38,8 +38,9 @@ def run_segment_volume(args: argparse.Namespace) -> int:
     window = (float(args.window[0]), float(args.window[1])) if args.window else None
     kwargs = {"checkpoint": args.checkpoint} if args.checkpoint else {}
     segmenter = build_segmenter(args.segmenter or "medvlm", **kwargs)
-    result = segment_volume(segmenter, volume, args.text, args.label or None,
-                            window=window, progress=sys.stderr.isatty())
+    result = segment_volume(segmenter, volume, args.text, args.label or None, window=window,
+                            slice_postprocess=getattr(args, "postprocess", None) or "off",
+                            progress=sys.stderr.isatty())
     stem = volume_stem(args.image)
     per_text = [{"text": r.text, "structure": r.structure, "text_read": r.text_read,
                  "existence_source": r.existence_source, "slices_found_before_3d": int(sum(r.slice_found)),

@@ -41,6 +41,7 @@ from segmentation.runtime import (
     encoder_plan,
 )
 from segmentation.textseg.kind_gate import KindClassifier, KindVerdict
+from segmentation.textseg.postprocess import PostprocessPolicy, apply_mask_ops, refine_by_boxes
 
 __all__ = ["DEFAULT_CHECKPOINT_ENV", "MedVLMSegmenter", "default_checkpoint_dir", "expand_text", "packaged_checkpoints",
            "resolve_checkpoint"]
@@ -49,6 +50,7 @@ DEFAULT_CHECKPOINT_ENV = "MEDVLM_TEXTSEG_CHECKPOINT"
 #: names the forward code of the exported Med-VLM image encoder in the OpenVINO IR cache key
 IMAGE_EXPORT_KEY = "medvlm-image-encoder/1"
 TEXT_EXPORT_KEY = "medvlm-text-encoder+proj/1"
+POSTPROCESS_MODES = ("full", "masks", "off")
 
 
 def _weights_root() -> Path:
@@ -183,6 +185,13 @@ class MedVLMSegmenter(SegmenterBase):
     ``compose_wholes``: a checkpoint trained without wholes (``train_config.wholes`` false, e.g. the chest X-ray
     default) answers a phrase naming a whole of parts ("lung", "clavicles", "kidneys") with the union of its
     parts' masks (``meta["parts"]``), found when any part is; ``None`` (default) = when the checkpoint needs it.
+    ``postprocess``: the per-structure mask operations the checkpoint's ``postprocess.json`` chose on its training
+    images (:mod:`segmentation.textseg.postprocess`): ``full`` (default) runs them all, ``masks`` all but
+    ``refine_box`` (which encodes the image a second time, with LiteMedSAM), ``off`` none. A found mask that was
+    postprocessed says so in ``meta["postprocess"]`` (the operations applied) and
+    ``meta["pixels_before_postprocess"]``; ``logits`` stay the decoder's. An embedding whose ``extra`` carries
+    ``"postprocess"`` overrides the option for its image (a volume's slices: ``off``). ``refiner``: the promptable
+    segmenter of ``refine_box`` (default: LiteMedSAM with this precision, built on first need).
     """
 
     name = "medvlm"
@@ -194,13 +203,20 @@ class MedVLMSegmenter(SegmenterBase):
                  threshold: float = 0.5, existence_threshold: float = 0.5, precision: str | None = None,
                  text_cache_size: int = 256, encode_batch_size: int = 8, light: bool = True,
                  kind_gate: bool = True, kind_confidence: float = 0.9, empty_fallback: bool = True,
-                 route: bool = True, compose_wholes: bool | None = None) -> None:
+                 route: bool = True, compose_wholes: bool | None = None, postprocess: str = "full",
+                 refiner: Any = None) -> None:
         directory = resolve_checkpoint(checkpoint) if checkpoint is not None else default_checkpoint_dir()
         if text_level not in ("complex", "simple", "verbatim"):
             raise input_error("text_level", expected="'complex', 'simple' or 'verbatim'", received=repr(text_level),
                               fix="use 'complex' (default)")
+        if postprocess not in POSTPROCESS_MODES:
+            raise input_error("postprocess", expected=f"one of {POSTPROCESS_MODES}", received=repr(postprocess),
+                              fix="use 'full' (default), 'masks' (no second encoder) or 'off'")
         self.checkpoint = str(directory)
         self.device = device
+        self.postprocess = postprocess
+        self.postprocess_policy = PostprocessPolicy.load(directory) if postprocess != "off" else None
+        self._refiner: Any = refiner
         self.text_level = text_level
         self.threshold = threshold
         self.existence_threshold = existence_threshold
@@ -236,7 +252,8 @@ class MedVLMSegmenter(SegmenterBase):
                          "existence_threshold": existence_threshold, "precision": precision,
                          "text_cache_size": text_cache_size, "encode_batch_size": encode_batch_size, "light": light,
                          "kind_gate": kind_gate, "kind_confidence": kind_confidence,
-                         "empty_fallback": empty_fallback, "compose_wholes": compose_wholes}
+                         "empty_fallback": empty_fallback, "compose_wholes": compose_wholes,
+                         "postprocess": postprocess}
 
     def _start_from_bundle(self, directory: Path) -> None:
         from segmentation.runtime import load_ir_encoder, load_ir_text_encoder
@@ -350,11 +367,12 @@ class MedVLMSegmenter(SegmenterBase):
         height, width = rgb.shape[:2]
         size = self.model.image_encoder.config.image_size
         modality = getattr(image, "modality", None)
+        extra = {"input_size": size, "content_shape": content, "modality": modality, "encode_s": seconds,
+                 "precision": self.plan.precision, "engine": self.plan.engine}
+        if self._may_refine():
+            extra["rgb"] = rgb  # refine_box prompts the refiner on the same pixels
         return ImageEmbedding(backend=self.name, original_size=(height, width), features=features,
-                              frame=letterbox_frame(height, width, size),
-                              extra={"input_size": size, "content_shape": content, "modality": modality,
-                                     "encode_s": seconds, "precision": self.plan.precision,
-                                     "engine": self.plan.engine})
+                              frame=letterbox_frame(height, width, size), extra=extra)
 
     def _encode_own(self, image: ImageInput) -> ImageEmbedding:
         rgb = as_rgb_uint8(image)
@@ -672,7 +690,7 @@ class MedVLMSegmenter(SegmenterBase):
         modality = embedding.extra.get("modality")
         expanded = [expand_text(str(p.text), self.text_level, modality) for p in prompts]
         if self.light:
-            return self._decode_light(embedding, prompts, expanded)
+            return self._postprocessed(embedding, self._decode_light(embedding, prompts, expanded))
         import torch
         import torch.nn.functional as F
 
@@ -696,4 +714,60 @@ class MedVLMSegmenter(SegmenterBase):
                                             probs[i, :ch, :cw].float().cpu().numpy(),
                                             logits[i].float().cpu().numpy(), expanded[i], embedding.frame.name,
                                             verdict))
-        return results
+        return self._postprocessed(embedding, results)
+
+    def _may_refine(self) -> bool:
+        return self.postprocess == "full" and self.postprocess_policy is not None and self.postprocess_policy.refines
+
+    def refiner(self) -> Any:
+        """The promptable segmenter of ``refine_box``: the one given, else LiteMedSAM with this segmenter's
+        precision and device (built on first need, once)."""
+        with self._route_lock:
+            if self._refiner is None:
+                from segmentation.registry import build_segmenter
+
+                self._refiner = build_segmenter("litemedsam", precision=self._options["precision"],
+                                                device=self.device)
+        return self._refiner
+
+    def _refined(self, embedding: ImageEmbedding, mask: Any) -> Any:
+        """``refine_box`` of ``mask`` (bool ``(H, W)``, original grid), or None when the embedding has no pixels to
+        refine from (encoded with postprocessing off) or the mask no component."""
+        rgb = embedding.extra.get("rgb")
+        if rgb is None or not mask.any():
+            return None
+        refiner = self.refiner()
+        cached = embedding.extra.get("refiner_embedding")
+        if cached is None:  # one refiner encoding per image, whatever the number of structures refined
+            cached = embedding.extra["refiner_embedding"] = refiner.encode(rgb)
+        return refine_by_boxes(refiner, cached, mask)
+
+    def _postprocessed(self, embedding: ImageEmbedding,
+                       results: list[SegmentationResult]) -> list[SegmentationResult]:
+        """``results`` after the checkpoint's per-structure operations (class docstring, ``postprocess``)."""
+        policy = self.postprocess_policy
+        mode = str(embedding.extra.get("postprocess", self.postprocess))
+        if policy is None or mode == "off":
+            return results
+        out = []
+        for r in results:
+            ops = policy.ops_for(r.meta.get("structure"))
+            if mode != "full":
+                ops = tuple(op for op in ops if op != "refine_box")
+            if not ops or not r.meta.get("found"):
+                out.append(r)
+                continue
+            before = np.asarray(r.mask.data, dtype=bool)
+            mask, applied = before, []
+            if "refine_box" in ops:
+                refined = self._refined(embedding, before)
+                if refined is not None and refined.any():  # an empty refinement keeps the decoder's mask
+                    mask, applied = refined, ["refine_box"]
+            rest = [op for op in ops if op != "refine_box"]
+            mask = apply_mask_ops(mask, rest)
+            if not mask.any():
+                out.append(r)
+                continue
+            meta = {**r.meta, "postprocess": applied + rest, "pixels_before_postprocess": int(before.sum())}
+            out.append(SegmentationResult(mask=Mask(mask), score=r.score, logits=r.logits, prompt=r.prompt, meta=meta))
+        return out
