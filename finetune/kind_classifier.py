@@ -13,10 +13,8 @@ the summary JSON is written to stdout by ``main``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import random
 import sys
 import time
 from collections.abc import Sequence
@@ -26,12 +24,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from finetune.recipes import checkpoint_recipe_parser, pick_ids
 from medvlm.errors import input_error
 from segmentation.textseg.kind_gate import KindClassifier, pool_features
 
 log = logging.getLogger(__name__)
 
-__all__ = ["fit_kind_classifier", "fit_linear_softmax", "main", "pick_ids"]
+__all__ = ["fit_kind_classifier", "fit_linear_softmax", "main"]
 
 
 def fit_linear_softmax(x: npt.NDArray[np.float32], y: npt.NDArray[np.int64], n_classes: int, *,
@@ -70,12 +69,6 @@ def fit_linear_softmax(x: npt.NDArray[np.float32], y: npt.NDArray[np.int64], n_c
     opt.step(closure)
     return (linear.weight.detach().numpy().astype(np.float32), linear.bias.detach().numpy().astype(np.float32),
             mean, std)
-
-
-def pick_ids(ids: Sequence[str], n: int, seed: int) -> list[str]:
-    """Up to ``n`` of ``ids``: all of them when there are no more, else a seeded random sample."""
-    ids = list(ids)
-    return ids if len(ids) <= n else random.Random(seed).sample(ids, n)
 
 
 def fit_kind_classifier(checkpoint: str, *, folders: Sequence[str] | None = None, per_folder: int = 20,
@@ -152,13 +145,8 @@ def fit_kind_classifier(checkpoint: str, *, folders: Sequence[str] | None = None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="Med-VLM checkpoint folder or packaged name (multi)")
-    ap.add_argument("--folders", nargs="*", default=None, help="dataset names or paths (default: its sources)")
-    ap.add_argument("--per-folder", type=int, default=20, help="training images encoded per folder")
+    ap = checkpoint_recipe_parser(__doc__, per_folder=20, per_folder_help="training images encoded per folder")
     ap.add_argument("--val-per-folder", type=int, default=8, help="val images per folder for the accuracy")
-    ap.add_argument("--out", default=None, help="folder to write into (default: the checkpoint folder)")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--split-from", default=None, help="checkpoint whose val ids are held out (default: this one)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

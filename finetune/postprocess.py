@@ -18,7 +18,6 @@ stdout.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -29,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from finetune.kind_classifier import pick_ids
+from finetune.recipes import checkpoint_recipe_parser, pick_ids
 from medvlm.errors import input_error
 from segmentation.textseg.postprocess import (
     CANDIDATES,
@@ -150,16 +149,11 @@ def _choose_and_save(checkpoint: str, evidence: dict[str, Any], *, min_gain: flo
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="Med-VLM checkpoint folder or packaged name (multi)")
-    ap.add_argument("--folders", nargs="*", default=None, help="dataset names or paths (default: its sources)")
-    ap.add_argument("--per-folder", type=int, default=16, help="training images per folder")
+    ap = checkpoint_recipe_parser(__doc__, per_folder=16, per_folder_help="training images per folder")
     ap.add_argument("--min-gain", type=float, default=0.005, help="mean Dice a candidate must add over none")
     ap.add_argument("--min-cases", type=int, default=5, help="found masks a structure needs for any choice")
     ap.add_argument("--from-evidence", action="store_true",
                     help="choose again from the evidence already in the checkpoint's postprocess.json (no images)")
-    ap.add_argument("--out", default=None, help="folder to write into (default: the checkpoint folder)")
-    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     command = "python -m finetune.postprocess " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -724,10 +724,9 @@ class MedVLMSegmenter(SegmenterBase):
         precision and device (built on first need, once)."""
         with self._route_lock:
             if self._refiner is None:
-                from segmentation.registry import build_segmenter
+                from segmentation.litemedsam import LiteMedSAMSegmenter
 
-                self._refiner = build_segmenter("litemedsam", precision=self._options["precision"],
-                                                device=self.device)
+                self._refiner = LiteMedSAMSegmenter(precision=self._options["precision"], device=self.device)
         return self._refiner
 
     def _refined(self, embedding: ImageEmbedding, mask: Any) -> Any:
