@@ -71,6 +71,9 @@ def segment_to_regions(segmenter: Any, image: Any, prompts: Sequence[Any], label
             if result.meta.get("image_kind") is not None:  # a checkpoint with a kind classifier
                 provenance["image_kind"] = result.meta["image_kind"]
                 provenance["ruled_out_by_kind"] = bool(result.meta.get("ruled_out_by_kind"))
+        if result.meta.get("postprocess"):  # what the checkpoint's postprocess.json did to this mask
+            provenance["postprocess"] = list(result.meta["postprocess"])
+            provenance["pixels_before_postprocess"] = int(result.meta.get("pixels_before_postprocess", 0))
         regions.append(Region(
             box=box if box is not None else prompt.box or Box(0, 0, 0, 0),
             label=label, mask=result.mask, points=prompt.points, score=float(result.score),

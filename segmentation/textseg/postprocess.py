@@ -10,6 +10,9 @@ trained on (never on its val split), written by ``python -m finetune.postprocess
   whole-field structures lose (myocardium, brain), which is why it is chosen per structure.
 - ``largest_component``: keep the largest 8-connected component.
 - ``fill_holes``: fill holes enclosed by the mask.
+- ``fit_ellipse``: the filled ellipse with the centroid and second moments of the largest component (the shape of
+  a fetal head in its standard plane, of a short-axis ventricle cavity).
+- ``convex_hull``: the mask's convex hull (pixels whose centres lie in the hull of the mask's pixel squares).
 
 Operations run in the order listed for the structure. Masks are bool ``(H, W)`` on the original pixel grid.
 """
@@ -29,10 +32,10 @@ from medvlm.errors import input_error
 from medvlm.types import Box
 
 __all__ = ["CANDIDATES", "OPS", "POSTPROCESS_FILE", "PostprocessPolicy", "apply_mask_ops", "choose_candidate",
-           "component_boxes", "fill_holes", "largest_component", "refine_by_boxes"]
+           "component_boxes", "convex_hull", "fill_holes", "fit_ellipse", "largest_component", "refine_by_boxes"]
 
 POSTPROCESS_FILE = "postprocess.json"
-OPS: tuple[str, ...] = ("refine_box", "largest_component", "fill_holes")
+OPS: tuple[str, ...] = ("refine_box", "largest_component", "fill_holes", "fit_ellipse", "convex_hull")
 #: what the recipe compares, by name; "none" keeps the mask as the decoder drew it
 CANDIDATES: dict[str, tuple[str, ...]] = {
     "none": (),
@@ -41,6 +44,10 @@ CANDIDATES: dict[str, tuple[str, ...]] = {
     "largest_component+fill_holes": ("largest_component", "fill_holes"),
     "refine_box": ("refine_box",),
     "refine_box+largest_component": ("refine_box", "largest_component"),
+    "fit_ellipse": ("fit_ellipse",),
+    "convex_hull": ("convex_hull",),
+    "refine_box+fit_ellipse": ("refine_box", "fit_ellipse"),
+    "refine_box+convex_hull": ("refine_box", "convex_hull"),
 }
 #: components below this share of the largest one's pixels are not prompted (specks of a faint map)
 MIN_COMPONENT_FRACTION = 0.1
@@ -70,6 +77,50 @@ def fill_holes(mask: npt.ArrayLike) -> npt.NDArray[np.bool_]:
     from scipy import ndimage
 
     return np.asarray(ndimage.binary_fill_holes(np.asarray(mask, dtype=bool)), dtype=bool)
+
+
+def fit_ellipse(mask: npt.ArrayLike) -> npt.NDArray[np.bool_]:
+    """The filled ellipse (bool ``(H, W)``, clipped to the grid) with the centroid and the covariance of the pixel
+    centres of ``mask``'s largest component: a filled ellipse with semi-axes ``a, b`` has variances ``a^2/4,
+    b^2/4`` along its axes (plus 1/12 px^2 from the pixel grid), so the fit returns a drawn ellipse as it was.
+    Fewer than 5 pixels, or all on one line: the component unchanged."""
+    m = largest_component(mask)
+    ys, xs = np.nonzero(m)
+    if xs.size < 5:
+        return m
+    cx, cy = float(xs.mean()), float(ys.mean())
+    cov = np.cov(np.stack([xs - cx, ys - cy]).astype(np.float64))
+    evals, evecs = np.linalg.eigh(cov)
+    semi_sq = 4.0 * (evals - 1.0 / 12.0)
+    if semi_sq.min() <= 0.25:
+        return m
+    yy, xx = np.mgrid[0:m.shape[0], 0:m.shape[1]]
+    d = np.stack([xx - cx, yy - cy], axis=-1) @ evecs  # coordinates along the ellipse's axes
+    return np.asarray((d[..., 0] ** 2 / semi_sq[0] + d[..., 1] ** 2 / semi_sq[1]) <= 1.0)
+
+
+def convex_hull(mask: npt.ArrayLike) -> npt.NDArray[np.bool_]:
+    """``mask`` (bool ``(H, W)``) with its convex hull filled: every pixel whose centre lies inside the hull of the
+    mask's pixel squares. Fewer than 3 pixels or a degenerate hull: ``mask`` unchanged."""
+    from scipy.spatial import ConvexHull, QhullError
+
+    m = np.asarray(mask, dtype=bool)
+    ys, xs = np.nonzero(m)
+    if xs.size < 3:
+        return m.copy()
+    squares = np.array([[-0.5, -0.5], [0.5, -0.5], [-0.5, 0.5], [0.5, 0.5]])
+    corners = (np.stack([xs, ys], axis=1)[:, None, :] + squares[None]).reshape(-1, 2)
+    try:
+        hull = ConvexHull(corners)
+    except QhullError:
+        return m.copy()
+    x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+    yy, xx = np.mgrid[y0:y1, x0:x1]
+    pts = np.stack([xx.ravel(), yy.ravel()], axis=1).astype(np.float64)
+    inside = np.all(pts @ hull.equations[:, :2].T + hull.equations[:, 2] <= 1e-9, axis=1)
+    out = m.copy()
+    out[y0:y1, x0:x1] |= inside.reshape(yy.shape)
+    return out
 
 
 def component_boxes(mask: npt.ArrayLike, *, min_fraction: float = MIN_COMPONENT_FRACTION,
@@ -118,6 +169,10 @@ def apply_mask_ops(mask: npt.ArrayLike, ops: Sequence[str]) -> npt.NDArray[np.bo
             m = largest_component(m)
         elif op == "fill_holes":
             m = fill_holes(m)
+        elif op == "fit_ellipse":
+            m = fit_ellipse(m)
+        elif op == "convex_hull":
+            m = convex_hull(m)
     return m
 
 
