@@ -198,7 +198,10 @@ def postprocess_section(checkpoint: Path) -> list[str]:
              "Mean Dice of the checkpoint's own found masks on images it was trained on (never its val split), "
              "per candidate; a candidate is kept when it beats `none` by more than "
              f"{policy.evidence.get('min_gain', 0.005)} over at least {policy.evidence.get('min_cases', 1)} masks. "
-             f"Measured by `{policy.evidence.get('measured_by', policy.source)}`; chosen by `{policy.source}`.", "",
+             f"Measured by `{policy.evidence.get('measured_by', policy.source)}`; chosen by `{policy.source}`. "
+             "Evaluation commands score the postprocessed masks (`--postprocess full`, the default); a table "
+             "measured before this file existed is of the masks as drawn, which `--postprocess off` reproduces.",
+             "",
              "| structure | n | " + " | ".join(names) + " | chosen |", "|---|---|" + "---|" * (len(names) + 1)]
     for structure, info in sorted(policy.evidence.get("structures", {}).items()):
         means = info.get("mean_dice", {})
