@@ -33,8 +33,8 @@ from medvlm.errors import input_error
 from segmentation.textseg.postprocess import (
     CANDIDATES,
     PostprocessPolicy,
-    apply_mask_ops,
     choose_candidate,
+    postprocess_mask,
     refine_by_boxes,
 )
 
@@ -46,12 +46,7 @@ __all__ = ["candidate_masks", "fit_postprocess", "main", "rechoose"]
 def candidate_masks(mask: np.ndarray, refined: np.ndarray | None) -> dict[str, np.ndarray]:
     """Every :data:`CANDIDATES` mask of one found ``mask`` (bool ``(H, W)``); ``refined``: its ``refine_box``
     result (None or empty: the refine candidates keep ``mask``, as the predictor does)."""
-    base = refined if refined is not None and refined.any() else mask
-    out = {}
-    for name, ops in CANDIDATES.items():
-        start = base if "refine_box" in ops else mask
-        out[name] = apply_mask_ops(start, [op for op in ops if op != "refine_box"])
-    return out
+    return {name: postprocess_mask(mask, ops, lambda _: refined)[0] for name, ops in CANDIDATES.items()}
 
 
 def fit_postprocess(checkpoint: str, *, folders: Sequence[str] | None = None, per_folder: int = 16,

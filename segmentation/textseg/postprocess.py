@@ -20,7 +20,7 @@ Operations run in the order listed for the structure. Masks are bool ``(H, W)`` 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,8 @@ from medvlm.errors import input_error
 from medvlm.types import Box
 
 __all__ = ["CANDIDATES", "OPS", "POSTPROCESS_FILE", "PostprocessPolicy", "apply_mask_ops", "choose_candidate",
-           "component_boxes", "convex_hull", "fill_holes", "fit_ellipse", "largest_component", "refine_by_boxes"]
+           "component_boxes", "convex_hull", "fill_holes", "fit_ellipse", "largest_component", "postprocess_mask",
+           "refine_by_boxes"]
 
 POSTPROCESS_FILE = "postprocess.json"
 OPS: tuple[str, ...] = ("refine_box", "largest_component", "fill_holes", "fit_ellipse", "convex_hull")
@@ -162,7 +163,7 @@ def refine_by_boxes(refiner: Any, embedding: Any, mask: npt.ArrayLike) -> npt.ND
 
 def apply_mask_ops(mask: npt.ArrayLike, ops: Sequence[str]) -> npt.NDArray[np.bool_]:
     """``mask`` after the pixel operations of ``ops`` in order (``refine_box`` needs a refiner and is skipped
-    here: :meth:`segmentation.textseg.predictor.MedVLMSegmenter` runs it first)."""
+    here: :func:`postprocess_mask` runs it first)."""
     m = np.asarray(mask, dtype=bool)
     for op in ops:
         if op == "largest_component":
@@ -174,6 +175,22 @@ def apply_mask_ops(mask: npt.ArrayLike, ops: Sequence[str]) -> npt.NDArray[np.bo
         elif op == "convex_hull":
             m = convex_hull(m)
     return m
+
+
+def postprocess_mask(mask: npt.ArrayLike, ops: Sequence[str],
+                     refine: Callable[[npt.NDArray[np.bool_]], npt.NDArray[np.bool_] | None] | None = None,
+                     ) -> tuple[npt.NDArray[np.bool_], list[str]]:
+    """``mask`` (bool ``(H, W)``) after ``ops``, and the operations applied: ``refine_box`` first, as
+    ``refine(mask)`` (None, or a refinement that is None or empty, keeps the decoder's mask and is not counted),
+    then the pixel operations in their order (:func:`apply_mask_ops`)."""
+    m = np.asarray(mask, dtype=bool)
+    applied: list[str] = []
+    if "refine_box" in ops and refine is not None:
+        refined = refine(m)
+        if refined is not None and refined.any():
+            m, applied = np.asarray(refined, dtype=bool), ["refine_box"]
+    rest = [op for op in ops if op != "refine_box"]
+    return apply_mask_ops(m, rest), applied + rest
 
 
 def choose_candidate(mean_dice: Mapping[str, float], n: int, *, min_gain: float = 0.005, min_cases: int = 5) -> str:

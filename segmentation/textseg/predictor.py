@@ -41,7 +41,7 @@ from segmentation.runtime import (
     encoder_plan,
 )
 from segmentation.textseg.kind_gate import KindClassifier, KindVerdict
-from segmentation.textseg.postprocess import PostprocessPolicy, apply_mask_ops, refine_by_boxes
+from segmentation.textseg.postprocess import PostprocessPolicy, postprocess_mask, refine_by_boxes
 
 __all__ = ["DEFAULT_CHECKPOINT_ENV", "MedVLMSegmenter", "default_checkpoint_dir", "expand_text", "packaged_checkpoints",
            "resolve_checkpoint"]
@@ -757,16 +757,10 @@ class MedVLMSegmenter(SegmenterBase):
                 out.append(r)
                 continue
             before = np.asarray(r.mask.data, dtype=bool)
-            mask, applied = before, []
-            if "refine_box" in ops:
-                refined = self._refined(embedding, before)
-                if refined is not None and refined.any():  # an empty refinement keeps the decoder's mask
-                    mask, applied = refined, ["refine_box"]
-            rest = [op for op in ops if op != "refine_box"]
-            mask = apply_mask_ops(mask, rest)
+            mask, applied = postprocess_mask(before, ops, lambda m: self._refined(embedding, m))
             if not mask.any():
                 out.append(r)
                 continue
-            meta = {**r.meta, "postprocess": applied + rest, "pixels_before_postprocess": int(before.sum())}
+            meta = {**r.meta, "postprocess": applied, "pixels_before_postprocess": int(before.sum())}
             out.append(SegmentationResult(mask=Mask(mask), score=r.score, logits=r.logits, prompt=r.prompt, meta=meta))
         return out
