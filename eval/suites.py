@@ -107,14 +107,16 @@ def oracle_box(data: str | Path, *, segmenter_name: str = "litemedsam", checkpoi
 def text_seg(data: str | Path, *, checkpoint: str | None = None, split: str = "auto", level: str = "complex",
              limit: int | None = None, ids_file: str | None = None, keep_worst: int = 3,
              structures: Sequence[str] | None = None, segmenter: Any = None, postprocess: str = "full",
-             ) -> tuple[dict[str, Any], list[WorstCase]]:
+             specialists: bool = True) -> tuple[dict[str, Any], list[WorstCase]]:
     """Prompt Med-VLM with the text of every ground-truth structure; same JSON as :func:`oracle_box` plus
     ``split``, ``n_trained_on`` (evaluated images the checkpoint was trained on) and ``checkpoint``.
 
     ``split``: ``val`` = the checkpoint's recorded val ids (error if none is in this folder), ``all`` = every
     image, ``auto`` = ``val`` when possible, else ``all``. ``segmenter``: an already loaded MedVLMSegmenter
-    (then ``checkpoint``, ``level`` and ``postprocess`` are its own). ``postprocess``: the segmenter's per-structure
-    postprocessing (``full``, ``masks``, ``off``: :class:`~segmentation.textseg.predictor.MedVLMSegmenter`). The
+    (then ``checkpoint``, ``level``, ``postprocess`` and ``specialists`` are its own). ``postprocess``: the
+    segmenter's per-structure postprocessing (``full``, ``masks``, ``off``:
+    :class:`~segmentation.textseg.predictor.MedVLMSegmenter`); ``specialists=False``: the broad checkpoint answers
+    every image (no ``specialists.json`` hand-over). The
     wholes of labelled parts ("lung" = both lungs, "hippocampus") are asked and scored too.
     """
     from medvlm.datasets import open_dataset
@@ -123,7 +125,7 @@ def text_seg(data: str | Path, *, checkpoint: str | None = None, split: str = "a
 
     dataset = open_dataset(data)
     segmenter = (segmenter if segmenter is not None
-                 else MedVLMSegmenter(checkpoint, text_level=level, postprocess=postprocess))
+                 else MedVLMSegmenter(checkpoint, text_level=level, postprocess=postprocess, specialists=specialists))
     level = segmenter.text_level
     meta = segmenter_meta(segmenter, dataset.name)
     all_ids = dataset.ids()

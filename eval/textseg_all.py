@@ -210,11 +210,13 @@ def format_existence_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def text_seg_all(folders: Sequence[str] = DEFAULT_FOLDERS, *, checkpoint: str | None = None, split: str = "auto",
-                 limit: int | None = None, kind_gate: bool = True, postprocess: str = "full") -> dict[str, Any]:
+                 limit: int | None = None, kind_gate: bool = True, postprocess: str = "full",
+                 specialists: bool = True) -> dict[str, Any]:
     """Every folder of ``folders`` present on disk: the 2D text-seg suite (3D for volume folders) and the
     existence suite, with one segmenter (``kind_gate=False``: without its kind-of-image gate, to see what the
     existence head does alone; ``postprocess``: the segmenter's option, ``off`` to score the decoder's masks as
-    drawn). Returns ``{"suite": "text-seg-all", "checkpoint", "kind_gate", "postprocess", "folders":
+    drawn; ``specialists=False``: no specialist checkpoint answers its kind). Returns ``{"suite": "text-seg-all",
+    "checkpoint", "kind_gate", "postprocess", "specialists", "folders":
     {name: {"kind", "segmentation": <suite JSON>, "existence": <existence JSON>}}, "skipped": {name: reason}}``."""
     from eval.suites import text_seg
     from medvlm.datasets import default_data_root
@@ -222,9 +224,9 @@ def text_seg_all(folders: Sequence[str] = DEFAULT_FOLDERS, *, checkpoint: str | 
     from medvlm.errors import InputError
     from segmentation.textseg.predictor import MedVLMSegmenter
 
-    segmenter = MedVLMSegmenter(checkpoint, kind_gate=kind_gate, postprocess=postprocess)
+    segmenter = MedVLMSegmenter(checkpoint, kind_gate=kind_gate, postprocess=postprocess, specialists=specialists)
     out: dict[str, Any] = {"suite": "text-seg-all", "checkpoint": segmenter.checkpoint, "kind_gate": kind_gate,
-                           "postprocess": postprocess, "folders": {},
+                           "postprocess": postprocess, "specialists": specialists, "folders": {},
                            "skipped": {}}
     for name in folders:
         path = Path(name) if Path(name).is_dir() else default_data_root() / name

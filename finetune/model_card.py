@@ -39,6 +39,7 @@ def write_card(checkpoint: Path, text_seg: dict[str, Any], oracle: dict[str, Any
     tc = meta.get("train_config", {})
     size_mb = (checkpoint / "model.safetensors").stat().st_size / 2**20
     model = config["config"]
+    data = Path(str(text_seg.get("data", "cxr_jsrt_scr"))).name
     lines = [
         f"# {title}",
         "",
@@ -65,7 +66,8 @@ def write_card(checkpoint: Path, text_seg: dict[str, Any], oracle: dict[str, Any
         lines.append(f"- Held out: {len(meta.get('val_ids', []))} images and slices, the val split by case "
                      f"(val_fraction {tc.get('val_fraction')}, seed {tc.get('split_seed')}) of every folder with >= 5 "
                      "cases, listed in config.json meta.val_ids and never trained on; "
-                     f"{text_seg['n_images']} of them are the JSRT/SCR images scored below.")
+                     f"{text_seg['n_images']} of them are the "
+                     f"{'JSRT/SCR' if data == 'cxr_jsrt_scr' else data} images scored below.")
     else:
         lines.append(f"- Held out: {len(meta.get('val_ids', []))} JSRT/SCR images (split_ids val_fraction "
                      f"{tc.get('val_fraction')}, seed {tc.get('split_seed')}; listed in config.json meta.val_ids), "
@@ -90,8 +92,10 @@ def write_card(checkpoint: Path, text_seg: dict[str, Any], oracle: dict[str, Any
         for rec in train_log:
             cells = [f"{rec['val_dice'][n]:.3f}" if n in rec["val_dice"] else "-" for n in names]
             lines.append(f"| {rec['step']} | {rec.get('loss_ema', float('nan')):.3f} | " + " | ".join(cells) + " |")
-    lines += ["", "## Measured on the held-out JSRT/SCR val split (original 1024 x 1024 grid, 0.35 mm/px)", "",
-              f"`medvlm eval text-seg --data ../shared/data/cxr_jsrt_scr` ({text_seg['n_images']} images, "
+    heading = ("the held-out JSRT/SCR val split (original 1024 x 1024 grid, 0.35 mm/px)" if data == "cxr_jsrt_scr"
+               else f"the held-out {data} val split (original pixel grid)")
+    lines += ["", f"## Measured on {heading}", "",
+              f"`medvlm eval text-seg --data ../shared/data/{data}` ({text_seg['n_images']} images, "
               f"split {text_seg.get('split')}, {text_seg.get('n_trained_on', 0)} seen in training, "
               f"{text_seg.get('method')}):", "", *_table(text_seg)]
     if oracle is not None:
@@ -126,7 +130,7 @@ KIND_HEADING = "## Kind of image (classifier, gate and routes)"
 
 def kind_section(checkpoint: Path) -> list[str]:
     """The card's section on the checkpoint's kind classifier (``kind_classifier.json``: fit command, counts, train
-    and val accuracy per kind) and its ``routes.json``; empty when it has neither."""
+    and val accuracy per kind), its ``routes.json`` and its ``specialists.json``; empty when it has none."""
     lines: list[str] = []
     info_path, routes_path = checkpoint / "kind_classifier.json", checkpoint / "routes.json"
     if info_path.is_file():
@@ -150,6 +154,14 @@ def kind_section(checkpoint: Path) -> list[str]:
                   f"unknown modality that the classifier calls {', '.join(routes.get('kinds', []))} with p >= "
                   f"{routes.get('min_confidence', '?')}, are answered here; every other image by "
                   f"`{routes.get('otherwise', '?')}`. Why: {routes.get('why', '-')}"]
+    specialists_path = checkpoint / "specialists.json"
+    if specialists_path.is_file():
+        spec = json.loads(specialists_path.read_text())
+        named = ", ".join(f"{kind} -> `{name}`" for kind, name in spec.get("kinds", {}).items())
+        lines += ["", f"Specialists (`specialists.json`): {named}. An image the classifier calls that kind with p >= "
+                  f"{spec.get('min_confidence', 0.9)} is answered by that checkpoint, which shares this one's image "
+                  "encoder and decodes this one's embedding (`segmentation/textseg/specialists.py`). "
+                  f"Why: {spec.get('why', '-')}"]
     return lines
 
 

@@ -68,6 +68,8 @@ def segment_to_regions(segmenter: Any, image: Any, prompts: Sequence[Any], label
                 provenance["existence"] = round(float(result.meta["existence"]), 4)
             if result.meta.get("routed_to"):  # the default hands non-radiographs to the multi-modality model
                 provenance["checkpoint"] = Path(result.meta["routed_to"]).name
+            if result.meta.get("specialist"):  # ... and multi hands a kind it has a specialist for to that one
+                provenance["checkpoint"] = Path(result.meta["specialist"]).name
             if result.meta.get("image_kind") is not None:  # a checkpoint with a kind classifier
                 provenance["image_kind"] = result.meta["image_kind"]
                 provenance["ruled_out_by_kind"] = bool(result.meta.get("ruled_out_by_kind"))

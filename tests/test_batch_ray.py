@@ -60,6 +60,20 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return listing
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fp32_everywhere() -> Iterator[None]:
+    """Torch fp32 in this process, the Ray workers and the CLI subprocess: on a CPU with bf16 units ``auto`` runs
+    OpenVINO bf16, whose sums depend on the thread count (1 per worker here, all cores locally), so a mask could
+    differ by a boundary pixel; these tests are about the batch bookkeeping, not the precision."""
+    before = os.environ.get("MEDVLM_PRECISION")
+    os.environ["MEDVLM_PRECISION"] = "fp32"
+    yield
+    if before is None:
+        os.environ.pop("MEDVLM_PRECISION", None)
+    else:
+        os.environ["MEDVLM_PRECISION"] = before
+
+
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[Any]:
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]'; make install does it)")

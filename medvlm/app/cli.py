@@ -144,6 +144,8 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     t.add_argument("--postprocess", choices=POSTPROCESS_CHOICES, default="full", help=POSTPROCESS_HELP)
     t.add_argument("--no-kind-gate", action="store_true",
                    help="with --all: leave out the checkpoint's kind-of-image gate (the existence head alone)")
+    t.add_argument("--no-specialists", action="store_true",
+                   help="answer every image with the broad checkpoint, never its specialists (specialists.json)")
     _add_eval_grounding(sub)
     _add_eval_codec(sub)
     _add_eval_mini_probe(sub)

@@ -41,14 +41,15 @@ def run_eval(args: argparse.Namespace) -> int:
         from eval.textseg_all import format_all_tables, text_seg_all
 
         result = text_seg_all(checkpoint=args.checkpoint, split=args.split, limit=args.limit,
-                              kind_gate=not args.no_kind_gate, postprocess=args.postprocess)
+                              kind_gate=not args.no_kind_gate, postprocess=args.postprocess,
+                              specialists=not args.no_specialists)
         return _emit(result, format_all_tables(result), args.json_out)
     elif args.suite == "text-seg" and _is_volume_folder(args.data):
         from eval.textseg_all import volume_suite
         from segmentation.textseg.predictor import MedVLMSegmenter
 
-        result = volume_suite(args.data, MedVLMSegmenter(args.checkpoint, text_level=args.level), split=args.split,
-                              limit=args.limit)
+        segmenter = MedVLMSegmenter(args.checkpoint, text_level=args.level, specialists=not args.no_specialists)
+        result = volume_suite(args.data, segmenter, split=args.split, limit=args.limit)
         return _emit(result, format_table(result), args.json_out)
     elif args.suite == "text-seg" and getattr(args, "ablation", None):
         from finetune.textseg_ablation import format_ablation, run_ablation
@@ -123,7 +124,8 @@ def run_eval(args: argparse.Namespace) -> int:
         return _emit(result, format_weakloc_table(result), args.json_out)
     elif args.suite == "text-seg":
         payload, worst = text_seg(args.data, checkpoint=args.checkpoint, split=args.split, level=args.level,
-                                  limit=args.limit, ids_file=args.ids, postprocess=args.postprocess)
+                                  limit=args.limit, ids_file=args.ids, postprocess=args.postprocess,
+                                  specialists=not args.no_specialists)
     else:
         raise input_error("medvlm eval",
                           expected="a known suite (oracle-box, text-seg, grounding, link-report, negation)",

@@ -42,6 +42,7 @@ from segmentation.runtime import (
 )
 from segmentation.textseg.kind_gate import KindClassifier, KindVerdict
 from segmentation.textseg.postprocess import PostprocessPolicy, postprocess_mask, refine_by_boxes
+from segmentation.textseg.specialists import read_specialists, shares_image_encoder
 
 __all__ = ["DEFAULT_CHECKPOINT_ENV", "MedVLMSegmenter", "default_checkpoint_dir", "expand_text", "packaged_checkpoints",
            "resolve_checkpoint"]
@@ -118,6 +119,21 @@ def _load(directory: str, device: str) -> tuple[Any, dict[str, Any]]:
 ROUTES_FILE = "routes.json"
 
 
+def _features_as(embedding: ImageEmbedding, light: bool) -> ImageEmbedding:
+    """``embedding`` with its features as a segmenter started from a bundle (numpy) or from torch wants them; the
+    same ``extra`` dict, so what a specialist caches there (the refiner's embedding) stays with the image."""
+    import dataclasses
+
+    features = embedding.features
+    if light and not isinstance(features, np.ndarray):
+        features = features.float().cpu().numpy()
+    elif not light and isinstance(features, np.ndarray):
+        import torch
+
+        features = torch.from_numpy(features)
+    return embedding if features is embedding.features else dataclasses.replace(embedding, features=features)
+
+
 def read_routes(directory: str | Path) -> dict[str, Any] | None:
     """The ``routes.json`` of checkpoint folder ``directory`` (see :class:`MedVLMSegmenter`, ``route``), validated,
     with ``otherwise`` resolved to a folder (a packaged name, or a path relative to ``directory``); None when the
@@ -192,6 +208,10 @@ class MedVLMSegmenter(SegmenterBase):
     ``meta["pixels_before_postprocess"]``; ``logits`` stay the decoder's. An embedding whose ``extra`` carries
     ``"postprocess"`` overrides the option for its image (a volume's slices: ``off``). ``refiner``: the promptable
     segmenter of ``refine_box`` (default: LiteMedSAM with this precision, built on first need).
+    ``specialists`` (default: as ``route``): a checkpoint folder with a ``specialists.json``
+    (:mod:`segmentation.textseg.specialists`) hands the prompts of an image its kind classifier assigns to a
+    specialist's kind to that checkpoint, which decodes them on this checkpoint's embedding (same image encoder,
+    checked when it is built); results say so in ``meta["specialist"]``.
     """
 
     name = "medvlm"
@@ -204,7 +224,7 @@ class MedVLMSegmenter(SegmenterBase):
                  text_cache_size: int = 256, encode_batch_size: int = 8, light: bool = True,
                  kind_gate: bool = True, kind_confidence: float = 0.9, empty_fallback: bool = True,
                  route: bool = True, compose_wholes: bool | None = None, postprocess: str = "full",
-                 refiner: Any = None) -> None:
+                 refiner: Any = None, specialists: bool | None = None) -> None:
         directory = resolve_checkpoint(checkpoint) if checkpoint is not None else default_checkpoint_dir()
         if text_level not in ("complex", "simple", "verbatim"):
             raise input_error("text_level", expected="'complex', 'simple' or 'verbatim'", received=repr(text_level),
@@ -245,6 +265,13 @@ class MedVLMSegmenter(SegmenterBase):
                               received="none", fix="fit one: python -m finetune.kind_classifier --checkpoint "
                               f"{directory}; or delete {ROUTES_FILE}")
         self._routed: MedVLMSegmenter | None = None
+        self._use_specialists = route if specialists is None else bool(specialists)
+        self.specialists = read_specialists(directory, resolve_checkpoint) if self._use_specialists else None
+        if self.specialists is not None and self.kind_classifier is None:
+            raise input_error("Med-VLM specialists", expected=f"a kind classifier in {directory}", received="none",
+                              fix=f"fit one: python -m finetune.kind_classifier --checkpoint {directory}")
+        self._specialist_models: dict[str, MedVLMSegmenter] = {}
+        self._host: str | None = None  # a specialist: the broad checkpoint whose embeddings it decodes
         trained_wholes = bool(self.meta.get("train_config", {}).get("wholes"))
         self.compose_wholes = (not trained_wholes) if compose_wholes is None else bool(compose_wholes)
         self._route_lock = threading.Lock()
@@ -425,8 +452,39 @@ class MedVLMSegmenter(SegmenterBase):
             return None
         with self._route_lock:  # a server's threads must not build it twice
             if self._routed is None:
-                self._routed = MedVLMSegmenter(self.routes["otherwise"], **self._options, route=False)
+                self._routed = MedVLMSegmenter(self.routes["otherwise"], **self._options, route=False,
+                                               specialists=self._use_specialists)
         return self._routed
+
+    def specialist(self, kind: str) -> MedVLMSegmenter:
+        """The specialist segmenter of ``kind`` (built once, with this one's options; its image encoder is checked
+        to be this checkpoint's, else a clear error)."""
+        if self.specialists is None or kind not in self.specialists["kinds"]:
+            known = sorted(self.specialists["kinds"]) if self.specialists is not None else []
+            raise input_error("Med-VLM specialist", expected=f"a kind among {known}", received=repr(kind),
+                              fix="ask for a kind listed in specialists.json")
+        with self._route_lock:
+            if kind not in self._specialist_models:
+                target = self.specialists["kinds"][kind]
+                if not shares_image_encoder(self.checkpoint, target):
+                    raise input_error("Med-VLM specialist", expected=f"a checkpoint with the image encoder of "
+                                      f"{self.checkpoint} (trained with it frozen)", received=f"{kind}: {target}",
+                                      fix="train it with train_modules that leave out image_encoder., or remove it "
+                                      "from specialists.json")
+                specialist = MedVLMSegmenter(target, **self._options, route=False, specialists=False)
+                specialist._host = self.checkpoint
+                self._specialist_models[kind] = specialist
+        return self._specialist_models[kind]
+
+    def _specialist_for(self, embedding: ImageEmbedding) -> MedVLMSegmenter | None:
+        """The specialist that answers the image of ``embedding`` (this checkpoint's own embedding), or None."""
+        if self.specialists is None:
+            return None
+        verdict = self._image_kind(embedding)
+        if (verdict is None or verdict.kind not in self.specialists["kinds"]
+                or verdict.probability < self.specialists["min_confidence"]):
+            return None
+        return self.specialist(verdict.kind)
 
     def _other(self) -> MedVLMSegmenter:
         other = self.routed_segmenter()
@@ -503,16 +561,23 @@ class MedVLMSegmenter(SegmenterBase):
 
     def meta_for(self, dataset: str) -> dict[str, Any]:
         """The training meta (val ids, sources) of the model that answers images of ``dataset`` (a folder name or
-        path): this checkpoint's, or with routes the ``otherwise`` one's for a kind it hands over."""
+        path): this checkpoint's, the ``otherwise`` one's for a kind the routes hand over, or a specialist's for
+        its kind."""
         from medvlm.datasets.kinds import kind_of
-
-        if self.routes is None or kind_of(str(dataset)) in self.routes["kinds"]:
-            return self.meta
-        if self._routed is not None:
-            return self._routed.meta
         from segmentation.textseg.checkpoint import read_checkpoint_config
 
-        return read_checkpoint_config(self.routes["otherwise"])[1]  # the config alone: no weights loaded
+        kind = kind_of(str(dataset))
+        if self.routes is not None and kind not in self.routes["kinds"]:
+            if self._routed is not None:
+                return self._routed.meta_for(dataset)
+            directory = self.routes["otherwise"]
+            spec = read_specialists(directory, resolve_checkpoint) if self._use_specialists else None
+            if spec is not None and kind in spec["kinds"]:
+                directory = spec["kinds"][kind]
+            return read_checkpoint_config(directory)[1]  # the config alone: no weights loaded
+        if self.specialists is not None and kind in self.specialists["kinds"]:
+            return read_checkpoint_config(self.specialists["kinds"][kind])[1]
+        return self.meta
 
     def clear_text_cache(self) -> None:
         """Forget the cached text features (the next prompt of each text runs the text encoder again)."""
@@ -673,12 +738,20 @@ class MedVLMSegmenter(SegmenterBase):
     def _decode(self, embedding: ImageEmbedding, prompts: Sequence[Prompt],
                 multimask: bool) -> list[SegmentationResult]:
         routed_to = embedding.extra.get("routed_to")
-        if routed_to is None or routed_to == self.checkpoint:
+        # encoded by this checkpoint's image encoder (a specialist's is its host's)
+        mine = routed_to is None or routed_to in (self.checkpoint, self._host)
+        specialist = self._specialist_for(embedding) if mine else None
+        if specialist is not None:
+            results = specialist._decode(_features_as(embedding, specialist.light), prompts, multimask)
+            for r in results:
+                r.meta["specialist"] = specialist.checkpoint
+            return results
+        if mine:
             modality = embedding.extra.get("modality")
             parts = [self._parts(p, modality) for p in prompts]
             if any(parts):
                 return self._decode_wholes(embedding, prompts, parts, multimask)
-        if routed_to is not None and routed_to != self.checkpoint:
+        if not mine:
             other = self.routed_segmenter()
             if other is None or other.checkpoint != routed_to:
                 raise input_error("Med-VLM embedding", expected=f"an embedding of {self.checkpoint}",
