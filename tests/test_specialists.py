@@ -124,6 +124,13 @@ def test_a_routed_image_reaches_the_specialist_of_the_otherwise_checkpoint(tmp_p
     assert r.meta["routed_to"] and Path(r.meta["specialist"]).resolve() == spec.resolve()
     assert np.allclose(r.logits, alone.logits, atol=1e-5)
     assert seg.meta_for("us_hc18_fetal_head") == json.loads((spec / "config.json").read_text())["meta"]
+    # one refiner per process: the routed checkpoint and its specialist use the one given to the front segmenter
+    fake = object()
+    front_seg = MedVLMSegmenter(front, refiner=fake, **OPTS)
+    front_seg.segment(_image(), [Prompt(text="fetal head")])
+    broad_seg = front_seg.routed_segmenter()
+    assert broad_seg is not None and broad_seg.refiner() is fake
+    assert broad_seg.specialist("fetal_us").refiner() is fake
     # route=False on the front checkpoint: neither the route nor the specialist
     r = MedVLMSegmenter(front, route=False, **OPTS).segment(_image(), [Prompt(text="fetal head")])[0]
     assert "routed_to" not in r.meta and "specialist" not in r.meta

@@ -272,6 +272,9 @@ class MedVLMSegmenter(SegmenterBase):
                               fix=f"fit one: python -m finetune.kind_classifier --checkpoint {directory}")
         self._specialist_models: dict[str, MedVLMSegmenter] = {}
         self._host: str | None = None  # a specialist: the broad checkpoint whose embeddings it decodes
+        # the segmenter that built this one (routes, specialists): its refiner serves this one too, so a process
+        # holds one LiteMedSAM and a refiner given to the front segmenter is the one every hand-over uses
+        self._parent: MedVLMSegmenter | None = None
         trained_wholes = bool(self.meta.get("train_config", {}).get("wholes"))
         self.compose_wholes = (not trained_wholes) if compose_wholes is None else bool(compose_wholes)
         self._route_lock = threading.Lock()
@@ -454,6 +457,7 @@ class MedVLMSegmenter(SegmenterBase):
             if self._routed is None:
                 self._routed = MedVLMSegmenter(self.routes["otherwise"], **self._options, route=False,
                                                specialists=self._use_specialists)
+                self._routed._parent = self
         return self._routed
 
     def specialist(self, kind: str) -> MedVLMSegmenter:
@@ -472,7 +476,7 @@ class MedVLMSegmenter(SegmenterBase):
                                       fix="train it with train_modules that leave out image_encoder., or remove it "
                                       "from specialists.json")
                 specialist = MedVLMSegmenter(target, **self._options, route=False, specialists=False)
-                specialist._host = self.checkpoint
+                specialist._host, specialist._parent = self.checkpoint, self
                 self._specialist_models[kind] = specialist
         return self._specialist_models[kind]
 
@@ -794,7 +798,10 @@ class MedVLMSegmenter(SegmenterBase):
 
     def refiner(self) -> Any:
         """The promptable segmenter of ``refine_box``: the one given, else LiteMedSAM with this segmenter's
-        precision and device (built on first need, once)."""
+        precision and device (built on first need, once); a routed or specialist segmenter uses the refiner of the
+        segmenter that built it."""
+        if self._parent is not None and self._refiner is None:
+            return self._parent.refiner()
         with self._route_lock:
             if self._refiner is None:
                 from segmentation.litemedsam import LiteMedSAMSegmenter

@@ -74,11 +74,12 @@ def read_specialists(directory: str | Path, resolve: Callable[[str], Path]) -> d
 
 def image_encoder_tensors(directory: str | Path) -> dict[str, np.ndarray]:
     """The trained image-encoder tensors (its LoRA; the frozen base is not stored) of a checkpoint folder, by name."""
-    from safetensors.numpy import load_file
+    from safetensors import safe_open
 
     from segmentation.textseg.checkpoint import WEIGHTS_NAME
 
-    return {k: v for k, v in load_file(str(Path(directory) / WEIGHTS_NAME)).items() if k.startswith("image_encoder.")}
+    with safe_open(str(Path(directory) / WEIGHTS_NAME), framework="np") as f:  # reads only these tensors
+        return {k: f.get_tensor(k) for k in f.keys() if k.startswith("image_encoder.")}  # noqa: SIM118 (no __iter__)
 
 
 def shares_image_encoder(broad: str | Path, specialist: str | Path) -> bool:
