@@ -57,7 +57,7 @@ from finetune.textseg_cache import CacheEntry, FeatureCache, build_cache
 from medvlm.datasets.kinds import mismatched_structures
 from medvlm.errors import input_error
 from segmentation.textseg.config import MedVLMConfig
-from segmentation.textseg.losses import bce_dice_loss, prior_mass_loss
+from segmentation.textseg.losses import bce_dice_loss, positive_bce_loss, prior_mass_loss
 from segmentation.textseg.model import MedVLM, build_medvlm
 
 __all__ = ["Batch", "DataSource", "HardNegativeMiner", "TrainConfig", "load_train_config", "mask_loss_rows",
@@ -136,6 +136,9 @@ class TrainConfig:
     #: empty-mask targets on all of them teach that text to draw nothing even where it is (run 5: polyp val
     #: Dice 0.26 -> 0.01); the existence head alone decides "not in this image" at inference anyway.
     foreign_negative_mask_loss: bool = True
+    #: weight of :func:`~segmentation.textseg.losses.positive_bce_loss` (BCE over each target's own pixels) added
+    #: to BCE + Dice: brings back a small structure whose logits sank so far that BCE + Dice no longer move it
+    positive_weight: float = 0.0
     #: train only the parameters under these name prefixes (e.g. ["existence."]: recalibrate the existence head
     #: for the kind gate while the masks stay exactly as they were); empty = everything trainable
     train_modules: list[str] = field(default_factory=list)
@@ -149,6 +152,9 @@ class TrainConfig:
         if bad or not self.level_weights or sum(self.level_weights.values()) <= 0:
             raise input_error("level_weights", expected="weights for 'none', 'simple' and/or 'complex'",
                               received=repr(self.level_weights), fix="use {complex: 0.6, simple: 0.4}")
+        if self.positive_weight < 0:
+            raise input_error("positive_weight", expected=">= 0 (0 = BCE + Dice alone)",
+                              received=repr(self.positive_weight), fix="use e.g. positive_weight: 0.5")
         if self.prior_weight < 0 or self.prior_texts_per_image < 0:
             raise input_error("prior_weight / prior_texts_per_image", expected=">= 0 (0 = no learned gating)",
                               received=f"{self.prior_weight}, {self.prior_texts_per_image}",
@@ -654,6 +660,8 @@ def train_medvlm(cfg: TrainConfig, *, progress: bool = True, resume: bool = True
         targets, is_prior = targets.to(logits.device), is_prior.to(logits.device)
         mask_rows = mask_loss_rows(batch, cfg).to(logits.device)
         loss = bce_dice_loss(logits[mask_rows], targets[mask_rows])
+        if cfg.positive_weight > 0:
+            loss = loss + cfg.positive_weight * positive_bce_loss(logits[mask_rows], targets[mask_rows])
         if teacher is not None:
             loss = loss + cfg.distill_weight * distill_loss(teacher, prefixes.to(logits.device), rows, texts,
                                                              logits, targets, is_prior, sources, distill_sources)

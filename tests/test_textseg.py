@@ -20,7 +20,7 @@ from segmentation.textseg.config import (
     TextEncoderConfig,
     tiny_test_config,
 )
-from segmentation.textseg.losses import bce_dice_loss, soft_dice_loss
+from segmentation.textseg.losses import bce_dice_loss, positive_bce_loss, soft_dice_loss
 from segmentation.textseg.model import Attention, MaskDecoder, MixerBlock, build_medvlm, sine_position_2d
 from tests.conftest import DATA_ROOT, data_dir
 
@@ -167,6 +167,21 @@ def test_losses_known_values():
     # sigmoid(0) = 0.5: Dice = (2 * 4 + 1) / (8 + 8 + 1); BCE = ln 2
     assert soft_dice_loss(zero, target).item() == pytest.approx(1 - 9 / 17, abs=1e-6)
     assert bce_dice_loss(zero, target).item() == pytest.approx(np.log(2) + 1 - 9 / 17, abs=1e-6)
+    # positive BCE: over each row's target pixels only; an empty row does not count
+    assert positive_bce_loss(zero, target).item() == pytest.approx(np.log(2), abs=1e-6)
+    assert positive_bce_loss(perfect, target).item() == pytest.approx(0.0, abs=1e-6)
+    two = torch.cat([wrong, zero]), torch.cat([target, torch.zeros_like(target)])
+    assert positive_bce_loss(*two).item() == pytest.approx(50.0, abs=1e-4)  # softplus(50) on 8 pixels, row 1 only
+    assert positive_bce_loss(zero, torch.zeros_like(target)).item() == 0.0
+    # its gradient on a saturated small target does not vanish, unlike BCE + Dice's
+    small = torch.zeros(1, 1, 64, 64)
+    small[..., :2, :2] = 1
+    sunk = torch.full_like(small, -12.0, requires_grad=True)
+    bce_dice_loss(sunk, small).backward()
+    weak = float(sunk.grad[small > 0].abs().mean())  # type: ignore[index]
+    sunk.grad = None
+    positive_bce_loss(sunk, small).backward()
+    assert float(sunk.grad[small > 0].abs().mean()) > 100 * weak  # type: ignore[index]
 
 
 # -------------------------------------------------------------------------------------------- checkpoints

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["bce_dice_loss", "prior_mass_loss", "soft_dice_loss"]
+__all__ = ["bce_dice_loss", "positive_bce_loss", "prior_mass_loss", "soft_dice_loss"]
 
 
 def soft_dice_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
@@ -25,6 +25,24 @@ def soft_dice_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
 def bce_dice_loss(logits: Tensor, target: Tensor) -> Tensor:
     """``BCE(logits, target) + soft Dice`` (both means over the batch); shapes ``(B, 1, H, W)``."""
     return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype)) + soft_dice_loss(logits, target)
+
+
+def positive_bce_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """Mean over the rows with a non-empty target of the BCE on that row's target pixels alone, ``mean over G of
+    softplus(-logit)``; 0 when no row has one. Shapes ``(B, 1, H, W)``.
+
+    Why: a small structure (the pancreas: ~0.5 % of a CT slice) whose logits have been pushed far below 0 (empty
+    targets of negatives, the background term of the BCE) gets almost no gradient back: the BCE's mean spreads
+    its few positive pixels over the whole map, and the soft Dice's gradient vanishes through a saturated
+    sigmoid. Averaged over the target alone, each positive pixel pulls with weight ``1 / |G|`` per row.
+    """
+    tgt = target.flatten(1).to(logits.dtype)
+    size = tgt.sum(1)
+    keep = size > 0
+    if not bool(keep.any()):
+        return logits.sum() * 0.0
+    per_pixel = F.softplus(-logits.flatten(1))
+    return ((per_pixel * tgt).sum(1)[keep] / size[keep]).mean()
 
 
 def prior_mass_loss(logits: Tensor, prior: Tensor) -> Tensor:

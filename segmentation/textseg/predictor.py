@@ -467,9 +467,10 @@ class MedVLMSegmenter(SegmenterBase):
             known = sorted(self.specialists["kinds"]) if self.specialists is not None else []
             raise input_error("Med-VLM specialist", expected=f"a kind among {known}", received=repr(kind),
                               fix="ask for a kind listed in specialists.json")
+        target = self.specialists["kinds"][kind]
+        key = str(Path(target).resolve())  # kinds that share one specialist (skin, endoscopy) share its model
         with self._route_lock:
-            if kind not in self._specialist_models:
-                target = self.specialists["kinds"][kind]
+            if key not in self._specialist_models:
                 if not shares_image_encoder(self.checkpoint, target):
                     raise input_error("Med-VLM specialist", expected=f"a checkpoint with the image encoder of "
                                       f"{self.checkpoint} (trained with it frozen)", received=f"{kind}: {target}",
@@ -477,8 +478,8 @@ class MedVLMSegmenter(SegmenterBase):
                                       "from specialists.json")
                 specialist = MedVLMSegmenter(target, **self._options, route=False, specialists=False)
                 specialist._host, specialist._parent = self.checkpoint, self
-                self._specialist_models[kind] = specialist
-        return self._specialist_models[kind]
+                self._specialist_models[key] = specialist
+        return self._specialist_models[key]
 
     def _specialist_for(self, embedding: ImageEmbedding) -> MedVLMSegmenter | None:
         """The specialist that answers the image of ``embedding`` (this checkpoint's own embedding), or None."""
