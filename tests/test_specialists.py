@@ -239,3 +239,31 @@ def test_packaged_multi_hands_body_ct_to_its_specialist() -> None:
     pancreas = multi.segment(sample.image, [Prompt(text="pancreas")])[0]
     assert pancreas.meta["found"] and dice(pancreas.mask.data, sample.masks["pancreas"]) > 0.1
     assert dice(alone.segment(sample.image, [Prompt(text="pancreas")])[0].mask.data, sample.masks["pancreas"]) < 0.05
+
+
+def test_a_process_that_only_hands_over_still_leaves_both_bundles(tmp_path: Path, tiny_folder: tuple[Path, int],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The broad checkpoint never runs its text encoder here (every prompt goes to the specialist) and the
+    specialist never runs its image encoder; each still writes its inference bundle, so the next process starts
+    both without building the torch encoders, with the same answer."""
+    import segmentation.runtime as runtime
+    from segmentation.textseg.bundle import bundle_dir
+    from segmentation.textseg.predictor import IMAGE_EXPORT_KEY, TEXT_EXPORT_KEY, MedVLMSegmenter
+
+    if not runtime.openvino_available():
+        pytest.skip("OpenVINO is not installed: no bundles")
+    # OpenVINO f32 on every CPU (as test_runtime's bundle test): bf16 rounding is not what this test is about
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda *_: False)
+    monkeypatch.setenv("MEDVLM_OPENVINO_CACHE", str(tmp_path / "ov"))
+    opts = {**OPTS, "precision": "auto"}
+    broad, spec = _pair(tmp_path, tiny_folder)
+    first = MedVLMSegmenter(broad, **opts)
+    assert first.plan.engine == "openvino" and not first.light
+    before = first.segment(_image(), [Prompt(text="fetal head")])[0]
+    assert before.meta["specialist"] and first._compiled_text is not None  # compiled for the bundle alone
+    for folder in (broad, spec):
+        assert (bundle_dir(folder.resolve(), (IMAGE_EXPORT_KEY, TEXT_EXPORT_KEY)) / "manifest.json").is_file()
+    again = MedVLMSegmenter(broad, **opts)
+    after = again.segment(_image(), [Prompt(text="fetal head")])[0]
+    assert again.light and again.specialist("fetal_us").light and after.meta["specialist"]
+    np.testing.assert_allclose(after.logits, before.logits, atol=2e-2)  # the heads IR reorders float sums

@@ -308,9 +308,19 @@ class MedVLMSegmenter(SegmenterBase):
         self.model, self.meta, self.light = model, meta, True
 
     def _save_bundle(self) -> None:
-        """Write the bundle once both encoders are compiled in this process (the full model is at hand)."""
-        if (self.light or self._bundle is None or self._compiled is None or self._compiled_text is None
-                or self._compiled.ir_path is None or (self._bundle / "manifest.json").is_file()):
+        """Write the bundle once an encoder is compiled in this process (the full model is at hand), compiling the
+        other one first if this process has not: a broad checkpoint whose prompts all go to its specialists never
+        runs its text encoder, and a specialist never runs its image encoder (it decodes its host's features), so
+        waiting for both would leave them without a bundle, loading the full torch model in every process. The
+        other encoder's IR is usually in the cache already (a specialist's image encoder is its host's, bit for
+        bit, and the IR cache is keyed by weights)."""
+        if self.light or self._bundle is None or (self._bundle / "manifest.json").is_file():
+            return
+        if self._compiled is None and self.plan.compiled:
+            self._compile_image_encoder()
+        if self._compiled_text is None and self.plan.engine == "openvino":
+            self._compile_text_encoder()
+        if self._compiled is None or self._compiled_text is None or self._compiled.ir_path is None:
             return
         from segmentation.textseg.bundle import write_bundle
 
@@ -369,12 +379,25 @@ class MedVLMSegmenter(SegmenterBase):
         if self.plan.engine != "openvino":
             return model.encode_text(ids, mask)
         if self._compiled_text is None:
-            # an example WITH padding: tracing must keep the attention-mask branch (module docstring of runtime)
-            ex_ids, ex_mask = model.text_encoder.tokenize(["chest", "the heart lies in the middle mediastinum"])
-            self._compiled_text = compile_text_encoder(model.text_encoder.export_module(model.text_proj), ex_ids,
-                                                       ex_mask, self.plan.requested, key=TEXT_EXPORT_KEY)
+            self._compile_text_encoder()
             self._save_bundle()
+        assert self._compiled_text is not None  # just compiled
         return self._compiled_text(ids, mask).to(self.device)
+
+    def _compile_text_encoder(self) -> None:
+        model = self.model
+        # an example WITH padding: tracing must keep the attention-mask branch (module docstring of runtime)
+        ex_ids, ex_mask = model.text_encoder.tokenize(["chest", "the heart lies in the middle mediastinum"])
+        self._compiled_text = compile_text_encoder(model.text_encoder.export_module(model.text_proj), ex_ids,
+                                                   ex_mask, self.plan.requested, key=TEXT_EXPORT_KEY)
+
+    def _compile_image_encoder(self) -> None:
+        import torch
+
+        encoder = self.model.image_encoder
+        size = encoder.config.image_size
+        self._compiled = compile_encoder(encoder.export_module(), torch.zeros(1, 3, size, size),
+                                         self.plan.requested, key=IMAGE_EXPORT_KEY, max_batch=self.encode_batch_size)
 
     def _run_encoder(self, pixels: Any) -> Any:
         """``pixels (B, 3, S, S)`` float32 -> features ``(B, C, g, g)``; the caller holds the lock."""
@@ -385,11 +408,9 @@ class MedVLMSegmenter(SegmenterBase):
             with torch.inference_mode():
                 return encoder(pixels)
         if self._compiled is None:
-            size = encoder.config.image_size
-            self._compiled = compile_encoder(encoder.export_module(), torch.zeros(1, 3, size, size),
-                                             self.plan.requested, key=IMAGE_EXPORT_KEY,
-                                             max_batch=self.encode_batch_size)
+            self._compile_image_encoder()
             self._save_bundle()
+        assert self._compiled is not None  # just compiled
         return self._compiled(pixels).to(self.device)
 
     def _embedding(self, image: ImageInput, rgb: Any, features: Any, content: tuple[int, int],
