@@ -205,7 +205,8 @@ def postprocess_section(checkpoint: Path) -> list[str]:
     policy = PostprocessPolicy.load(checkpoint)
     if policy is None:
         return []
-    names = list(CANDIDATES)
+    measured = policy.evidence.get("structures", {}).values()
+    names = [n for n in CANDIDATES if any(n in info.get("mean_dice", {}) for info in measured)]
     lines = ["", POSTPROCESS_HEADING, "",
              "Mean Dice of the checkpoint's own found masks on images it was trained on (never its val split), "
              "per candidate; a candidate is kept when it beats `none` by more than "

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from medvlm.datasets import Sample
 from medvlm.errors import input_error
 from medvlm.io import atomic_open
 from segmentation.textseg.wholes import add_wholes, annotated_with_wholes
+from segmentation.textseg.zoom import Window, random_zoom_window
 
 __all__ = ["CacheEntry", "FeatureCache", "augment", "build_cache", "letterbox_mask"]
 
@@ -44,11 +45,13 @@ class CacheEntry:
     structures: tuple[str, ...]
     absent: tuple[str, ...]  # structures the dataset annotates that this image does not contain
     site: str = ""  # the reader's site hint (picks e.g. the cardiac vs brain MR view sentence)
+    #: a zoom variant's window (top, left, side) in pixels of the original image; None for the whole image
+    window: tuple[int, int, int] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"key": self.key, "dataset": self.dataset, "sample_id": self.sample_id, "variant": self.variant,
                 "modality": self.modality, "structures": list(self.structures), "absent": list(self.absent),
-                "site": self.site}
+                "site": self.site, "window": None if self.window is None else list(self.window)}
 
 
 def letterbox_mask(mask: npt.NDArray[np.bool_], size: int) -> npt.NDArray[np.bool_]:
@@ -99,6 +102,10 @@ def augment(rgb: npt.NDArray[np.uint8], masks: dict[str, npt.NDArray[np.bool_]],
     return (out_rgb * 255).round().astype(np.uint8), {k: v for k, v in out_masks.items() if v.any()}
 
 
+def _digest(text: str) -> int:
+    return int(hashlib.sha1(text.encode()).hexdigest()[:8], 16)
+
+
 def encoder_key(encoder_config: dict[str, Any], first_adapted: int) -> str:
     blob = json.dumps({"encoder": encoder_config, "first_adapted": first_adapted}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
@@ -112,7 +119,7 @@ def _modality(sample: Sample) -> str:
 def build_cache(encoder: Any, items: Iterable[tuple[str, Sample, int, Sequence[str]]], cache_dir: str | Path,
                 *, seed: int = 0, progress: bool = True,
                 prefix_fn: Callable[[torch.Tensor], torch.Tensor] | None = None, batch_size: int = 8,
-                wholes: bool = False) -> list[CacheEntry]:
+                wholes: bool = False, zooms: Mapping[str, int] | None = None) -> list[CacheEntry]:
     """Encode every ``(dataset, sample, n_variants, dataset_structures)`` into ``cache_dir``; returns entries.
 
     Variant 0 is the image as is, variants 1.. are :func:`augment` draws seeded by (seed, sample id, variant).
@@ -121,6 +128,9 @@ def build_cache(encoder: Any, items: Iterable[tuple[str, Sample, int, Sequence[s
     ``prefix_fn`` maps a batch of encoder inputs ``(B, 3, S, S)`` to the frozen prefix (default
     ``encoder.prefix``; e.g. an OpenVINO-compiled copy); images go through it ``batch_size`` at a time.
     ``wholes``: also store the wholes of present parts (:func:`add_wholes`).
+    ``zooms``: dataset name -> zoom variants per image (keys ``...__z<k>``): the crop of a
+    :func:`~segmentation.textseg.zoom.random_zoom_window` seeded by (seed, sample id, k), augmented from k = 1 on,
+    with the masks' parts inside it; what the ``zoom`` postprocess operation shows the model at inference.
     """
     from tqdm.auto import tqdm
 
@@ -130,7 +140,8 @@ def build_cache(encoder: Any, items: Iterable[tuple[str, Sample, int, Sequence[s
     size = encoder.config.image_size
     entries: list[CacheEntry] = []
     work = list(items)
-    total = sum(n for _, _, n, _ in work)
+    zooms = dict(zooms or {})
+    total = sum(n + zooms.get(d, 0) for d, _, n, _ in work)
     bar = tqdm(total=total, desc="caching encoder features", disable=not progress)
     run = prefix_fn if prefix_fn is not None else encoder.prefix
     pending: list[tuple[Path, npt.NDArray[np.float32], tuple[int, int], dict[str, npt.NDArray[np.bool_]]]] = []
@@ -152,19 +163,30 @@ def build_cache(encoder: Any, items: Iterable[tuple[str, Sample, int, Sequence[s
     for dataset, sample, n_variants, dataset_structures in work:
         base_rgb = sample.image.to_rgb_uint8()
         annotated = annotated_with_wholes(dataset_structures) if wholes else tuple(dataset_structures)
-        for v in range(n_variants):
-            key = f"{dataset}__{sample.id}__v{v}".replace("/", "_")
+        draws: list[tuple[str, int, Window | None]] = [(f"v{v}", v, None) for v in range(n_variants)]
+        for k in range(zooms.get(dataset, 0)):
+            window = random_zoom_window(sample.masks, base_rgb.shape[:2], np.random.default_rng(
+                _digest(f"{seed}:{dataset}:{sample.id}:z{k}")))
+            if window is not None:
+                draws.append((f"z{k}", k, window))
+        for tag, v, window in draws:
+            key = f"{dataset}__{sample.id}__{tag}".replace("/", "_")
             path = root / f"{key}.pt"
             rgb, masks = base_rgb, dict(sample.masks)
-            if v > 0:
-                digest = int(hashlib.sha1(f"{seed}:{dataset}:{sample.id}:{v}".encode()).hexdigest()[:8], 16)
-                rgb, masks = augment(base_rgb, masks, np.random.default_rng(digest))
+            if window is not None:
+                rgb = np.ascontiguousarray(window.crop(base_rgb))
+                masks = {n: np.ascontiguousarray(window.crop(np.asarray(m, dtype=bool))) for n, m in masks.items()}
+                masks = {n: m for n, m in masks.items() if m.any()}
+            if v > 0:  # whole-image variants keep their historical seeds (existing caches stay valid)
+                draw = f"{seed}:{dataset}:{sample.id}:" + (tag if window is not None else str(v))
+                rgb, masks = augment(rgb, masks, np.random.default_rng(_digest(draw)))
             if wholes:
                 masks = add_wholes(masks)
             structures = tuple(sorted(masks))
             absent = tuple(s for s in annotated if s not in masks)
             entries.append(CacheEntry(key, dataset, sample.id, v, _modality(sample), structures, absent,
-                                      str(sample.meta.get("site", "") or "")))
+                                      str(sample.meta.get("site", "") or ""),
+                                      None if window is None else (window.top, window.left, window.side)))
             if path.is_file():
                 bar.update(1)
                 continue
@@ -206,7 +228,8 @@ class FeatureCache:
                               received=f"key {index.get('encoder_key')} in {root}",
                               fix="use another cache_dir or delete this one; the encoder or its LoRA stages changed")
         entries = [CacheEntry(e["key"], e["dataset"], e["sample_id"], int(e["variant"]), e["modality"],
-                              tuple(e["structures"]), tuple(e["absent"]), e.get("site", ""))
+                              tuple(e["structures"]), tuple(e["absent"]), e.get("site", ""),
+                              None if e.get("window") is None else tuple(e["window"]))
                    for e in index["entries"]]
         if keys is not None:
             wanted = set(keys)

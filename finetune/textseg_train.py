@@ -73,13 +73,15 @@ class DataSource:
     """One data folder: ``name`` (a medvlm.datasets name), ``variants`` cached per image (1 = no augmentation),
     ``weight`` (relative sampling weight: per image, or per source with ``balance: source``), ``limit`` (first N
     ids, for quick runs), ``every`` (keep every k-th training id of each case: neighbouring slices of a volume
-    are nearly the same image)."""
+    are nearly the same image), ``zooms`` (zoom variants cached per image: a window around a random structure,
+    what the ``zoom`` postprocess operation shows the model; :mod:`segmentation.textseg.zoom`)."""
 
     name: str
     variants: int = 1
     weight: float = 1.0
     limit: int | None = None
     every: int = 1
+    zooms: int = 0
 
 
 @dataclass
@@ -166,6 +168,10 @@ class TrainConfig:
         if self.balance not in ("image", "source"):
             raise input_error("balance", expected="'image' or 'source'", received=repr(self.balance),
                               fix="use balance: source to weight folders, not images")
+        if any(d.variants < 1 or d.zooms < 0 for d in self.data):
+            raise input_error("data variants / zooms", expected="variants >= 1 and zooms >= 0",
+                              received=str([(d.variants, d.zooms) for d in self.data]),
+                              fix="use variants: 1 (the image as is) and zooms: 0 (no zoom windows) or e.g. 3")
         if any(d.every < 1 for d in self.data):
             raise input_error("data every", expected=">= 1", received=str([d.every for d in self.data]),
                               fix="use every: 1 (all ids) or e.g. every: 3")
@@ -600,7 +606,8 @@ def train_medvlm(cfg: TrainConfig, *, progress: bool = True, resume: bool = True
     t0 = time.time()
     prefix_fn = _prefix_runner(model.image_encoder, cfg.cache_precision)
     train_entries = build_cache(model.image_encoder, train_items, cfg.cache_dir, seed=cfg.seed, progress=progress,
-                                prefix_fn=prefix_fn, wholes=cfg.wholes)
+                                prefix_fn=prefix_fn, wholes=cfg.wholes,
+                                zooms={s.name: s.zooms for s in cfg.data if s.zooms})
     build_cache(model.image_encoder, val_items, Path(cfg.cache_dir) / "val", seed=cfg.seed, progress=progress,
                 prefix_fn=prefix_fn, wholes=cfg.wholes)
     cache_s = time.time() - t0
@@ -611,7 +618,7 @@ def train_medvlm(cfg: TrainConfig, *, progress: bool = True, resume: bool = True
     val_list = list(val_cache.entries)[: cfg.eval_limit]
     per_source = {s.name: s.weight for s in cfg.data}
     # a source's weight is per image, shared by its variants (or, balance: source, shared by all its entries)
-    n_variants = {s.name: s.variants for s in cfg.data}
+    n_variants = {s.name: s.variants + s.zooms for s in cfg.data}
     n_entries: dict[str, int] = {}
     for e in entries:
         n_entries[e.dataset] = n_entries.get(e.dataset, 0) + 1

@@ -267,3 +267,40 @@ def test_a_process_that_only_hands_over_still_leaves_both_bundles(tmp_path: Path
     after = again.segment(_image(), [Prompt(text="fetal head")])[0]
     assert again.light and again.specialist("fetal_us").light and after.meta["specialist"]
     np.testing.assert_allclose(after.logits, before.logits, atol=2e-2)  # the heads IR reorders float sums
+
+
+def test_a_specialist_zooms_with_its_hosts_image_encoder(tmp_path: Path, tiny_folder: tuple[Path, int]) -> None:
+    """``zoom`` encodes windows of the image again: a specialist has no encoder pass of its own (it decodes its
+    host's features), so its host encodes them; the window's mask is the specialist's."""
+    from segmentation.textseg.postprocess import PostprocessPolicy
+    from segmentation.textseg.predictor import MedVLMSegmenter
+    from segmentation.textseg.zoom import zoom_windows
+
+    broad, spec = _pair(tmp_path, tiny_folder)
+    PostprocessPolicy(ops={"fetal head": ("zoom",)}).save(spec)
+    seg = MedVLMSegmenter(broad, **OPTS)
+    specialist = seg.specialist("fetal_us")
+
+    def never(*_: object) -> None:
+        raise AssertionError("the specialist must not encode")
+
+    specialist._encode_own = specialist._encode_batch_own = never  # type: ignore[method-assign]
+    host_batches: list[int] = []
+    encode_batch = seg._encode_batch_own
+
+    def counted(images: Any) -> Any:
+        host_batches.append(len(images))
+        return encode_batch(images)
+
+    seg._encode_batch_own = counted  # type: ignore[method-assign]
+    got = seg.segment(_image(), [Prompt(text="fetal head")])[0]
+    drawn = MedVLMSegmenter(spec, route=False, postprocess="off", **OPTS).segment(_image(), [Prompt(text="fetal head")])
+    windows = zoom_windows(drawn[0].mask.data)
+    assert got.meta["specialist"] == specialist.checkpoint and got.meta["postprocess"] == ["zoom"]
+    assert host_batches == [len(windows)]
+    expected = np.zeros(_image().shape, bool)
+    for w in windows:
+        crop = np.ascontiguousarray(w.crop(np.repeat(_image()[..., None], 3, axis=2)))
+        expected |= w.paste(MedVLMSegmenter(spec, route=False, postprocess="off", **OPTS).segment(
+            crop, [Prompt(text="fetal head")])[0].mask.data, _image().shape)
+    assert np.array_equal(got.mask.data, expected)

@@ -55,8 +55,8 @@ CHECKPOINT_HELP = ("Med-VLM checkpoint folder, or a packaged name: default (the 
 
 POSTPROCESS_CHOICES = ("full", "masks", "off")
 POSTPROCESS_HELP = ("Med-VLM's per-structure postprocessing, chosen on its training images (postprocess.json): "
-                    "full = all of it (LiteMedSAM on the mask's boxes where that helped, largest component, hole "
-                    "filling), masks = no second encoder, off = the decoder's masks")
+                    "full = all of it (LiteMedSAM on the mask's boxes or a zoomed second look where that helped, "
+                    "largest component, hole filling), masks = no second encoder pass, off = the decoder's masks")
 
 
 def _add_segment(p: argparse.ArgumentParser) -> None:

@@ -14,7 +14,12 @@ trained on (never on its val split), written by ``python -m finetune.postprocess
   a fetal head in its standard plane, of a short-axis ventricle cavity).
 - ``convex_hull``: the mask's convex hull (pixels whose centres lie in the hull of the mask's pixel squares).
 
-Operations run in the order listed for the structure. Masks are bool ``(H, W)`` on the original pixel grid.
+- ``zoom``: a second Med-VLM look at a square window around each component, re-encoded at the model's full input
+  size (:mod:`segmentation.textseg.zoom`); small structures (pancreas, kidney) gain from the finer grid.
+
+``zoom`` runs first, then ``refine_box``, then the pixel operations in the order listed for the structure. Both
+first ones encode pixels again (:data:`ENCODING_OPS`: skipped by the predictor's ``postprocess="masks"``). Masks
+are bool ``(H, W)`` on the original pixel grid.
 """
 
 from __future__ import annotations
@@ -31,12 +36,14 @@ import numpy.typing as npt
 from medvlm.errors import input_error
 from medvlm.types import Box
 
-__all__ = ["CANDIDATES", "OPS", "POSTPROCESS_FILE", "PostprocessPolicy", "apply_mask_ops", "choose_candidate",
-           "component_boxes", "convex_hull", "fill_holes", "fit_ellipse", "largest_component", "postprocess_mask",
-           "refine_by_boxes"]
+__all__ = ["CANDIDATES", "ENCODING_OPS", "OPS", "POSTPROCESS_FILE", "PostprocessPolicy", "apply_mask_ops",
+           "choose_candidate", "component_boxes", "convex_hull", "fill_holes", "fit_ellipse", "largest_component",
+           "postprocess_mask", "refine_by_boxes"]
 
 POSTPROCESS_FILE = "postprocess.json"
-OPS: tuple[str, ...] = ("refine_box", "largest_component", "fill_holes", "fit_ellipse", "convex_hull")
+OPS: tuple[str, ...] = ("zoom", "refine_box", "largest_component", "fill_holes", "fit_ellipse", "convex_hull")
+#: operations that encode the image again (a promptable segmenter's encoder, Med-VLM's on a crop)
+ENCODING_OPS: tuple[str, ...] = ("zoom", "refine_box")
 #: what the recipe compares, by name; "none" keeps the mask as the decoder drew it
 CANDIDATES: dict[str, tuple[str, ...]] = {
     "none": (),
@@ -49,6 +56,10 @@ CANDIDATES: dict[str, tuple[str, ...]] = {
     "convex_hull": ("convex_hull",),
     "refine_box+fit_ellipse": ("refine_box", "fit_ellipse"),
     "refine_box+convex_hull": ("refine_box", "convex_hull"),
+    "zoom": ("zoom",),
+    "zoom+largest_component": ("zoom", "largest_component"),
+    "zoom+refine_box": ("zoom", "refine_box"),
+    "zoom+refine_box+largest_component": ("zoom", "refine_box", "largest_component"),
 }
 #: components below this share of the largest one's pixels are not prompted (specks of a faint map)
 MIN_COMPONENT_FRACTION = 0.1
@@ -162,8 +173,8 @@ def refine_by_boxes(refiner: Any, embedding: Any, mask: npt.ArrayLike) -> npt.ND
 
 
 def apply_mask_ops(mask: npt.ArrayLike, ops: Sequence[str]) -> npt.NDArray[np.bool_]:
-    """``mask`` after the pixel operations of ``ops`` in order (``refine_box`` needs a refiner and is skipped
-    here: :func:`postprocess_mask` runs it first)."""
+    """``mask`` after the pixel operations of ``ops`` in order (``zoom`` and ``refine_box`` need an encoder and are
+    skipped here: :func:`postprocess_mask` runs them first)."""
     m = np.asarray(mask, dtype=bool)
     for op in ops:
         if op == "largest_component":
@@ -177,19 +188,23 @@ def apply_mask_ops(mask: npt.ArrayLike, ops: Sequence[str]) -> npt.NDArray[np.bo
     return m
 
 
-def postprocess_mask(mask: npt.ArrayLike, ops: Sequence[str],
-                     refine: Callable[[npt.NDArray[np.bool_]], npt.NDArray[np.bool_] | None] | None = None,
-                     ) -> tuple[npt.NDArray[np.bool_], list[str]]:
-    """``mask`` (bool ``(H, W)``) after ``ops``, and the operations applied: ``refine_box`` first, as
-    ``refine(mask)`` (None, or a refinement that is None or empty, keeps the decoder's mask and is not counted),
-    then the pixel operations in their order (:func:`apply_mask_ops`)."""
+MaskStep = Callable[[npt.NDArray[np.bool_]], "npt.NDArray[np.bool_] | None"]
+
+
+def postprocess_mask(mask: npt.ArrayLike, ops: Sequence[str], refine: MaskStep | None = None,
+                     zoom: MaskStep | None = None) -> tuple[npt.NDArray[np.bool_], list[str]]:
+    """``mask`` (bool ``(H, W)``) after ``ops``, and the operations applied: ``zoom`` first, as ``zoom(mask)``, then
+    ``refine_box``, as ``refine(mask)`` (for either, no callable, or a result that is None or empty, keeps the mask
+    and is not counted), then the pixel operations in their order (:func:`apply_mask_ops`)."""
     m = np.asarray(mask, dtype=bool)
     applied: list[str] = []
-    if "refine_box" in ops and refine is not None:
-        refined = refine(m)
-        if refined is not None and refined.any():
-            m, applied = np.asarray(refined, dtype=bool), ["refine_box"]
-    rest = [op for op in ops if op != "refine_box"]
+    for op, step in (("zoom", zoom), ("refine_box", refine)):
+        if op in ops and step is not None:
+            out = step(m)
+            if out is not None and out.any():
+                m = np.asarray(out, dtype=bool)
+                applied.append(op)
+    rest = [op for op in ops if op not in ENCODING_OPS]
     return apply_mask_ops(m, rest), applied + rest
 
 
@@ -231,6 +246,10 @@ class PostprocessPolicy:
     @property
     def refines(self) -> bool:
         return any("refine_box" in ops for ops in self.ops.values())
+
+    @property
+    def zooms(self) -> bool:
+        return any("zoom" in ops for ops in self.ops.values())
 
     def to_json(self) -> dict[str, Any]:
         return {"version": 1, "ops": {k: list(v) for k, v in sorted(self.ops.items())},

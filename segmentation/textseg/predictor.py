@@ -41,7 +41,7 @@ from segmentation.runtime import (
     encoder_plan,
 )
 from segmentation.textseg.kind_gate import KindClassifier, KindVerdict
-from segmentation.textseg.postprocess import PostprocessPolicy, postprocess_mask, refine_by_boxes
+from segmentation.textseg.postprocess import ENCODING_OPS, PostprocessPolicy, postprocess_mask, refine_by_boxes
 from segmentation.textseg.specialists import read_specialists, shares_image_encoder
 
 __all__ = ["DEFAULT_CHECKPOINT_ENV", "MedVLMSegmenter", "default_checkpoint_dir", "expand_text", "packaged_checkpoints",
@@ -203,7 +203,8 @@ class MedVLMSegmenter(SegmenterBase):
     parts' masks (``meta["parts"]``), found when any part is; ``None`` (default) = when the checkpoint needs it.
     ``postprocess``: the per-structure mask operations the checkpoint's ``postprocess.json`` chose on its training
     images (:mod:`segmentation.textseg.postprocess`): ``full`` (default) runs them all, ``masks`` all but
-    ``refine_box`` (which encodes the image a second time, with LiteMedSAM), ``off`` none. A found mask that was
+    those that encode pixels again (``refine_box``: LiteMedSAM on the image; ``zoom``: this encoder on windows
+    around the mask, :meth:`zoom_mask`), ``off`` none. A found mask that was
     postprocessed says so in ``meta["postprocess"]`` (the operations applied) and
     ``meta["pixels_before_postprocess"]``; ``logits`` stay the decoder's. An embedding whose ``extra`` carries
     ``"postprocess"`` overrides the option for its image (a volume's slices: ``off``). ``refiner``: the promptable
@@ -420,8 +421,8 @@ class MedVLMSegmenter(SegmenterBase):
         modality = getattr(image, "modality", None)
         extra = {"input_size": size, "content_shape": content, "modality": modality, "encode_s": seconds,
                  "precision": self.plan.precision, "engine": self.plan.engine}
-        if self._may_refine():
-            extra["rgb"] = rgb  # refine_box prompts the refiner on the same pixels
+        if self._needs_pixels():
+            extra["rgb"] = rgb  # refine_box prompts the refiner on the same pixels; zoom crops them
         return ImageEmbedding(backend=self.name, original_size=(height, width), features=features,
                               frame=letterbox_frame(height, width, size), extra=extra)
 
@@ -815,8 +816,13 @@ class MedVLMSegmenter(SegmenterBase):
                                             verdict))
         return self._postprocessed(embedding, results)
 
-    def _may_refine(self) -> bool:
-        return self.postprocess == "full" and self.postprocess_policy is not None and self.postprocess_policy.refines
+    def _needs_pixels(self) -> bool:
+        """Whether embeddings keep the image's pixels (``extra["rgb"]``): ``refine_box`` and ``zoom`` read them,
+        this checkpoint's or a specialist's (whose policy is not known before it is built)."""
+        if self.postprocess != "full":
+            return False
+        policy = self.postprocess_policy
+        return self.specialists is not None or (policy is not None and (policy.refines or policy.zooms))
 
     def refiner(self) -> Any:
         """The promptable segmenter of ``refine_box``: the one given, else LiteMedSAM with this segmenter's
@@ -843,6 +849,34 @@ class MedVLMSegmenter(SegmenterBase):
             cached = embedding.extra["refiner_embedding"] = refiner.encode(rgb)
         return refine_by_boxes(refiner, cached, mask)
 
+    def zoom_mask(self, embedding: ImageEmbedding, prompt: Prompt, mask: Any, rgb: Any = None) -> Any:
+        """``zoom`` of ``mask`` (bool ``(H, W)``, original grid; :mod:`segmentation.textseg.zoom`): the union of the
+        masks this checkpoint finds for ``prompt`` in a square window around each component of ``mask``, each
+        window encoded (in one batch) by the image encoder that made ``embedding``; bool ``(H, W)``, or None when
+        there are no pixels (``rgb``, default ``embedding.extra["rgb"]``), no component, or no window finds it.
+        A window is read as part of the same image: its modality and kind of image are the image's, and it is
+        decoded with postprocessing off."""
+        from segmentation.textseg.zoom import zoom_windows
+
+        pixels = embedding.extra.get("rgb") if rgb is None else rgb
+        m = np.asarray(mask, dtype=bool)
+        windows = zoom_windows(m) if pixels is not None else []
+        if not windows:
+            return None
+        # a specialist decodes its host's features: the host encodes the windows (the same encoder, checked)
+        encoder = self._parent if self._host is not None and self._parent is not None else self
+        crops = [np.ascontiguousarray(w.crop(np.asarray(pixels))) for w in windows]
+        union = np.zeros(m.shape, dtype=bool)
+        for window, crop_embedding in zip(windows, encoder._encode_batch_own(crops)):
+            crop_embedding = _features_as(crop_embedding, self.light)
+            crop_embedding.extra.update(postprocess="off", modality=embedding.extra.get("modality"))
+            if "image_kind" in embedding.extra:
+                crop_embedding.extra["image_kind"] = embedding.extra["image_kind"]
+            result = self._decode(crop_embedding, [prompt], False)[0]
+            if result.meta.get("found"):
+                union |= window.paste(result.mask.data, m.shape)
+        return union if union.any() else None
+
     def _postprocessed(self, embedding: ImageEmbedding,
                        results: list[SegmentationResult]) -> list[SegmentationResult]:
         """``results`` after the checkpoint's per-structure operations (class docstring, ``postprocess``)."""
@@ -854,12 +888,13 @@ class MedVLMSegmenter(SegmenterBase):
         for r in results:
             ops = policy.ops_for(r.meta.get("structure"))
             if mode != "full":
-                ops = tuple(op for op in ops if op != "refine_box")
+                ops = tuple(op for op in ops if op not in ENCODING_OPS)
             if not ops or not r.meta.get("found"):
                 out.append(r)
                 continue
             before = np.asarray(r.mask.data, dtype=bool)
-            mask, applied = postprocess_mask(before, ops, lambda m: self._refined(embedding, m))
+            mask, applied = postprocess_mask(before, ops, lambda m: self._refined(embedding, m),
+                                             functools.partial(self.zoom_mask, embedding, r.prompt))
             if not mask.any():
                 out.append(r)
                 continue
