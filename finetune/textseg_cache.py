@@ -8,7 +8,8 @@ the rest ~0.1 s).
 Layout of ``cache_dir``: ``index.json`` ({"encoder": ..., "entries": [...]}) and one ``<key>.pt`` per image
 variant holding ``{"prefix": (N, C) or (C, h, w) float16, "masks": {name: (S, S) bool}, "content": (h, w)}``.
 A cache built for another encoder config is refused (the key includes it). Building resumes: variants whose
-file exists are skipped.
+file exists are skipped, and :class:`FeatureCache` takes each entry's structures from its file (a run with
+another seed draws other augmentations than the stored ones).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -144,17 +145,21 @@ def build_cache(encoder: Any, items: Iterable[tuple[str, Sample, int, Sequence[s
     total = sum(n + zooms.get(d, 0) for d, _, n, _ in work)
     bar = tqdm(total=total, desc="caching encoder features", disable=not progress)
     run = prefix_fn if prefix_fn is not None else encoder.prefix
-    pending: list[tuple[Path, npt.NDArray[np.float32], tuple[int, int], dict[str, npt.NDArray[np.bool_]]]] = []
+    pending: list[tuple[Path, npt.NDArray[np.float32], tuple[int, int], dict[str, npt.NDArray[np.bool_]],
+                        tuple[int, int, int] | None]] = []
 
     def flush() -> None:
         if not pending:
             return
         with torch.no_grad():
-            prefixes = run(torch.from_numpy(np.stack([chw for _, chw, _, _ in pending]))).to(torch.float16)
-        for (path, _, content, masks), prefix in zip(pending, prefixes):
+            prefixes = run(torch.from_numpy(np.stack([chw for _, chw, _, _, _ in pending]))).to(torch.float16)
+        for (path, _, content, masks, window), prefix in zip(pending, prefixes):
             # clone: a row of the batch is a view, and torch.save would write the whole batch's storage
-            payload = {"prefix": prefix.clone(), "content": torch.tensor(content),
-                       "masks": {name: torch.from_numpy(letterbox_mask(m, size)) for name, m in masks.items()}}
+            payload: dict[str, Any] = {
+                "prefix": prefix.clone(), "content": torch.tensor(content),
+                "masks": {name: torch.from_numpy(letterbox_mask(m, size)) for name, m in masks.items()}}
+            if window is not None:
+                payload["window"] = list(window)
             with atomic_open(path, "wb") as fh:
                 torch.save(payload, fh)
         bar.update(len(pending))
@@ -184,14 +189,14 @@ def build_cache(encoder: Any, items: Iterable[tuple[str, Sample, int, Sequence[s
                 masks = add_wholes(masks)
             structures = tuple(sorted(masks))
             absent = tuple(s for s in annotated if s not in masks)
+            box = None if window is None else (window.top, window.left, window.side)
             entries.append(CacheEntry(key, dataset, sample.id, v, _modality(sample), structures, absent,
-                                      str(sample.meta.get("site", "") or ""),
-                                      None if window is None else (window.top, window.left, window.side)))
+                                      str(sample.meta.get("site", "") or ""), box))
             if path.is_file():
                 bar.update(1)
                 continue
             chw, content = encoder.preprocess(rgb)
-            pending.append((path, chw, content, masks))
+            pending.append((path, chw, content, masks, box))
             if len(pending) >= batch_size:
                 flush()
     flush()
@@ -210,6 +215,21 @@ def _encoder_json(encoder: Any) -> dict[str, Any]:
     for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_last_stages"):
         cfg.pop(k, None)
     return cfg
+
+
+def _as_stored(entry: CacheEntry, payload: dict[str, Any]) -> CacheEntry:
+    """``entry`` with the structures (and window) of the file it names. A build reuses the files that exist, but
+    an augmented variant is drawn from the build's seed: a run with another seed over the same cache computes the
+    index's structures from a draw that is not the stored one (a structure shifted out of the image, or into it),
+    so the file, whose image and masks belong together, is what counts."""
+    stored = tuple(sorted(payload["masks"]))
+    window = payload.get("window")
+    window_t = None if window is None else (int(window[0]), int(window[1]), int(window[2]))
+    if stored == entry.structures and (window is None or window_t == entry.window):
+        return entry
+    annotated = set(entry.structures) | set(entry.absent)
+    return replace(entry, structures=stored, absent=tuple(sorted(annotated - set(stored))),
+                   window=window_t if window is not None else entry.window)
 
 
 class FeatureCache:
@@ -237,7 +257,8 @@ class FeatureCache:
         self.entries = entries
         self.prefix: dict[str, torch.Tensor] = {}
         self.masks: dict[str, dict[str, torch.Tensor]] = {}
-        for e in entries:
+        for i, e in enumerate(entries):
             payload = torch.load(root / f"{e.key}.pt", map_location="cpu", weights_only=True)
             self.prefix[e.key] = payload["prefix"].clone()  # own storage (files of older builds held views)
             self.masks[e.key] = payload["masks"]
+            entries[i] = _as_stored(e, payload)

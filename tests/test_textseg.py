@@ -380,3 +380,43 @@ def test_shipped_checkpoint_segments_held_out_jsrt_images():
     assert np.mean(scores["heart"]) > 0.8
     assert min(np.mean(scores["right lung"]), np.mean(scores["left lung"])) > 0.9
     assert min(np.mean(scores["right clavicle"]), np.mean(scores["left clavicle"])) > 0.5
+
+
+def test_the_cache_entries_follow_the_stored_files_when_another_seed_rebuilds(tmp_path: Path) -> None:
+    """A rebuild with another seed reuses the stored augmented variants but draws other augmentations: a structure
+    at the border may be in one draw and not the other. The index then disagrees with the files, and the training
+    entries must follow the files (before: a KeyError at step 84 of a run, or a present structure taken for a
+    negative)."""
+    import json
+
+    import torch
+
+    from finetune.textseg_cache import FeatureCache, build_cache
+    from medvlm.datasets import Sample
+    from medvlm.io import MedicalImage
+    from segmentation.textseg.config import tiny_test_config
+    from segmentation.textseg.model import build_medvlm
+
+    torch.manual_seed(0)
+    encoder = build_medvlm(tiny_test_config()).image_encoder
+    pixels = np.random.default_rng(0).uniform(0, 1, (64, 64)).astype(np.float32)
+    edge = np.zeros((64, 64), bool)
+    edge[0:2, 30:34] = True  # a sliver on the top border: the similarity transform keeps it in some draws only
+    body = np.zeros((64, 64), bool)
+    body[20:44, 20:44] = True
+    items = [("ds", Sample(id="s", image=MedicalImage(pixels), masks={"edge": edge, "body": body}), 8,
+              ("edge", "body"))]
+    build_cache(encoder, items, tmp_path, seed=0, progress=False)
+    first = {e["key"]: e["structures"] for e in json.loads((tmp_path / "index.json").read_text())["entries"]}
+    for seed in range(1, 40):
+        build_cache(encoder, items, tmp_path, seed=seed, progress=False)
+        index = {e["key"]: e["structures"] for e in json.loads((tmp_path / "index.json").read_text())["entries"]}
+        if index != first:
+            break
+    else:
+        pytest.fail("no seed changed a draw's structures: this test could not fail")
+    cache = FeatureCache(tmp_path, encoder)
+    for e in cache.entries:
+        assert e.structures == tuple(sorted(cache.masks[e.key])), e.key
+        assert set(e.structures) | set(e.absent) == {"edge", "body"} and not set(e.structures) & set(e.absent)
+    assert [e.structures for e in cache.entries if e.key in first] == [tuple(first[e.key]) for e in cache.entries]

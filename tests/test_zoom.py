@@ -179,3 +179,4 @@ def test_a_data_source_needs_one_variant(bad: int) -> None:
 
     with pytest.raises(InputError, match="zooms"):
         TrainConfig(data=[DataSource("cxr_jsrt_scr", variants=1 if bad == -1 else bad, zooms=bad)]).validate()
+
