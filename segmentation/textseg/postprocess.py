@@ -15,7 +15,9 @@ trained on (never on its val split), written by ``python -m finetune.postprocess
 - ``convex_hull``: the mask's convex hull (pixels whose centres lie in the hull of the mask's pixel squares).
 
 - ``zoom``: a second Med-VLM look at a square window around each component, re-encoded at the model's full input
-  size (:mod:`segmentation.textseg.zoom`); small structures (pancreas, kidney) gain from the finer grid.
+  size (:mod:`segmentation.textseg.zoom`), for checkpoints trained on such windows. Meant for small structures;
+  on the CT and cardiac MR val splits it gained nothing over the whole image (README), so no packaged checkpoint
+  uses it.
 
 ``zoom`` runs first, then ``refine_box``, then the pixel operations in the order listed for the structure. Both
 first ones encode pixels again (:data:`ENCODING_OPS`: skipped by the predictor's ``postprocess="masks"``). Masks
