@@ -38,6 +38,50 @@ class WorstCase:
     box: list[float]
 
 
+class MeasurementAccumulator:
+    """Clinical measurements of predicted masks (:func:`medvlm.measure.measure_structure`) against the reference
+    values a folder records in its samples' ``meta`` under the same key (HC18: ``head_circumference_mm``).
+
+    Empty masks and shapes no measurement fits count as ``missing`` (no value to compare); a sample without a
+    spacing is skipped for the ``*_mm`` keys (its measurements come out in px)."""
+
+    def __init__(self) -> None:
+        self.values: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        self.missing: dict[tuple[str, str], int] = {}
+
+    def update(self, structure: str, pred: Any, spacing_mm: tuple[float, float] | None,
+               meta: dict[str, Any]) -> dict[str, float]:
+        """Record one predicted mask (bool ``(H, W)``) of ``structure``; returns ``{key: predicted value,
+        key_ref: reference}`` for each measurement that ``meta`` has a reference for (for the per-case JSON)."""
+        from medvlm.measure import MEASUREMENTS, measure_structure
+
+        if structure not in MEASUREMENTS or spacing_mm is None:
+            return {}
+        refs = {k: float(v) for k, v in meta.items() if k.endswith("_mm") and isinstance(v, int | float)}
+        got = measure_structure(structure, pred, spacing_mm) or {}
+        out: dict[str, float] = {}
+        for key, ref in refs.items():
+            if key not in got:
+                self.missing[(structure, key)] = self.missing.get((structure, key), 0) + 1
+                self.values.setdefault((structure, key), [])
+                continue
+            self.values.setdefault((structure, key), []).append((got[key], ref))
+            out[key], out[f"{key}_ref"] = got[key], ref
+        return out
+
+    def compute(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """structure -> key -> ``n`` (compared), ``missing``, ``mean_abs_diff``, ``mean_diff`` (predicted minus
+        reference, in the key's unit; None when nothing was compared)."""
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for (structure, key), pairs in sorted(self.values.items()):
+            diffs = np.array([p - r for p, r in pairs], dtype=np.float64)
+            out.setdefault(structure, {})[key] = {
+                "n": int(diffs.size), "missing": self.missing.get((structure, key), 0),
+                "mean_abs_diff": round(float(np.abs(diffs).mean()), 3) if diffs.size else None,
+                "mean_diff": round(float(diffs.mean()), 3) if diffs.size else None}
+        return out
+
+
 def _score(dataset: Any, ids: Sequence[str], segmenter: Any, make_prompts: Any, *, keep_worst: int,
            structures: Sequence[str] | None, label: str, wholes: bool = False,
            ) -> tuple[dict[str, Any], list[WorstCase], float]:
@@ -47,6 +91,7 @@ def _score(dataset: Any, ids: Sequence[str], segmenter: Any, make_prompts: Any, 
     from eval.metrics import SegmentationAccumulator, dice
 
     acc = SegmentationAccumulator()
+    measured = MeasurementAccumulator()
     worst: dict[str, list[WorstCase]] = {}
     per_case: list[dict[str, Any]] = []
     started = time.perf_counter()
@@ -64,13 +109,17 @@ def _score(dataset: Any, ids: Sequence[str], segmenter: Any, make_prompts: Any, 
             pred = result.mask.data
             acc.update(name, pred, gt, spacing_mm=spacing)
             d = float(dice(pred, gt))
-            per_case.append({"id": sample_id, "structure": name, "dice": round(d, 4)})
+            case: dict[str, Any] = {"id": sample_id, "structure": name, "dice": round(d, 4)}
+            case.update(measured.update(name, pred, sample.image.spacing_mm, sample.meta))
+            per_case.append(case)
             kept = worst.setdefault(name, [])
             kept.append(WorstCase(d, sample_id, name, pred, gt, box))
             if len(kept) > keep_worst:  # only the lowest Dice stay in memory (masks are large)
                 kept.remove(max(kept, key=lambda c: c.dice))
         log.info("%s %d/%d %s", label, i, len(ids), sample_id)
     payload = {**acc.compute(), "per_case": per_case}
+    if measured.values:
+        payload["measurements"] = measured.compute()
     worst_cases = [c for kept in worst.values() for c in sorted(kept, key=lambda c: c.dice)]
     return payload, worst_cases, time.perf_counter() - started
 
@@ -165,4 +214,13 @@ def format_table(payload: dict[str, Any]) -> str:
         lines.append(row(name, m))
     lines.append("-" * len(head))
     lines.append(row("mean", payload["mean"]))
+    for structure, keys in sorted(payload.get("measurements", {}).items()):
+        for key, m in keys.items():
+            if m["mean_abs_diff"] is None:
+                continue
+            unit = key.rsplit("_", 1)[-1]
+            what = key[: -len(unit) - 1].replace("_", " ")
+            lines.append(f"{structure}: {what}, mean absolute difference {m['mean_abs_diff']:.2f} {unit} "
+                         f"(mean {m['mean_diff']:+.2f}) against the folder's reference, n {m['n']}"
+                         + (f", {m['missing']} without a mask" if m["missing"] else ""))
     return "\n".join(lines)

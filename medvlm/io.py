@@ -44,6 +44,7 @@ __all__ = [
     "SUPPORTED_FORMATS",
     "MedicalImage",
     "atomic_open",
+    "check_spacing",
     "load_image",
     "load_volume",
     "mask_png_bytes",
@@ -432,6 +433,19 @@ def _check_window(window: Any, what: str) -> tuple[float, float]:
         raise input_error(what, expected="a finite center and a width > 0", received=repr(window),
                           fix="pass e.g. (40, 400) for a CT soft-tissue window")
     return (center, width)
+
+
+def check_spacing(spacing: Any, what: str = "--spacing") -> tuple[float, float]:
+    """``spacing`` as ``(row_mm, col_mm)``, two finite numbers > 0 (mm per pixel along rows and columns)."""
+    try:
+        row_mm, col_mm = (float(v) for v in spacing)
+    except (TypeError, ValueError) as exc:
+        raise input_error(what, expected="(row_mm, col_mm), two numbers", received=repr(spacing),
+                          fix="pass the pixel size in mm, e.g. 0.15 0.15 for an ultrasound frame") from exc
+    if not (np.isfinite(row_mm) and np.isfinite(col_mm)) or row_mm <= 0 or col_mm <= 0:
+        raise input_error(what, expected="a pixel size in mm > 0 along rows and columns", received=repr(spacing),
+                          fix="pass the pixel size in mm, e.g. 0.15 0.15 for an ultrasound frame")
+    return (row_mm, col_mm)
 
 
 # ----------------------------------------------------------------------------------------------- PNG/JPEG

@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from medvlm.errors import input_error
+from medvlm.measure import measure_structure
 
 __all__ = ["Box", "Mask", "Points", "Region"]
 
@@ -250,6 +251,20 @@ class Region:
                               fix="check the prediction before building a region from it")
         return cls(box=box, mask=mask, **kwargs)
 
+    @property
+    def structure(self) -> str | None:
+        """The canonical structure a text prompt was read as (provenance), or None."""
+        prompt = self.provenance.get("prompt")
+        structure = prompt.get("structure") if isinstance(prompt, dict) else None
+        return str(structure) if structure else None
+
+    def measurements(self, spacing_mm: tuple[float, float] | None) -> dict[str, float] | None:
+        """:func:`medvlm.measure.measure_structure` of this region's mask as its :attr:`structure` (mm with
+        ``spacing_mm = (row_mm, col_mm)``, else px); None when the structure has no measurement or no mask."""
+        if self.mask is None:
+            return None
+        return measure_structure(self.structure, self.mask.data, spacing_mm)
+
     def to_json(self, *, mask_path: str | None = None, spacing_mm: tuple[float, float] | None = None) -> dict[str, Any]:
         """JSON-ready dict; the mask itself is referenced by ``mask_path`` (written by the caller)."""
         out: dict[str, Any] = {
@@ -262,6 +277,9 @@ class Region:
         if self.mask is not None:
             out["area_px"] = self.mask.area_px
             out["area_mm2"] = self.mask.area_mm2(spacing_mm)
+            measured = self.measurements(spacing_mm)
+            if measured is not None:
+                out["measurements"] = measured
         if mask_path is not None:
             out["mask"] = mask_path
         if self.provenance:

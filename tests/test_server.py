@@ -206,6 +206,23 @@ def test_segment_box_multipart_and_json_in_original_pixels(client: Any, services
                                                 {"x": 700.0, "y": 400.0, "label": 0}]
 
 
+def test_segment_spacing_mm_field(client: Any, jsrt: dict[str, bytes]) -> None:
+    """A PNG carries no pixel size: the request's spacing_mm gives one (areas in mm2); a bad one is a 422."""
+    box = _tight_box(_mask(IMAGE_A, "heart"))
+    for r in (client.post("/v1/segment", json={"image": _b64(jsrt[IMAGE_A]), "box": box, "spacing_mm": [0.35, 0.35]}),
+              client.post("/v1/segment", files={"image": ("a.png", jsrt[IMAGE_A], "image/png")},
+                          data={"box": json.dumps(box), "spacing_mm": "[0.35, 0.35]"})):
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["image"]["spacing_mm"] == [0.35, 0.35]
+        region = body["regions"][0]
+        assert region["area_mm2"] == pytest.approx(region["area_px"] * 0.35 * 0.35, rel=1e-9)
+    for bad in ([0.0, 0.35], [0.35], [-1.0, 1.0]):
+        r = client.post("/v1/segment", json={"image": _b64(jsrt[IMAGE_A]), "box": box, "spacing_mm": bad})
+        assert r.status_code == 422, (bad, r.text)
+        assert "spacing_mm" in r.text
+
+
 @pytest.mark.slow
 @pytest.mark.data
 def test_segment_text_uses_medvlm(client: Any, jsrt: dict[str, bytes]) -> None:

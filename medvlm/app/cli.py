@@ -91,6 +91,10 @@ def _add_segment(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", nargs=2, type=float, metavar=("CENTER", "WIDTH"), default=None,
                    help="display window for CT/MR (e.g. 40 400 for soft tissue); default: from DICOM or min-max "
                    "(volumes: 40 400 for CT, the 0.5-99.5 percentile range otherwise)")
+    p.add_argument("--spacing", nargs=2, type=float, metavar=("ROW_MM", "COL_MM"), default=None,
+                   help="pixel size in mm of a PNG/JPEG (which does not store it), e.g. an ultrasound frame's from "
+                   "its scanner export: areas and measurements (fetal head circumference) are then in mm; it "
+                   "replaces a 2D DICOM's own spacing (a volume keeps its voxel size)")
     p.add_argument("--out", default="out", help="output directory (default: out)")
 
 

@@ -35,10 +35,14 @@ def _print_regions(regions: Sequence[Region], spacing: tuple[float, float] | Non
             area = f"{r.mask.area_px} px"
         score = f"{r.score:.3f}" if r.score is not None else "-"
         print(f"{k:>2}  {r.label:<16} {box:<28} {score:>6} {area:>14}")
+        measured = r.measurements(spacing)
+        if measured:
+            print("    " + ", ".join(f"{name.replace('_', ' ')[:-3]} {value:.1f} {name[-2:]}"
+                                    for name, value in measured.items()))
 
 
 def run_segment(args: argparse.Namespace) -> int:
-    from medvlm.io import load_image
+    from medvlm.io import check_spacing, load_image
     from medvlm.outputs import write_regions
     from segmentation.registry import build_segmenter
 
@@ -56,12 +60,18 @@ def run_segment(args: argparse.Namespace) -> int:
         if not args.text and Path(args.image).is_dir():
             raise input_error("segment prompts", expected="--text prompts for a DICOM series folder",
                               received="no --text", fix="add e.g. --text liver (the whole series is segmented)")
+        if getattr(args, "spacing", None):
+            raise input_error("--spacing", expected="a 2D PNG/JPEG/DICOM image (a volume keeps its voxel size)",
+                              received=f"the volume {args.image}",
+                              fix="drop --spacing (the NIfTI header or the DICOM series gives the voxel size)")
         if args.text:  # a 3D NIfTI or a DICOM series folder: the whole volume, slice by slice
             from medvlm.app.volume_commands import run_segment_volume
 
             return run_segment_volume(args)
     image = load_image(args.image, slice_index=args.slice_index, axis=args.axis,
                        window=tuple(args.window) if args.window else None)
+    if getattr(args, "spacing", None):
+        image.spacing_mm = check_spacing(args.spacing)
     if args.text:
         prompts, labels = text_prompts(args.text, args.label)
         name = args.segmenter or "medvlm"

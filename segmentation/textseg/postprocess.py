@@ -36,6 +36,7 @@ import numpy as np
 import numpy.typing as npt
 
 from medvlm.errors import input_error
+from medvlm.measure import ellipse_mask, fit_ellipse_moments, largest_component_2d
 from medvlm.types import Box
 
 __all__ = ["CANDIDATES", "ENCODING_OPS", "OPS", "POSTPROCESS_FILE", "PostprocessPolicy", "apply_mask_ops",
@@ -79,11 +80,7 @@ def _components(mask: npt.NDArray[np.bool_]) -> tuple[npt.NDArray[np.int32], npt
 
 def largest_component(mask: npt.ArrayLike) -> npt.NDArray[np.bool_]:
     """The largest 8-connected component of ``mask`` (bool ``(H, W)``); an empty mask stays empty."""
-    m = np.asarray(mask, dtype=bool)
-    labels, sizes = _components(m)
-    if sizes.size == 0:
-        return m.copy()
-    return np.asarray(labels == int(np.argmax(sizes)) + 1)
+    return largest_component_2d(mask)
 
 
 def fill_holes(mask: npt.ArrayLike) -> npt.NDArray[np.bool_]:
@@ -95,22 +92,12 @@ def fill_holes(mask: npt.ArrayLike) -> npt.NDArray[np.bool_]:
 
 def fit_ellipse(mask: npt.ArrayLike) -> npt.NDArray[np.bool_]:
     """The filled ellipse (bool ``(H, W)``, clipped to the grid) with the centroid and the covariance of the pixel
-    centres of ``mask``'s largest component: a filled ellipse with semi-axes ``a, b`` has variances ``a^2/4,
-    b^2/4`` along its axes (plus 1/12 px^2 from the pixel grid), so the fit returns a drawn ellipse as it was.
-    Fewer than 5 pixels, or all on one line: the component unchanged."""
+    centres of ``mask``'s largest component (:func:`medvlm.measure.fit_ellipse_moments`: a filled ellipse with
+    semi-axes ``a, b`` has variances ``a^2/4, b^2/4`` along its axes, plus 1/12 px^2 from the pixel grid, so the
+    fit returns a drawn ellipse as it was). Fewer than 5 pixels, or all on one line: the component unchanged."""
     m = largest_component(mask)
-    ys, xs = np.nonzero(m)
-    if xs.size < 5:
-        return m
-    cx, cy = float(xs.mean()), float(ys.mean())
-    cov = np.cov(np.stack([xs - cx, ys - cy]).astype(np.float64))
-    evals, evecs = np.linalg.eigh(cov)
-    semi_sq = 4.0 * (evals - 1.0 / 12.0)
-    if semi_sq.min() <= 0.25:
-        return m
-    yy, xx = np.mgrid[0:m.shape[0], 0:m.shape[1]]
-    d = np.stack([xx - cx, yy - cy], axis=-1) @ evecs  # coordinates along the ellipse's axes
-    return np.asarray((d[..., 0] ** 2 / semi_sq[0] + d[..., 1] ** 2 / semi_sq[1]) <= 1.0)
+    fit = fit_ellipse_moments(m)
+    return m if fit is None else ellipse_mask(fit, m.shape)
 
 
 def convex_hull(mask: npt.ArrayLike) -> npt.NDArray[np.bool_]:

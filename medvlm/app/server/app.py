@@ -402,6 +402,8 @@ class _App:
         upload = form.image("image")
         t0 = time.perf_counter()
         image = self.load(upload, f.slice)
+        if f.spacing_mm is not None:
+            image.spacing_mm = (float(f.spacing_mm[0]), float(f.spacing_mm[1]))
         timings = {"load_image": time.perf_counter() - t0}
         boxes: list[list[float]] = []
         if f.box:
@@ -788,10 +790,10 @@ def _add_routes(app: FastAPI, core: _App) -> None:
         return {"status": "ok", "version": __version__, "models": core.services.loaded()}
 
     @app.post("/v1/segment", response_model=S.SegmentResponse, responses=_ERRORS, tags=["tasks"],
-              openapi_extra=_body_doc(S.SegmentRequest, images, ("box", "points", "text", "label")))
+              openapi_extra=_body_doc(S.SegmentRequest, images, ("box", "points", "text", "label", "spacing_mm")))
     async def segment(request: Request) -> Any:
         """Box / point prompts (LiteMedSAM) and/or text prompts (Med-VLM) -> one region per prompt."""
-        form = await core.form(request, S.SegmentRequest, images, ("box", "points", "text", "label"))
+        form = await core.form(request, S.SegmentRequest, images, ("box", "points", "text", "label", "spacing_mm"))
         return await core.run(core.segment, form)
 
     @app.post("/v1/ground", response_model=S.GroundResponse, responses=_ERRORS, tags=["tasks"],

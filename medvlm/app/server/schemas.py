@@ -105,6 +105,9 @@ class RegionOut(_Response):
     score: float | None = Field(default=None, description="model confidence in [0, 1] when it gives one")
     area_px: int | None = None
     area_mm2: float | None = Field(default=None, description="when the image has a pixel spacing")
+    measurements: dict[str, float] | None = Field(
+        default=None, description="what a clinician reads off this structure (fetal head: head circumference, "
+        "biparietal and occipitofrontal diameters of its ellipse), in mm with a pixel spacing, else px")
     provenance: dict[str, Any] = Field(default_factory=dict, description="model, prompt and how it was made")
     checks: dict[str, Any] = Field(default_factory=dict, description="anatomy checks (laterality, zone) and action")
 
@@ -161,6 +164,10 @@ class SegmentRequest(_Request):
     slice: int | None = Field(default=None, ge=0, description="slice of a 3D NIfTI (along its third array axis) / "
                               "frame of a multi-frame DICOM")
     multimask: bool = Field(default=False, description="LiteMedSAM: keep the best of 3 masks by predicted IoU")
+    spacing_mm: Annotated[list[Annotated[float, Field(gt=0, allow_inf_nan=False)]],
+                          Field(min_length=2, max_length=2)] | None = Field(
+        default=None, description="[row_mm, col_mm] pixel size of a PNG/JPEG (which does not store it; replaces a "
+        "DICOM's own): areas and measurements (fetal head circumference) come in mm")
 
 
 class SegmentResponse(_Result):
