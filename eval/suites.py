@@ -55,9 +55,13 @@ class MeasurementAccumulator:
         key_ref: reference}`` for each measurement that ``meta`` has a reference for (for the per-case JSON)."""
         from medvlm.measure import MEASUREMENTS, measure_structure
 
-        if structure not in MEASUREMENTS or spacing_mm is None:
+        entry = MEASUREMENTS.get(structure)
+        if entry is None or spacing_mm is None:
             return {}
-        refs = {k: float(v) for k, v in meta.items() if k.endswith("_mm") and isinstance(v, int | float)}
+        refs = {f"{n}_mm": float(meta[f"{n}_mm"]) for n in entry.names
+                if isinstance(meta.get(f"{n}_mm"), int | float) and not isinstance(meta.get(f"{n}_mm"), bool)}
+        if not refs:
+            return {}
         got = measure_structure(structure, pred, spacing_mm) or {}
         out: dict[str, float] = {}
         for key, ref in refs.items():

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["MEASUREMENTS", "EllipseFit", "ellipse_circumference", "ellipse_mask", "fetal_head_biometry",
-           "fit_ellipse_moments", "largest_component_2d", "measure_structure"]
+__all__ = ["MEASUREMENTS", "EllipseFit", "StructureMeasurement", "ellipse_circumference", "ellipse_mask",
+           "fetal_head_biometry", "fit_ellipse_moments", "largest_component_2d", "measure_structure"]
 
 #: 1/12 px^2: the variance a pixel square adds along each axis (a drawn ellipse's moments include it)
 _PIXEL_VARIANCE = 1.0 / 12.0
@@ -127,17 +127,28 @@ def fetal_head_biometry(mask: npt.ArrayLike, spacing_mm: tuple[float, float] | N
             f"occipitofrontal_diameter_{unit}": round(2.0 * fit.a, 2)}
 
 
-Measurement = Callable[[npt.ArrayLike, "tuple[float, float] | None"], "dict[str, float] | None"]
-#: canonical structure name -> its measurement (what a clinician reads off that structure's mask)
-MEASUREMENTS: Mapping[str, Measurement] = {"fetal head": fetal_head_biometry}
+@dataclass(frozen=True)
+class StructureMeasurement:
+    """What a clinician reads off one structure's mask: ``measure(mask, spacing_mm)`` returns ``{name + "_mm":
+    value}`` for each of ``names`` (``_px`` without a spacing), or None when the shape gives none."""
+
+    names: tuple[str, ...]
+    measure: Callable[[npt.ArrayLike, tuple[float, float] | None], dict[str, float] | None]
+
+
+#: canonical structure name -> its measurement
+MEASUREMENTS: Mapping[str, StructureMeasurement] = {
+    "fetal head": StructureMeasurement(("head_circumference", "biparietal_diameter", "occipitofrontal_diameter"),
+                                       fetal_head_biometry),
+}
 
 
 def measure_structure(structure: str | None, mask: npt.ArrayLike,
                       spacing_mm: tuple[float, float] | None) -> dict[str, float] | None:
     """The measurements of ``structure`` (a canonical name; see :data:`MEASUREMENTS`) on ``mask`` (bool
     ``(H, W)``, image grid); None for a structure without one, an empty mask or a shape no measurement fits."""
-    measure = MEASUREMENTS.get(structure or "")
+    entry = MEASUREMENTS.get(structure or "")
     m = np.asarray(mask, dtype=bool)
-    if measure is None or not m.any():
+    if entry is None or not m.any():
         return None
-    return measure(m, spacing_mm)
+    return entry.measure(m, spacing_mm)

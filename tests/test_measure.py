@@ -114,10 +114,11 @@ def test_measurement_accumulator_against_references() -> None:
     acc = MeasurementAccumulator()
     case = acc.update("fetal head", circle, (0.1, 0.1), {"head_circumference_mm": hc + 2.0, "case_id": "7"})
     assert case["head_circumference_mm_ref"] == pytest.approx(hc + 2.0)
-    acc.update("fetal head", circle, (0.1, 0.1), {"head_circumference_mm": hc - 1.0})
+    acc.update("fetal head", circle, (0.1, 0.1), {"head_circumference_mm": hc - 1.0, "pixel_size_mm": 0.1})
     acc.update("fetal head", np.zeros_like(circle), (0.1, 0.1), {"head_circumference_mm": hc})  # not found
     assert acc.update("fetal head", circle, None, {"head_circumference_mm": hc}) == {}  # no spacing: not in mm
     assert acc.update("liver", circle, (0.1, 0.1), {"head_circumference_mm": hc}) == {}
+    assert list(acc.compute()["fetal head"]) == ["head_circumference_mm"]  # the folder's other *_mm: no reference
     got = acc.compute()["fetal head"]["head_circumference_mm"]
     assert got["n"] == 2 and got["missing"] == 1
     assert got["mean_abs_diff"] == pytest.approx(1.5, abs=1e-6)
