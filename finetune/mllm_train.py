@@ -443,8 +443,9 @@ class HeldoutProbe:
 
     The probe images are the first ``n_images`` held-out JSRT ids of the split that :func:`build_examples` makes
     (``val_fraction``, ``split_seed``), so no run trains on them; ``path``: JSON lines ``{"stage", "step", "miou",
-    "per_target", "prior_miou", "prior_per_target", "seconds"}``; ``every``: optimizer steps between probes. Boxes
-    are pixel xyxy of the original image; a missing or unparseable answer scores IoU 0.
+    "per_target", "prior_miou", "prior_per_target", "answered", "seconds"}``; ``every``: optimizer steps between
+    probes. Boxes are pixel xyxy of the original image; a missing or unparseable answer scores IoU 0, and
+    ``answered`` is the share of questions answered with a box at all (format learnt vs. place learnt).
     """
 
     def __init__(self, processor: Any, path: Path | None, every: int, *, n_images: int = 10, val_fraction: float = 0.2,
@@ -477,6 +478,7 @@ class HeldoutProbe:
         t0 = time.perf_counter()
         ious: dict[str, list[float]] = {n: [] for n in PROBE_STRUCTURES}
         prior: dict[str, list[float]] = {n: [] for n in PROBE_STRUCTURES}
+        boxed: list[bool] = []
         model.eval()
         try:
             grounder = TransformersGrounder.from_loaded(processor, model, name="probe", max_new_tokens=24)
@@ -486,6 +488,7 @@ class HeldoutProbe:
                     h, w = sample.image.shape
                     for name, result in zip(names, grounder.ground_many(sample.image, names)):
                         ious[name].append(max((r.box.iou(truth[name]) for r in result.regions), default=0.0))
+                        boxed.append(bool(result.regions))
                         if name in self.prior:
                             rel = self.prior[name] * [w, h, w, h]
                             prior[name].append(Box(*(float(v) for v in rel)).iou(truth[name]))
@@ -496,6 +499,7 @@ class HeldoutProbe:
         per_prior = {n: float(np.mean(v)) for n, v in prior.items() if v}
         return {"miou": float(np.mean([x for v in ious.values() for x in v])), "per_target": per,
                 "prior_miou": float(np.mean([x for v in prior.values() for x in v])), "prior_per_target": per_prior,
+                "answered": float(np.mean(boxed)) if boxed else 0.0,
                 "n_images": len(self.samples), "seconds": round(time.perf_counter() - t0, 1)}
 
     def record(self, model: Any, stage: str, step: int) -> dict[str, Any]:

@@ -437,6 +437,7 @@ def test_heldout_probe_logs_the_curve_beside_the_prior(tiny_vlm: Path, tmp_path:
     record = probe.record(model, "lora", 0)
     assert set(record["per_target"]) == set(PROBE_STRUCTURES) and record["n_images"] == 2
     assert 0.0 <= record["miou"] < 0.3  # random weights: noise replies, scored 0 when unparseable
+    assert 0.0 <= record["answered"] <= 1.0 and (record["answered"] > 0 or record["miou"] == 0.0)
     assert all(record["prior_per_target"][n] > 0.5 for n in ("heart", "left lung", "right lung"))
     assert model.training and processor.tokenizer.padding_side == side  # restored
 
