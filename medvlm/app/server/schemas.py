@@ -95,7 +95,10 @@ class PointOut(_Response):
 
 
 class RegionOut(_Response):
-    """One located region; geometry in pixels of the original image."""
+    """One located region; geometry in pixels of the original image. A structure with a clinical measurement also
+    carries ``measurements`` (fetal head: ``head_circumference_mm``, ``biparietal_diameter_mm``,
+    ``occipitofrontal_diameter_mm`` of its ellipse; ``_px`` without a pixel spacing): an extra field, absent
+    otherwise, so stored results read back exactly as answered."""
 
     id: int = Field(description="1-based, unique within the result; masks.png uses it as the label value")
     label: str
@@ -105,9 +108,6 @@ class RegionOut(_Response):
     score: float | None = Field(default=None, description="model confidence in [0, 1] when it gives one")
     area_px: int | None = None
     area_mm2: float | None = Field(default=None, description="when the image has a pixel spacing")
-    measurements: dict[str, float] | None = Field(
-        default=None, description="what a clinician reads off this structure (fetal head: head circumference, "
-        "biparietal and occipitofrontal diameters of its ellipse), in mm with a pixel spacing, else px")
     provenance: dict[str, Any] = Field(default_factory=dict, description="model, prompt and how it was made")
     checks: dict[str, Any] = Field(default_factory=dict, description="anatomy checks (laterality, zone) and action")
 
