@@ -313,6 +313,8 @@ def test_a_specialist_zooms_with_its_hosts_image_encoder(tmp_path: Path, tiny_fo
     assert np.array_equal(got.mask.data, expected)
 
 
+@pytest.mark.slow
+@pytest.mark.data
 def test_packaged_multi_hands_brain_mr_volumes_to_its_specialist() -> None:
     """The first held-out hippocampus volume in 3D through the packaged `multi`: `brain_mr` draws both parts
     (anterior 0.58, posterior 0.74 when measured) where `multi` alone stays near 0.4 (0.40, 0.44)."""
