@@ -10,13 +10,14 @@ other base weights stay frozen; LoRA adapters go on the language model's attenti
 (``target_modules`` is a regex that leaves the vision tower out).
 
 Training is TRL's ``SFTTrainer`` on prompt-completion examples (loss on the answer only), with checkpoints every
-``save_steps`` in ``out_dir/checkpoints``; a rerun resumes from the newest. With ``align_steps`` > 0 an alignment
-stage runs first (``out_dir/align``): only the new token rows and ``modules_to_save`` train, at ``align_lr``, with
-the LoRA frozen at zero; the LoRA stage then starts from its weights. The result ``out_dir/adapter`` is a PEFT
-adapter (``adapter_config.json`` + ``adapter_model.safetensors``), the processor with its added tokens, and
-``medvlm_mllm.json`` (base model, added tokens, answer format). vLLM serves LoRA weights only, not new token rows:
-an adapter trained without new tokens is served as ``--lora NAME=out_dir/adapter``; one with new tokens is merged
-first (:func:`export_merged`) and the merged folder is served as the model.
+``save_steps`` in ``out_dir/checkpoints``; a rerun resumes from the newest, and a run in a later session that
+kept only an adapter goes on from it with ``init_adapter`` (fresh optimizer and schedule). With ``align_steps`` > 0
+an alignment stage runs first (``out_dir/align``): only the new token rows and ``modules_to_save`` train, at
+``align_lr``, with the LoRA frozen at zero; the LoRA stage then starts from its weights. The result
+``out_dir/adapter`` is a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``), the processor with
+its added tokens, and ``medvlm_mllm.json`` (base model, added tokens, answer format). vLLM serves LoRA weights only,
+not new token rows: an adapter trained without new tokens is served as ``--lora NAME=out_dir/adapter``; one with new
+tokens is merged first (:func:`export_merged`) and the merged folder is served as the model.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from medvlm.errors import input_error
 from medvlm.tokens import LOC_BINS
 
 __all__ = ["LANGUAGE_MODEL_LORA_TARGETS", "PROBE_STRUCTURES", "HeldoutProbe", "MLLMTrainConfig", "export_merged",
-           "format_probe_table", "layout_prior", "load_finetuned", "load_mllm_config", "location_loss", "prepare_model",
-           "probe_adapters", "train_mllm", "training_chat_template"]
+           "format_probe_table", "layout_prior", "load_adapter_weights", "load_finetuned", "load_mllm_config",
+           "location_loss", "prepare_model", "probe_adapters", "train_mllm", "training_chat_template"]
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,12 @@ class MLLMTrainConfig:
     #: ``out_dir/probe.jsonl`` (0 = off)
     probe_every: int = 0
     probe_images: int = 10
+    #: continue from a trained adapter of this recipe (a folder with ``adapter_config.json`` and
+    #: ``adapter_model.safetensors``: a run's ``adapter`` or ``checkpoints/checkpoint-N``, or the shipped
+    #: ``agents/weights/mini``): its weights are loaded strictly into the new run, which skips the alignment stage
+    #: (its rows are already aligned) and starts a fresh optimizer and schedule. How a run goes on in a later
+    #: session when only the adapter, not the optimizer state, was kept (None = start from the base)
+    init_adapter: str | None = None
 
     def validate(self) -> None:
         if not isinstance(self.base_model, str) or not self.base_model.strip():
@@ -126,6 +133,14 @@ class MLLMTrainConfig:
         if not self.lr > 0 or not 0 <= self.lora_dropout < 1:
             raise input_error("mllm train config", expected="lr > 0 and 0 <= lora_dropout < 1",
                               received=f"lr={self.lr}, lora_dropout={self.lora_dropout}", fix="e.g. lr: 2e-4")
+        if self.init_adapter is not None:
+            folder = Path(self.init_adapter).expanduser()
+            missing = [n for n in ("adapter_config.json", "adapter_model.safetensors") if not (folder / n).is_file()]
+            if missing:
+                raise input_error("mllm train config init_adapter", expected="a folder with "
+                                  "adapter_config.json and adapter_model.safetensors", received=f"{folder} (no "
+                                  f"{', '.join(missing)})", fix="name a run's adapter or checkpoint-N folder, or "
+                                  "agents/weights/mini")
         if not self.data:
             raise input_error("data", expected="at least one data source", received="[]",
                               fix="add e.g. - name: cxr_jsrt_scr")
@@ -303,8 +318,11 @@ def train_mllm(cfg: MLLMTrainConfig, *, resume: bool = True, examples: list[dict
         processor.chat_template = training_chat_template(inference_template, processor)
     checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     aligned = None
+    if cfg.init_adapter is not None and not (resume and checkpoints):  # a checkpoint of this run is newer
+        load_adapter_weights(model, cfg.init_adapter)
     try:
-        if cfg.align_steps and not (resume and checkpoints):  # a LoRA-stage checkpoint already holds every weight
+        # a LoRA-stage checkpoint already holds every weight, and an initial adapter is aligned already
+        if cfg.align_steps and cfg.init_adapter is None and not (resume and checkpoints):
             aligned = _align(cfg, model, processor, trainer_cls, dataset, out / "align", resume=resume, probe=probe)
         args = _sft_args(cfg, out / "checkpoints", cfg.steps, cfg.lr, cfg.warmup_steps, keep=2)
         trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=processor,
@@ -328,6 +346,27 @@ def train_mllm(cfg: MLLMTrainConfig, *, resume: bool = True, examples: list[dict
                "align": aligned}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def load_adapter_weights(model: Any, adapter_dir: str | Path) -> None:
+    """Copy a saved adapter's weights into ``model`` (a peft model prepared by :func:`prepare_model` with the
+    same rank, targets, added tokens and ``modules_to_save``), strictly: a key of the file the model lacks, or a
+    trained module of the model the file lacks, is an error that names them. bf16 files load into fp32 weights."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    folder = Path(adapter_dir).expanduser()
+    saved = load_file(str(folder / "adapter_model.safetensors"))
+    expected = get_peft_model_state_dict(model)
+    missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(saved) if tuple(expected[k].shape) != tuple(saved[k].shape))
+    if missing or extra or wrong:
+        raise input_error(f"init_adapter {folder}", expected="the weights of an adapter with this config's rank, "
+                          "targets, added tokens and modules_to_save", received=f"missing {missing[:5]} "
+                          f"({len(missing)}), unexpected {extra[:5]} ({len(extra)}), other shape {wrong[:5]}",
+                          fix="train with the config that wrote that adapter (lora_rank, add_location_tokens, "
+                              "modules_to_save)")
+    set_peft_model_state_dict(model, saved)
 
 
 def _align(cfg: MLLMTrainConfig, model: Any, processor: Any, trainer_cls: Any, dataset: Any, folder: Path, *,

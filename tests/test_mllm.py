@@ -307,6 +307,32 @@ def test_alignment_stage_trains_token_rows_before_the_lora(tiny_vlm: Path, pictu
         _config(tiny_vlm, tmp_path / "bad", align_steps=-1).validate()
 
 
+def test_a_run_continues_from_a_saved_adapter(tiny_vlm: Path, picture: Path, tmp_path: Path) -> None:
+    """init_adapter: a later run starts from a saved adapter's weights (alignment skipped, fresh optimizer); an
+    adapter of another shape is refused with the keys named, a folder without one before any training."""
+    from safetensors.torch import load_file
+
+    from finetune.mllm_train import train_mllm
+    from finetune.tasks import sft_example
+
+    examples = [sft_example("anatomy_grounding", [str(picture)], QUESTION, _answer())] * 4
+    first = train_mllm(_config(tiny_vlm, tmp_path / "a", steps=3, lr=5e-3), examples=examples, resume=False)
+    saved = load_file(str(Path(first["adapter"]) / "adapter_model.safetensors"))
+    assert max(float(v.abs().max()) for k, v in saved.items() if "lora_B" in k) > 0
+    # a negligible learning rate: what the second run ends with is what it started from
+    cfg = _config(tiny_vlm, tmp_path / "b", steps=1, lr=1e-12, align_steps=4, init_adapter=first["adapter"])
+    second = train_mllm(cfg, examples=examples, resume=True)
+    assert second["align"] is None
+    final = load_file(str(Path(second["adapter"]) / "adapter_model.safetensors"))
+    assert final.keys() == saved.keys()
+    assert all(torch.allclose(saved[k].float(), final[k].float(), atol=1e-6) for k in saved)
+    with pytest.raises(InputError, match="lora_rank"):
+        train_mllm(_config(tiny_vlm, tmp_path / "c", steps=1, lora_rank=4, init_adapter=first["adapter"]),
+                   examples=examples, resume=False)
+    with pytest.raises(InputError, match=r"adapter_model\.safetensors"):
+        _config(tiny_vlm, tmp_path / "d", init_adapter=str(tmp_path)).validate()
+
+
 def test_location_loss_rewards_near_bins() -> None:
     """loc_sigma: a near miss of a location token costs less than a far one; other tokens keep cross-entropy."""
     from finetune.mllm_train import location_loss
