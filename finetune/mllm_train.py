@@ -502,44 +502,63 @@ class HeldoutProbe:
             boxes = {n: sample.mask(n).to_box() for n in PROBE_STRUCTURES if n in sample.masks}
             self.truth.append({n: b for n, b in boxes.items() if b is not None})
 
-    def measure(self, model: Any, processor: Any = None) -> dict[str, Any]:
+    def measure(self, model: Any, processor: Any = None, *, swap_images: bool = False) -> dict[str, Any]:
         """Ground every probe structure on every probe image with ``model`` and its ``processor`` (default: the
         probe's; greedy, no grad, eval mode; its mode and the tokenizer's padding side are restored); returns the
-        record without stage/step."""
+        record without stage/step (:meth:`score` of the model's grounder)."""
         import torch
 
         from agents.grounders.hf import TransformersGrounder
-        from medvlm.types import Box
 
         processor = processor if processor is not None else self.processor
         tokenizer = getattr(processor, "tokenizer", processor)
         side, training = tokenizer.padding_side, model.training
-        t0 = time.perf_counter()
-        ious: dict[str, list[float]] = {n: [] for n in PROBE_STRUCTURES}
-        prior: dict[str, list[float]] = {n: [] for n in PROBE_STRUCTURES}
-        boxed: list[bool] = []
         model.eval()
         try:
             grounder = TransformersGrounder.from_loaded(processor, model, name="probe", max_new_tokens=24)
             with torch.no_grad():
-                for sample, truth in zip(self.samples, self.truth):
-                    names = [n for n in PROBE_STRUCTURES if n in truth]
-                    h, w = sample.image.shape
-                    for name, result in zip(names, grounder.ground_many(sample.image, names)):
-                        ious[name].append(max((r.box.iou(truth[name]) for r in result.regions), default=0.0))
-                        boxed.append(bool(result.regions))
-                        if name in self.prior:
-                            rel = self.prior[name] * [w, h, w, h]
-                            prior[name].append(Box(*(float(v) for v in rel)).iou(truth[name]))
+                return self.score(grounder, swap_images=swap_images)
         finally:
             tokenizer.padding_side = side
             model.train(training)
-        per = {n: float(np.mean(v)) for n, v in ious.items() if v}
-        per_prior = {n: float(np.mean(v)) for n, v in prior.items() if v}
+
+    def score(self, grounder: Any, *, swap_images: bool = False) -> dict[str, Any]:
+        """Box mIoU of ``grounder`` (anything with ``ground_many(image, names) -> [GroundingResult]``) on the
+        probe, per structure and overall, beside the image-blind prior.
+
+        ``swap_images``: the image-use control. Each question about probe image i is asked on image i+1 (the
+        next probe image, cyclically) and its box, scaled from that image's pixel frame to image i's, is scored
+        against image i's truth. A grounder that answers from the layout alone scores the same either way; one
+        that reads the image loses what the image told it (the prior, image-blind by construction, is unchanged).
+        Needs >= 2 probe images. The record has ``"images": "swapped"`` or ``"own"``."""
+        from medvlm.coords import resized_frame
+        from medvlm.types import Box
+
+        n = len(self.samples)
+        if swap_images and n < 2:
+            raise ValueError(f"swap_images needs at least 2 probe images, got {n}")
+        t0 = time.perf_counter()
+        ious: dict[str, list[float]] = {name: [] for name in PROBE_STRUCTURES}
+        prior: dict[str, list[float]] = {name: [] for name in PROBE_STRUCTURES}
+        boxed: list[bool] = []
+        for i, (sample, truth) in enumerate(zip(self.samples, self.truth)):
+            asked = self.samples[(i + 1) % n] if swap_images else sample
+            names = [name for name in PROBE_STRUCTURES if name in truth]
+            h, w = sample.image.shape
+            to_own = resized_frame(*asked.image.shape, h, w)  # pixels of the asked image -> of image i
+            for name, result in zip(names, grounder.ground_many(asked.image, names)):
+                boxes = [Box.from_list(to_own.forward_box(r.box).tolist()) for r in result.regions]
+                ious[name].append(max((b.iou(truth[name]) for b in boxes), default=0.0))
+                boxed.append(bool(result.regions))
+                if name in self.prior:
+                    rel = self.prior[name] * [w, h, w, h]
+                    prior[name].append(Box(*(float(v) for v in rel)).iou(truth[name]))
+        per = {name: float(np.mean(v)) for name, v in ious.items() if v}
+        per_prior = {name: float(np.mean(v)) for name, v in prior.items() if v}
         return {"miou": float(np.mean([x for v in ious.values() for x in v])), "per_target": per,
                 "prior_miou": float(np.mean([x for v in prior.values() for x in v])), "prior_per_target": per_prior,
-                "answered": float(np.mean(boxed)) if boxed else 0.0,
-                "n_images": len(self.samples), "seconds": round(time.perf_counter() - t0, 1)}
+                "answered": float(np.mean(boxed)) if boxed else 0.0, "images": "swapped" if swap_images else "own",
+                "n_images": n, "seconds": round(time.perf_counter() - t0, 1)}
 
     def record(self, model: Any, stage: str, step: int) -> dict[str, Any]:
         """:meth:`measure` appended to the log as ``{"stage", "step", ...}``."""
@@ -589,10 +608,12 @@ def format_probe_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def probe_adapters(adapters: list[str], *, n_images: int = 10, data_root: str | None = None) -> list[dict[str, Any]]:
+def probe_adapters(adapters: list[str], *, n_images: int = 10, data_root: str | None = None,
+                   swap_images: bool = False) -> list[dict[str, Any]]:
     """:meth:`HeldoutProbe.measure` of each medvlm-mini adapter folder (the shipped ``agents/weights/mini``, a
     run's ``adapter`` or one of its checkpoints), merged into the ``medvlm build-mini`` base, on the same probe
-    images; records with ``adapter``."""
+    images; records with ``adapter``. ``swap_images``: a second record per adapter with the image-use control
+    (:meth:`HeldoutProbe.score`), labelled ``ADAPTER (images swapped)``."""
     from agents.mini import load_mini
 
     out = []
@@ -602,6 +623,8 @@ def probe_adapters(adapters: list[str], *, n_images: int = 10, data_root: str | 
         if probe is None:  # the probe images and the prior are read once for every adapter
             probe = HeldoutProbe(processor, None, 0, n_images=n_images, data_root=data_root)
         out.append({"adapter": adapter, **probe.measure(model, processor)})
+        if swap_images:
+            out.append({"adapter": f"{adapter} (images swapped)", **probe.measure(model, processor, swap_images=True)})
     return out
 
 

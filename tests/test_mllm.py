@@ -479,6 +479,48 @@ def test_heldout_probe_logs_the_curve_beside_the_prior(tiny_vlm: Path, tmp_path:
     assert [(r["stage"], r["step"], r["n_images"]) for r in lines] == [("lora", 0, 1), ("lora", 3, 1)]
 
 
+@pytest.mark.data
+def test_probe_image_swap_tells_a_reader_from_the_layout() -> None:
+    """The image-use control: an oracle that reads each image's own truth scores 1.0 on its images and, asked on
+    the next image, exactly the IoU of the neighbour's box (scaled to the image) with the truth; an image-blind
+    grounder (one fixed relative box) scores the same either way."""
+    from agents.grounders.base import GroundingResult
+    from finetune.mllm_train import HeldoutProbe
+    from medvlm.types import Box, Region
+    from tests.conftest import data_dir
+
+    folder = data_dir("cxr_jsrt_scr")
+    probe = HeldoutProbe(None, None, 0, n_images=3, data_root=str(folder.parent))
+    owner = {id(s.image): i for i, s in enumerate(probe.samples)}
+
+    class Oracle:
+        def ground_many(self, image: object, names: list[str]) -> list[GroundingResult]:
+            truth = probe.truth[owner[id(image)]]
+            return [GroundingResult(n, [Region(box=truth[n], label=n)]) for n in names]
+
+    class Blind:
+        def ground_many(self, image: object, names: list[str]) -> list[GroundingResult]:
+            h, w = image.shape  # type: ignore[attr-defined]
+            return [GroundingResult(n, [Region(box=Box(0.2 * w, 0.25 * h, 0.6 * w, 0.7 * h), label=n)]) for n in names]
+
+    own = probe.score(Oracle())
+    assert own["miou"] == pytest.approx(1.0) and own["images"] == "own" and own["answered"] == 1.0
+    swapped = probe.score(Oracle(), swap_images=True)
+    expected = []
+    for i, truth in enumerate(probe.truth):
+        j = (i + 1) % 3
+        (h, w), (hj, wj) = probe.samples[i].image.shape, probe.samples[j].image.shape
+        for name in truth:
+            b = probe.truth[j][name]
+            expected.append(Box(b.x0 * w / wj, b.y0 * h / hj, b.x1 * w / wj, b.y1 * h / hj).iou(truth[name]))
+    assert swapped["images"] == "swapped" and swapped["miou"] == pytest.approx(float(np.mean(expected)))
+    assert 0.3 < swapped["miou"] < 0.99  # the neighbour's anatomy is similar, not the same
+    blind, blind_swapped = probe.score(Blind()), probe.score(Blind(), swap_images=True)
+    assert blind["miou"] == pytest.approx(blind_swapped["miou"]) and blind["prior_miou"] == swapped["prior_miou"]
+    with pytest.raises(ValueError, match="at least 2"):
+        HeldoutProbe(None, None, 0, n_images=1, data_root=str(folder.parent)).score(Blind(), swap_images=True)
+
+
 def test_mini_probe_command_prints_a_curve(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`medvlm eval mini-probe --curve` prints one row per record and the prior's row; with neither --curve nor
     --adapter it says what it needs."""
@@ -530,3 +572,29 @@ def test_location_grammar_holds_answers_to_the_token_syntax() -> None:
     assert torch.equal(out[1], scores[1])  # outside a box: unchanged
     vocab.clear()
     assert not LocationTokenGrammar(Tok(), 0).active
+
+
+def test_ridge_readout_recovers_a_linear_map_and_scores_boxes() -> None:
+    """finetune.mini_readout: the dual ridge recovers a known linear map with few samples in many dimensions,
+    and the relative-box mIoU is 1 for the truth, the known IoU for a shifted box, and reads swapped corners as
+    the box they span."""
+    from finetune.mini_readout import fit_ridge, relative_boxes_miou
+    from finetune.mllm_train import PROBE_STRUCTURES
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 200))
+    true_w = rng.normal(size=(200, 3))
+    y = x @ true_w + [1.0, -2.0, 0.5]
+    w, b = fit_ridge(x, y, 1e-6)
+    x_new = rng.normal(size=(5, 200))
+    assert np.allclose(x @ w + b, y, atol=1e-4)  # interpolates its training set
+    assert np.corrcoef((x_new @ w).ravel(), (x_new @ true_w).ravel())[0, 1] > 0.2  # n < d: part of the map
+    with pytest.raises(ValueError, match="> 0"):
+        fit_ridge(x, y, 0.0)
+    k = len(PROBE_STRUCTURES)
+    truth = np.tile([0.2, 0.2, 0.6, 0.6], (3, k))
+    assert relative_boxes_miou(truth, truth)[0] == pytest.approx(1.0)
+    shifted = truth + np.tile([0.2, 0.0, 0.2, 0.0], (3, k))  # overlap 0.2 x 0.4 of a 0.4 x 0.4 box: IoU 1/3
+    miou, per = relative_boxes_miou(shifted, truth)
+    assert miou == pytest.approx(1 / 3) and set(per) == set(PROBE_STRUCTURES)
+    assert relative_boxes_miou(np.tile([0.6, 0.6, 0.2, 0.2], (3, k)), truth)[0] == pytest.approx(1.0)

@@ -294,6 +294,9 @@ def _add_eval_mini_probe(sub: Any) -> None:
                    help="adapter or checkpoint folder (repeatable), e.g. agents/weights/mini")
     m.add_argument("--curve", default=None, help="a run's probe.jsonl to print as a table")
     m.add_argument("--images", type=int, default=10, help="probe images (default: %(default)s)")
+    m.add_argument("--swap-images", action="store_true",
+                   help="image-use control: also ask each adapter every question on the next probe image and "
+                   "score it against the first image's truth (an image-blind model loses nothing)")
     m.add_argument("--json", default=None, dest="json_out", help="write the records as JSON to this path")
 
 

@@ -85,7 +85,7 @@ def run_eval(args: argparse.Namespace) -> int:
             raise input_error("medvlm eval mini-probe", expected="--adapter DIR (repeatable) or --curve PROBE.jsonl",
                               received="neither", fix="e.g. --adapter agents/weights/mini")
         rows = [json.loads(line) for line in Path(args.curve).read_text().splitlines()] if args.curve else []
-        rows += probe_adapters(args.adapters or [], n_images=args.images)
+        rows += probe_adapters(args.adapters or [], n_images=args.images, swap_images=args.swap_images)
         return _emit({"suite": "mini-probe", "records": rows}, format_probe_table(rows), args.json_out)
     elif args.suite == "link-report":
         from eval.link_report import format_link_report_table, link_report_suite
