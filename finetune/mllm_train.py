@@ -504,8 +504,13 @@ class HeldoutProbe:
 
     def measure(self, model: Any, processor: Any = None, *, swap_images: bool = False) -> dict[str, Any]:
         """Ground every probe structure on every probe image with ``model`` and its ``processor`` (default: the
-        probe's; greedy, no grad, eval mode; its mode and the tokenizer's padding side are restored); returns the
-        record without stage/step (:meth:`score` of the model's grounder)."""
+        probe's); returns the record without stage/step (:meth:`score_answers` of :meth:`model_answers`)."""
+        answers, seconds = self.model_answers(model, processor)
+        return self.score_answers(answers, swap_images=swap_images, seconds=seconds)
+
+    def model_answers(self, model: Any, processor: Any = None) -> tuple[list[dict[str, list[Any]]], float]:
+        """:meth:`answers` of ``model`` through the grounding prompt (greedy, no grad, eval mode; its mode and the
+        tokenizer's padding side are restored), and the seconds they took."""
         import torch
 
         from agents.grounders.hf import TransformersGrounder
@@ -513,43 +518,64 @@ class HeldoutProbe:
         processor = processor if processor is not None else self.processor
         tokenizer = getattr(processor, "tokenizer", processor)
         side, training = tokenizer.padding_side, model.training
+        t0 = time.perf_counter()
         model.eval()
         try:
             grounder = TransformersGrounder.from_loaded(processor, model, name="probe", max_new_tokens=24)
             with torch.no_grad():
-                return self.score(grounder, swap_images=swap_images)
+                answers = self.answers(grounder)
         finally:
             tokenizer.padding_side = side
             model.train(training)
+        return answers, time.perf_counter() - t0
+
+    def answers(self, grounder: Any) -> list[dict[str, list[Any]]]:
+        """Each probe image asked once for every probe structure that it or the previous probe image (the one
+        whose questions the image-use control moves onto it) has: per image ``{structure: [Box, ...]}``, the
+        grounder's boxes best first, in that image's pixel frame. ``grounder``: anything with
+        ``ground_many(image, names) -> [GroundingResult]``."""
+        out = []
+        for i, sample in enumerate(self.samples):
+            needed = self.truth[i].keys() | self.truth[i - 1].keys()
+            names = [name for name in PROBE_STRUCTURES if name in needed]
+            results = grounder.ground_many(sample.image, names)
+            out.append({name: [r.box for r in result.regions] for name, result in zip(names, results)})
+        return out
 
     def score(self, grounder: Any, *, swap_images: bool = False) -> dict[str, Any]:
-        """Box mIoU of ``grounder`` (anything with ``ground_many(image, names) -> [GroundingResult]``) on the
-        probe, per structure and overall, beside the image-blind prior.
+        """:meth:`score_answers` of ``grounder``'s :meth:`answers`."""
+        t0 = time.perf_counter()
+        answers = self.answers(grounder)
+        return self.score_answers(answers, swap_images=swap_images, seconds=time.perf_counter() - t0)
 
-        ``swap_images``: the image-use control. Each question about probe image i is asked on image i+1 (the
-        next probe image, cyclically) and its box, scaled from that image's pixel frame to image i's, is scored
-        against image i's truth. A grounder that answers from the layout alone scores the same either way; one
-        that reads the image loses what the image told it (the prior, image-blind by construction, is unchanged).
-        Needs >= 2 probe images. The record has ``"images": "swapped"`` or ``"own"``."""
+    def score_answers(self, answers: list[dict[str, list[Any]]], *, swap_images: bool = False,
+                      seconds: float = 0.0) -> dict[str, Any]:
+        """Box mIoU of :meth:`answers` on the probe, per structure and overall, beside the image-blind prior.
+
+        ``swap_images``: the image-use control. The answer to a question about probe image i is taken from image
+        i+1 (the next probe image, cyclically; the same question asked there), its box scaled from that image's
+        pixel frame to image i's and scored against image i's truth. A grounder that answers from the layout
+        alone scores the same either way; one that reads the image loses what the image told it (the prior,
+        image-blind by construction, is unchanged). Both come from one set of answers: no image is asked twice.
+        Needs >= 2 probe images. The record has ``"images": "swapped"`` or ``"own"``; ``seconds``: what the
+        answers took, passed through."""
         from medvlm.coords import resized_frame
         from medvlm.types import Box
 
         n = len(self.samples)
         if swap_images and n < 2:
             raise ValueError(f"swap_images needs at least 2 probe images, got {n}")
-        t0 = time.perf_counter()
         ious: dict[str, list[float]] = {name: [] for name in PROBE_STRUCTURES}
         prior: dict[str, list[float]] = {name: [] for name in PROBE_STRUCTURES}
         boxed: list[bool] = []
         for i, (sample, truth) in enumerate(zip(self.samples, self.truth)):
-            asked = self.samples[(i + 1) % n] if swap_images else sample
-            names = [name for name in PROBE_STRUCTURES if name in truth]
+            j = (i + 1) % n if swap_images else i
             h, w = sample.image.shape
-            to_own = resized_frame(*asked.image.shape, h, w)  # pixels of the asked image -> of image i
-            for name, result in zip(names, grounder.ground_many(asked.image, names)):
-                boxes = [Box.from_list(to_own.forward_box(r.box).tolist()) for r in result.regions]
+            to_own = resized_frame(*self.samples[j].image.shape, h, w)  # pixels of image j -> of image i
+            for name in (name for name in PROBE_STRUCTURES if name in truth):
+                boxes = [Box.from_list(to_own.forward_box(b).tolist()) for b in answers[j].get(name, [])]
                 ious[name].append(max((b.iou(truth[name]) for b in boxes), default=0.0))
-                boxed.append(bool(result.regions))
+                boxed.append(bool(boxes))
                 if name in self.prior:
                     rel = self.prior[name] * [w, h, w, h]
                     prior[name].append(Box(*(float(v) for v in rel)).iou(truth[name]))
@@ -558,7 +584,7 @@ class HeldoutProbe:
         return {"miou": float(np.mean([x for v in ious.values() for x in v])), "per_target": per,
                 "prior_miou": float(np.mean([x for v in prior.values() for x in v])), "prior_per_target": per_prior,
                 "answered": float(np.mean(boxed)) if boxed else 0.0, "images": "swapped" if swap_images else "own",
-                "n_images": n, "seconds": round(time.perf_counter() - t0, 1)}
+                "n_images": n, "seconds": round(seconds, 1)}
 
     def record(self, model: Any, stage: str, step: int) -> dict[str, Any]:
         """:meth:`measure` appended to the log as ``{"stage", "step", ...}``."""
@@ -613,7 +639,7 @@ def probe_adapters(adapters: list[str], *, n_images: int = 10, data_root: str | 
     """:meth:`HeldoutProbe.measure` of each medvlm-mini adapter folder (the shipped ``agents/weights/mini``, a
     run's ``adapter`` or one of its checkpoints), merged into the ``medvlm build-mini`` base, on the same probe
     images; records with ``adapter``. ``swap_images``: a second record per adapter with the image-use control
-    (:meth:`HeldoutProbe.score`), labelled ``ADAPTER (images swapped)``."""
+    (:meth:`HeldoutProbe.score_answers`, from the same answers), labelled ``ADAPTER (images swapped)``."""
     from agents.mini import load_mini
 
     out = []
@@ -622,9 +648,11 @@ def probe_adapters(adapters: list[str], *, n_images: int = 10, data_root: str | 
         processor, model = load_mini(adapter)
         if probe is None:  # the probe images and the prior are read once for every adapter
             probe = HeldoutProbe(processor, None, 0, n_images=n_images, data_root=data_root)
-        out.append({"adapter": adapter, **probe.measure(model, processor)})
+        answers, seconds = probe.model_answers(model, processor)  # the control reuses them: no image asked twice
+        out.append({"adapter": adapter, **probe.score_answers(answers, seconds=seconds)})
         if swap_images:
-            out.append({"adapter": f"{adapter} (images swapped)", **probe.measure(model, processor, swap_images=True)})
+            out.append({"adapter": f"{adapter} (images swapped)",
+                        **probe.score_answers(answers, swap_images=True, seconds=seconds)})
     return out
 
 

@@ -493,8 +493,11 @@ def test_probe_image_swap_tells_a_reader_from_the_layout() -> None:
     probe = HeldoutProbe(None, None, 0, n_images=3, data_root=str(folder.parent))
     owner = {id(s.image): i for i, s in enumerate(probe.samples)}
 
+    asked: list[int] = []
+
     class Oracle:
         def ground_many(self, image: object, names: list[str]) -> list[GroundingResult]:
+            asked.append(owner[id(image)])
             truth = probe.truth[owner[id(image)]]
             return [GroundingResult(n, [Region(box=truth[n], label=n)]) for n in names]
 
@@ -515,6 +518,10 @@ def test_probe_image_swap_tells_a_reader_from_the_layout() -> None:
             expected.append(Box(b.x0 * w / wj, b.y0 * h / hj, b.x1 * w / wj, b.y1 * h / hj).iou(truth[name]))
     assert swapped["images"] == "swapped" and swapped["miou"] == pytest.approx(float(np.mean(expected)))
     assert 0.3 < swapped["miou"] < 0.99  # the neighbour's anatomy is similar, not the same
+    assert asked == [0, 1, 2, 0, 1, 2]  # each image asked once per score, swapped or not
+    answers = probe.answers(Oracle())
+    assert probe.score_answers(answers, swap_images=True)["miou"] == swapped["miou"]  # both from one set
+    assert probe.score_answers(answers)["miou"] == own["miou"]
     blind, blind_swapped = probe.score(Blind()), probe.score(Blind(), swap_images=True)
     assert blind["miou"] == pytest.approx(blind_swapped["miou"]) and blind["prior_miou"] == swapped["prior_miou"]
     with pytest.raises(ValueError, match="at least 2"):
