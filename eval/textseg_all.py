@@ -142,6 +142,7 @@ def volume_suite(data: str | Path, segmenter: Any, *, split: str = "auto", limit
     """
     from eval.metrics import SegmentationAccumulator, dice
     from medvlm.datasets import open_dataset
+    from medvlm.volume import with_neighbours
     from prompts.anatomy import parts_of, wholes_of
     from segmentation.base import Prompt
 
@@ -152,6 +153,8 @@ def volume_suite(data: str | Path, segmenter: Any, *, split: str = "auto", limit
         raise input_error("text-seg 3D", expected="a folder of 3D volumes (e.g. mr_hippocampus_msd)",
                           received=str(data), fix="use the 2D suite (medvlm eval text-seg --data FOLDER)")
     every_slice: Any = type(dataset)(dataset.root, all_slices=True)  # type: ignore[call-arg]
+    wanted = getattr(segmenter, "volume_context", None)
+    context = int(wanted()) if callable(wanted) else 0
     meta = segmenter_meta(segmenter, dataset.name)
     chosen, used = checkpoint_split_ids(meta, dataset.ids(), split, data)
     volumes = sorted({dataset.group(i) for i in chosen})
@@ -169,7 +172,10 @@ def volume_suite(data: str | Path, segmenter: Any, *, split: str = "auto", limit
         pred = {n: np.zeros_like(labels[n]) for n in names}
         for k in range(vol.image.shape[0]):
             # every slice, labelled or not, exactly as the reader shows it (window, orientation)
-            embedding = segmenter.encode(every_slice.load(f"{vid}_z{k:03d}").image)
+            image = every_slice.load(f"{vid}_z{k:03d}").image
+            if context:  # the slices around it, for a checkpoint (or specialist) trained with them
+                image = with_neighbours(image, vol.image, k, context)
+            embedding = segmenter.encode(image)
             embedding.extra["postprocess"] = "off"  # as segment_volume: a volume is postprocessed in 3D
             for name, result in zip(names, segmenter.predict_many(embedding, [Prompt(text=n) for n in names])):
                 pred[name][k] = result.mask.data

@@ -120,7 +120,8 @@ def _modality(sample: Sample) -> str:
 def build_cache(encoder: Any, items: Iterable[tuple[str, Sample, int, Sequence[str]]], cache_dir: str | Path,
                 *, seed: int = 0, progress: bool = True,
                 prefix_fn: Callable[[torch.Tensor], torch.Tensor] | None = None, batch_size: int = 8,
-                wholes: bool = False, zooms: Mapping[str, int] | None = None) -> list[CacheEntry]:
+                wholes: bool = False, zooms: Mapping[str, int] | None = None,
+                slice_context: int = 0) -> list[CacheEntry]:
     """Encode every ``(dataset, sample, n_variants, dataset_structures)`` into ``cache_dir``; returns entries.
 
     Variant 0 is the image as is, variants 1.. are :func:`augment` draws seeded by (seed, sample id, variant).
@@ -132,11 +133,16 @@ def build_cache(encoder: Any, items: Iterable[tuple[str, Sample, int, Sequence[s
     ``zooms``: dataset name -> zoom variants per image (keys ``...__z<k>``): the crop of a
     :func:`~segmentation.textseg.zoom.random_zoom_window` seeded by (seed, sample id, k), augmented from k = 1 on,
     with the masks' parts inside it; what the ``zoom`` postprocess operation shows the model at inference.
+    ``slice_context``: recorded in the index (the items' volume slices carry that many neighbours, see
+    ``finetune.textseg_train.slice_with_context``); a folder built with another value is refused, since its
+    files would be reused for images they do not show.
     """
     from tqdm.auto import tqdm
 
     root = Path(cache_dir)
     root.mkdir(parents=True, exist_ok=True)
+    if (root / "index.json").is_file():
+        _check_slice_context(json.loads((root / "index.json").read_text()), slice_context, root)
     enc_key = encoder_key(_encoder_json(encoder), encoder.first_adapted)
     size = encoder.config.image_size
     entries: list[CacheEntry] = []
@@ -201,10 +207,19 @@ def build_cache(encoder: Any, items: Iterable[tuple[str, Sample, int, Sequence[s
                 flush()
     flush()
     bar.close()
-    index = {"encoder_key": enc_key, "encoder": _encoder_json(encoder), "entries": [e.to_json() for e in entries]}
+    index = {"encoder_key": enc_key, "encoder": _encoder_json(encoder), "slice_context": int(slice_context),
+             "entries": [e.to_json() for e in entries]}
     with atomic_open(root / "index.json", "w") as fh:
         json.dump(index, fh, indent=1)
     return entries
+
+
+def _check_slice_context(index: Mapping[str, Any], slice_context: int, root: Path) -> None:
+    had = int(index.get("slice_context", 0))  # caches from before the key showed every slice alone
+    if had != int(slice_context):
+        raise input_error("feature cache", expected=f"a cache built with slice_context {slice_context}",
+                          received=f"slice_context {had} in {root}",
+                          fix="give this run its own cache_dir (neighbouring slices change every volume image)")
 
 
 def _encoder_json(encoder: Any) -> dict[str, Any]:
@@ -235,7 +250,8 @@ def _as_stored(entry: CacheEntry, payload: dict[str, Any]) -> CacheEntry:
 class FeatureCache:
     """Cached prefixes and masks, loaded into memory (float16). ``entries`` lists what is there."""
 
-    def __init__(self, cache_dir: str | Path, encoder: Any, keys: Sequence[str] | None = None):
+    def __init__(self, cache_dir: str | Path, encoder: Any, keys: Sequence[str] | None = None, *,
+                 slice_context: int = 0):
         root = Path(cache_dir)
         index_path = root / "index.json"
         if not index_path.is_file():
@@ -247,6 +263,7 @@ class FeatureCache:
             raise input_error("feature cache", expected=f"a cache built for encoder key {want}",
                               received=f"key {index.get('encoder_key')} in {root}",
                               fix="use another cache_dir or delete this one; the encoder or its LoRA stages changed")
+        _check_slice_context(index, slice_context, root)
         entries = [CacheEntry(e["key"], e["dataset"], e["sample_id"], int(e["variant"]), e["modality"],
                               tuple(e["structures"]), tuple(e["absent"]), e.get("site", ""),
                               None if e.get("window") is None else tuple(e["window"]))

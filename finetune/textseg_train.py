@@ -46,7 +46,7 @@ import math
 import random
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -106,6 +106,10 @@ class TrainConfig:
     eval_limit: int | None = None
     seed: int = 0
     init_from: str | None = None
+    #: neighbouring-slice context (the model config's ``slice_context``; None = the model's own): with k >= 1 each
+    #: slice of a volume source (a reader with ``volume()``, e.g. mr_hippocampus_msd) is cached with slices k below
+    #: and above as R and B (:func:`medvlm.volume.with_neighbours`); 2D sources stay grey. Use its own cache_dir.
+    slice_context: int | None = None
     prior_weight: float = 0.0
     prior_texts_per_image: int = 2
     #: hold out a val split (by case, ``val_fraction``) of every source with >= 5 cases, not only JSRT
@@ -172,6 +176,10 @@ class TrainConfig:
             raise input_error("data variants / zooms", expected="variants >= 1 and zooms >= 0",
                               received=str([(d.variants, d.zooms) for d in self.data]),
                               fix="use variants: 1 (the image as is) and zooms: 0 (no zoom windows) or e.g. 3")
+        if self.slice_context is not None and (not isinstance(self.slice_context, int)
+                                               or isinstance(self.slice_context, bool) or self.slice_context < 0):
+            raise input_error("slice_context", expected="an int >= 0, or no key (the model's own)",
+                              received=repr(self.slice_context), fix="use slice_context: 1 (adjacent slices) or 0")
         if any(d.every < 1 for d in self.data):
             raise input_error("data every", expected=">= 1", received=str([d.every for d in self.data]),
                               fix="use every: 1 (all ids) or e.g. every: 3")
@@ -229,9 +237,10 @@ def load_train_config(path: str | Path) -> TrainConfig:
 # --------------------------------------------------------------------------------------------------- data
 
 
-def _split(cfg: TrainConfig) -> tuple[list[tuple[str, Any, int, Sequence[str]]], list[tuple[str, Any, int,
-                                                                                                Sequence[str]]]]:
-    """(train items, val items) for build_cache: (dataset name, sample, n variants, dataset structures)."""
+def _split(cfg: TrainConfig, slice_context: int = 0) -> tuple[list[tuple[str, Any, int, Sequence[str]]],
+                                                                list[tuple[str, Any, int, Sequence[str]]]]:
+    """(train items, val items) for build_cache: (dataset name, sample, n variants, dataset structures). With
+    ``slice_context`` >= 1 the slices of volume sources carry their neighbours (:func:`slice_with_context`)."""
     from medvlm.datasets import open_dataset, split_ids
 
     train: list[tuple[str, Any, int, Sequence[str]]] = []
@@ -247,12 +256,25 @@ def _split(cfg: TrainConfig) -> tuple[list[tuple[str, Any, int, Sequence[str]]],
         if src.every > 1:  # val too: the in-training proxy; `medvlm eval text-seg` scores every val image
             tr, va = thin_per_case(tr, src.every, ds.group), thin_per_case(va, src.every, ds.group)
         for sid in tr:
-            sample = ds.load(sid)
+            sample = slice_with_context(ds, ds.load(sid), slice_context)
             if sample.masks:
                 train.append((src.name, sample, src.variants, ds.structures))
         for sid in va:
-            val.append((src.name, ds.load(sid), 1, ds.structures))
+            val.append((src.name, slice_with_context(ds, ds.load(sid), slice_context), 1, ds.structures))
     return train, val
+
+
+def slice_with_context(dataset: Any, sample: Any, context: int) -> Any:
+    """``sample`` with its image replaced by a :class:`~medvlm.volume.SliceWithNeighbours` (slices ``context``
+    below and above, from ``dataset.volume(dataset.group(id))``) when ``context`` >= 1 and the sample is a slice
+    of a volume source (its meta has ``slice_index``); otherwise ``sample`` unchanged."""
+    from medvlm.volume import with_neighbours
+
+    k = sample.meta.get("slice_index")
+    if context < 1 or k is None or not callable(getattr(dataset, "volume", None)):
+        return sample
+    stack = dataset.volume(dataset.group(sample.id)).image
+    return replace(sample, image=with_neighbours(sample.image, stack, int(k), context))
 
 
 def thin_per_case(ids: Sequence[str], every: int, group: Any) -> list[str]:
@@ -501,7 +523,9 @@ def _init_from(model: MedVLM, model_cfg: MedVLMConfig, directory: str) -> None:
 
     theirs, _ = read_checkpoint_config(directory)
     # a new existence head on the same architecture starts from scratch; everything else must match
-    if {**theirs.to_json(), "existence_head": None} != {**model_cfg.to_json(), "existence_head": None}:
+    # and so does what the images show (neighbouring slices or not): the weights are the same shapes
+    free = {"existence_head": None, "slice_context": None}
+    if {**theirs.to_json(), **free} != {**model_cfg.to_json(), **free}:
         raise input_error("init_from", expected="a checkpoint built by the same model config as this run",
                           received=f"{directory} with config {theirs.to_json()}",
                           fix="set `model:` to that checkpoint's config (its config.json), or drop init_from")
@@ -591,6 +615,8 @@ def train_medvlm(cfg: TrainConfig, *, progress: bool = True, resume: bool = True
         model_cfg = read_checkpoint_config(cfg.init_from)[0]
     else:
         model_cfg = MedVLMConfig()
+    if cfg.slice_context is not None:
+        model_cfg = replace(model_cfg, slice_context=cfg.slice_context)
     model = build_medvlm(model_cfg)
     if cfg.init_from is not None:
         _init_from(model, model_cfg, cfg.init_from)
@@ -601,18 +627,19 @@ def train_medvlm(cfg: TrainConfig, *, progress: bool = True, resume: bool = True
     if progress:
         accelerator.print(f"trainable parameters: {trainable:,} / {total:,} ({100 * trainable / total:.1f} %)")
 
-    train_items, val_items = _split(cfg)
+    train_items, val_items = _split(cfg, model_cfg.slice_context)
     (out / "val_ids.txt").write_text("".join(f"{s.id}\n" for _, s, _, _ in val_items))
     t0 = time.time()
     prefix_fn = _prefix_runner(model.image_encoder, cfg.cache_precision)
     train_entries = build_cache(model.image_encoder, train_items, cfg.cache_dir, seed=cfg.seed, progress=progress,
                                 prefix_fn=prefix_fn, wholes=cfg.wholes,
-                                zooms={s.name: s.zooms for s in cfg.data if s.zooms})
+                                zooms={s.name: s.zooms for s in cfg.data if s.zooms},
+                                slice_context=model_cfg.slice_context)
     build_cache(model.image_encoder, val_items, Path(cfg.cache_dir) / "val", seed=cfg.seed, progress=progress,
-                prefix_fn=prefix_fn, wholes=cfg.wholes)
+                prefix_fn=prefix_fn, wholes=cfg.wholes, slice_context=model_cfg.slice_context)
     cache_s = time.time() - t0
-    cache = FeatureCache(cfg.cache_dir, model.image_encoder)
-    val_cache = FeatureCache(Path(cfg.cache_dir) / "val", model.image_encoder)
+    cache = FeatureCache(cfg.cache_dir, model.image_encoder, slice_context=model_cfg.slice_context)
+    val_cache = FeatureCache(Path(cfg.cache_dir) / "val", model.image_encoder, slice_context=model_cfg.slice_context)
     train_keys = {e.key for e in train_entries}
     entries = [e for e in cache.entries if e.key in train_keys and e.structures]
     val_list = list(val_cache.entries)[: cfg.eval_limit]

@@ -41,6 +41,7 @@ from medvlm.io import MAX_VOXELS_DEFAULT, MedicalImage, load_image, load_volume,
 
 __all__ = [
     "NON_IMAGE_MODALITIES",
+    "SliceWithNeighbours",
     "Volume",
     "default_window",
     "is_volume_input",
@@ -48,6 +49,7 @@ __all__ = [
     "read_nifti_volume",
     "read_volume",
     "volume_ml",
+    "with_neighbours",
 ]
 
 #: DICOM modalities that are not images to segment (a SEG written into the series folder must not count as one).
@@ -59,6 +61,74 @@ SPACING_TOLERANCE = 0.1
 # LPS (DICOM patient coordinates) <-> RAS (NIfTI world coordinates): x and y change sign.
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _LPS_CODES = ("L", "P", "S")
+
+
+@dataclass(eq=False)
+class SliceWithNeighbours(MedicalImage):
+    """An axial slice that also carries the slices next to it, for a model trained with neighbouring-slice context
+    (``slice_context`` in its Med-VLM config).
+
+    It is a :class:`~medvlm.io.MedicalImage` of the centre slice (``pixels``, ``window``, ``spacing_mm``,
+    ``modality`` and ``meta`` are the centre's, so everything that reads a 2D image reads it unchanged); only
+    :meth:`to_rgb_uint8` differs: R = the slice below (``k - context``), G = slice ``k``, B = the slice above
+    (``k + context``), each windowed like the centre. ``below`` / ``above``: ``(H, W)`` float32 in the centre's
+    units, clamped to the volume's first / last slice at its ends. :meth:`centre_rgb_uint8` is the plain grey
+    slice, what a model trained without context reads.
+    """
+
+    below: npt.NDArray[np.float32] | None = None
+    above: npt.NDArray[np.float32] | None = None
+    context: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("below", "above"):
+            arr = getattr(self, name)
+            if arr is None or np.shape(arr) != self.pixels.shape:
+                raise input_error(f"SliceWithNeighbours.{name}", expected=f"an array of the centre's shape "
+                                  f"{self.pixels.shape}", received="none" if arr is None else f"shape {np.shape(arr)}",
+                                  fix="build it with medvlm.volume.with_neighbours(image, stack, k)")
+            setattr(self, name, np.ascontiguousarray(arr, dtype=np.float32))
+
+    def to_rgb_uint8(self, window: tuple[float, float] | None = None) -> npt.NDArray[np.uint8]:
+        """``(H, W, 3)`` uint8: the slices ``k - context``, ``k``, ``k + context`` as R, G, B, one window for all."""
+        win = window if window is not None else self.window
+        planes = [np.asarray(p, dtype=np.float32) for p in (self.below, self.pixels, self.above)]
+        if win is None:  # min-max over the three slices: one scale, or a neighbour's contrast would be its own
+            finite = [p[np.isfinite(p)] for p in planes]
+            values = np.concatenate(finite) if any(f.size for f in finite) else np.zeros(1, dtype=np.float32)
+            lo, hi = float(values.min()), float(values.max())
+            win = ((lo + hi) / 2.0, hi - lo) if hi > lo else None
+        if win is None:
+            return np.zeros((*self.shape, 3), dtype=np.uint8)
+        return np.stack([MedicalImage(p, window=win).to_uint8() for p in planes], axis=2)
+
+    def centre_rgb_uint8(self, window: tuple[float, float] | None = None) -> npt.NDArray[np.uint8]:
+        """The centre slice alone, grey in R, G and B (:meth:`MedicalImage.to_rgb_uint8`)."""
+        return MedicalImage.to_rgb_uint8(self, window)
+
+
+def with_neighbours(image: MedicalImage, stack: npt.ArrayLike, k: int, context: int = 1) -> SliceWithNeighbours:
+    """Slice ``k`` of ``stack`` (``(Z, H, W)``, the display slices ``image`` came from: ``image.pixels`` must be
+    ``stack[k]``) with its neighbours ``k - context`` and ``k + context`` (clamped to ``0 .. Z - 1``), for a model
+    trained with neighbouring-slice context. ``image``'s window, spacing, modality, source and meta are kept."""
+    arr = np.asarray(stack)
+    if arr.ndim != 3 or not 0 <= int(k) < arr.shape[0]:
+        raise input_error("with_neighbours", expected="a (Z, H, W) stack and 0 <= k < Z",
+                          received=f"shape {arr.shape}, k={k}", fix="pass the volume's display array and a slice index")
+    if int(context) < 1:
+        raise input_error("with_neighbours context", expected="an int >= 1 (slices between centre and neighbour)",
+                          received=repr(context), fix="use context=1 (the adjacent slices)")
+    if arr.shape[1:] != image.shape or not np.array_equal(np.asarray(arr[k], dtype=np.float32), image.pixels,
+                                                           equal_nan=True):
+        raise input_error("with_neighbours", expected=f"image = stack[{k}]",
+                          received=f"image {image.shape}, stack slice {arr.shape[1:]}",
+                          fix="pass the stack the image was sliced from")
+    last = arr.shape[0] - 1
+    return SliceWithNeighbours(image.pixels, spacing_mm=image.spacing_mm, modality=image.modality, source=image.source,
+                               window=image.window, meta={**image.meta, "slice_context": int(context)},
+                               below=arr[max(0, int(k) - int(context))], above=arr[min(last, int(k) + int(context))],
+                               context=int(context))
 
 
 @dataclass(eq=False)
@@ -148,9 +218,14 @@ class Volume:
 
         return np.asarray(io_orientation(self.affine), dtype=np.float64)
 
-    def slice_image(self, k: int, window: tuple[float, float] | None = None) -> MedicalImage:
+    def slice_image(self, k: int, window: tuple[float, float] | None = None, *, context: int = 0) -> MedicalImage:
         """Display slice ``k`` as a :class:`~medvlm.io.MedicalImage` (pixels in modality units, ``window`` or the
-        volume's :attr:`window`), what a 2D segmenter reads."""
+        volume's :attr:`window`), what a 2D segmenter reads; with ``context`` >= 1 a :class:`SliceWithNeighbours`
+        that also carries slices ``k - context`` and ``k + context`` (for a model trained with them)."""
+        image = self._slice_image(k, window)
+        return with_neighbours(image, self.array, k, context) if context else image
+
+    def _slice_image(self, k: int, window: tuple[float, float] | None) -> MedicalImage:
         return MedicalImage(self.array[k], spacing_mm=(self.spacing[1], self.spacing[2]), modality=self.modality,
                             source=self.source, window=window if window is not None else self.window,
                             meta={"format": self.format, "volume_slice": k, "stored_slice": self.stored_slice(k),

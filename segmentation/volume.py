@@ -10,6 +10,11 @@ found). Then :func:`keep_largest_component` keeps the largest 26-connected 3D co
 drops it when it is smaller than ``min_component_ml``: an organ is one connected body, and the slice-wise false
 positives elsewhere are the small, detached pieces.
 
+Neighbouring-slice context: a checkpoint trained with it (``slice_context`` >= 1 in its config, or a specialist of
+it; the segmenter's ``volume_context()``) gets every slice as a :class:`medvlm.volume.SliceWithNeighbours`, the
+slices ``k - context`` and ``k + context`` as R and B around slice ``k``; a routed checkpoint still reads the grey
+slice to decide which model answers, and a specialist trained with neighbours costs one more encoder pass per slice.
+
 Everything here is on the display grid of ``volume.array``; :mod:`medvlm.volume_outputs` writes it back in the
 input's own voxel order.
 """
@@ -161,6 +166,8 @@ def segment_volume(segmenter: Any, volume: Volume, texts: Sequence[str], labels:
     pick = getattr(segmenter, "for_image", None)
     if callable(pick):  # a routed checkpoint chooses its model once per volume, from the middle slice
         segmenter = pick(volume.slice_image(z // 2, win))
+    wanted = getattr(segmenter, "volume_context", None)
+    context = int(wanted()) if callable(wanted) else 0  # neighbouring slices, for a model trained with them
     stacks = [np.zeros((z, h, w), dtype=bool) for _ in texts]
     found = [[False] * z for _ in texts]
     existence: list[list[float | None]] = [[None] * z for _ in texts]
@@ -179,7 +186,7 @@ def segment_volume(segmenter: Any, volume: Volume, texts: Sequence[str], labels:
     try:
         for start in range(0, z, step):
             ks = list(range(start, min(z, start + step)))
-            images = [volume.slice_image(k, win) for k in ks]
+            images = [volume.slice_image(k, win, context=context) for k in ks]
             t0 = time.perf_counter()
             embeddings = list(encode_fn(images)) if encode_fn is not None else [segmenter.encode(images[0])]
             encode_s += time.perf_counter() - t0

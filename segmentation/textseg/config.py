@@ -147,6 +147,11 @@ class MedVLMConfig:
     #: an existence head (is the named structure in this image at all?): a logit per (image, text) that lets the
     #: predictor answer "not in this image" instead of thresholding a mask into a false positive.
     existence_head: bool = False
+    #: neighbouring-slice context: 0 = every image is read alone (grey in R, G and B); k >= 1 = the model was
+    #: trained on axial volume slices shown with slices ``k`` below and above as R and B
+    #: (:class:`medvlm.volume.SliceWithNeighbours`), and volumes are fed to it that way. A single 2D image has no
+    #: neighbours and is read alone either way. The weights' shapes do not depend on it.
+    slice_context: int = 0
     format_version: int = 1
 
     def __post_init__(self) -> None:
@@ -157,6 +162,9 @@ class MedVLMConfig:
         self.text_encoder.validate()
         self.mixer.validate()
         self.decoder.validate(self.mixer.dim)
+        _check(isinstance(self.slice_context, int) and not isinstance(self.slice_context, bool)
+               and self.slice_context >= 0, "config.slice_context", "an int >= 0 (0 = none, 1 = adjacent slices)",
+               self.slice_context, "use slice_context: 1 for volumes, or 0")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -179,14 +187,17 @@ class MedVLMConfig:
                     if tuple_key in value and isinstance(value[tuple_key], list):
                         value[tuple_key] = tuple(value[tuple_key])
                 kwargs[key] = part(**value)
-            elif key == "format_version":
+            elif key in ("format_version", "slice_context"):
+                _check(isinstance(value, int) and not isinstance(value, bool), f"config.{key}", "an int", value,
+                       f"use an integer {key}")
                 kwargs[key] = int(value)
             elif key == "existence_head":
                 _check(isinstance(value, bool), "config.existence_head", "true or false", value,
                        "use existence_head: true (new checkpoints) or false")
                 kwargs[key] = value
             else:
-                raise input_error("config", expected=f"keys among {[*parts, 'existence_head', 'format_version']}",
+                known_keys = [*parts, "existence_head", "slice_context", "format_version"]
+                raise input_error("config", expected=f"keys among {known_keys}",
                                   received=repr(key),
                                   fix="remove or rename the unknown key")
         return cls(**kwargs)

@@ -344,6 +344,30 @@ class MedVLMSegmenter(SegmenterBase):
         return self.checkpoint
 
     @property
+    def slice_context(self) -> int:
+        """The checkpoint's neighbouring-slice context (``MedVLMConfig.slice_context``; 0 = images read alone)."""
+        return int(getattr(getattr(self.model, "config", None), "slice_context", 0) or 0)
+
+    def volume_context(self) -> int:
+        """How many slices above and below each slice of a volume should carry (``Volume.slice_image(k,
+        context=...)``): the largest ``slice_context`` of this checkpoint and its specialists (their configs only
+        are read); 0 when none was trained with neighbours."""
+        from segmentation.textseg.checkpoint import read_checkpoint_config
+
+        found = [self.slice_context]
+        if self.specialists is not None:
+            found += [read_checkpoint_config(d)[0].slice_context for d in set(self.specialists["kinds"].values())]
+        return max(found)
+
+    def _input_rgb(self, image: ImageInput) -> Any:
+        """What this checkpoint's encoder reads of ``image``: a :class:`~medvlm.volume.SliceWithNeighbours` shows
+        its neighbours only to a checkpoint trained with them; every other checkpoint gets the grey centre."""
+        centre = getattr(image, "centre_rgb_uint8", None)
+        if callable(centre) and self.slice_context != getattr(image, "context", None):
+            return np.asarray(centre())
+        return as_rgb_uint8(image)
+
+    @property
     def precision(self) -> str:
         """The resolved precision of the image encoder (``fp32`` or ``bf16``)."""
         return self.plan.precision
@@ -427,7 +451,7 @@ class MedVLMSegmenter(SegmenterBase):
                               frame=letterbox_frame(height, width, size), extra=extra)
 
     def _encode_own(self, image: ImageInput) -> ImageEmbedding:
-        rgb = as_rgb_uint8(image)
+        rgb = self._input_rgb(image)
         t0 = time.perf_counter()
         chw, content = self.model.image_encoder.preprocess(rgb)
         with self._lock:
@@ -440,11 +464,13 @@ class MedVLMSegmenter(SegmenterBase):
                 features = self._run_encoder(torch.from_numpy(chw)[None].to(self.device))
         return self._embedding(image, rgb, features, content, time.perf_counter() - t0)
 
-    def _encode_batch_own(self, images: Sequence[ImageInput]) -> list[ImageEmbedding]:
+    def _encode_batch_own(self, images: Sequence[ImageInput], rgbs: Sequence[Any] | None = None
+                          ) -> list[ImageEmbedding]:
+        """Embeddings of ``images``; ``rgbs``: the encoder's input pixels instead of :meth:`_input_rgb`'s."""
         if not images:
             return []
         t0 = time.perf_counter()
-        rgbs = [as_rgb_uint8(im) for im in images]
+        rgbs = [self._input_rgb(im) for im in images] if rgbs is None else list(rgbs)
         prepared = [self.model.image_encoder.preprocess(rgb) for rgb in rgbs]
         if self.light:
             assert self._compiled is not None  # set with self.light
@@ -513,6 +539,30 @@ class MedVLMSegmenter(SegmenterBase):
             return None
         return self.specialist(verdict.kind)
 
+    def _with_specialist_context(self, images: Sequence[ImageInput], embeddings: Sequence[ImageEmbedding]) -> None:
+        """For each volume slice (:class:`~medvlm.volume.SliceWithNeighbours`) that this checkpoint's classifier
+        hands to a specialist trained with neighbouring slices, also encode the slice with its neighbours (this
+        checkpoint's encoder, which the specialist shares) into ``extra["context_features"]``: the classifier
+        keeps reading the grey slice it was fitted on, the specialist reads what it was trained on."""
+        if self.specialists is None or self.slice_context:
+            return
+        todo = []
+        for image, embedding in zip(images, embeddings):
+            if not callable(getattr(image, "centre_rgb_uint8", None)) or embedding.extra.get("routed_to"):
+                continue
+            specialist = self._specialist_for(embedding)
+            if specialist is not None and specialist.slice_context == getattr(image, "context", None):
+                todo.append((image, embedding))
+        if not todo:
+            return
+        rgbs = [as_rgb_uint8(image) for image, _ in todo]  # R, G, B = below, centre, above
+        t0 = time.perf_counter()
+        for (_, embedding), ctx in zip(todo, self._encode_batch_own([im for im, _ in todo], rgbs=rgbs)):
+            embedding.extra["context_features"] = ctx.features
+        for _, embedding in todo:
+            embedding.extra["encode_s"] = float(embedding.extra.get("encode_s", 0.0)) + (
+                time.perf_counter() - t0) / len(todo)
+
     def _other(self) -> MedVLMSegmenter:
         other = self.routed_segmenter()
         if other is None:  # only called with routes
@@ -551,6 +601,7 @@ class MedVLMSegmenter(SegmenterBase):
             return self._mark_routed(self._other().encode(image), None)
         embedding = self._encode_own(image)
         if self.routes is None or by_modality or self._keeps(embedding):
+            self._with_specialist_context([image], [embedding])
             return embedding
         return self._mark_routed(self._other().encode(image), self._image_kind(embedding))
 
@@ -563,6 +614,12 @@ class MedVLMSegmenter(SegmenterBase):
         out: list[ImageEmbedding | None] = [None] * len(images)
         for i, e in zip(own, self._encode_batch_own([images[i] for i in own])):
             out[i] = e
+        kept: list[tuple[ImageInput, ImageEmbedding]] = []
+        for i in own:
+            mine = out[i]
+            if mine is not None and (self.routes is None or decided[i] or self._keeps(mine)):
+                kept.append((images[i], mine))
+        self._with_specialist_context([im for im, _ in kept], [e for _, e in kept])
         away = [i for i, d in enumerate(decided) if d is False]
         for i in own:
             embedding = out[i]
@@ -769,6 +826,11 @@ class MedVLMSegmenter(SegmenterBase):
         mine = routed_to is None or routed_to in (self.checkpoint, self._host)
         specialist = self._specialist_for(embedding) if mine else None
         if specialist is not None:
+            context = embedding.extra.get("context_features")
+            if context is not None and specialist.slice_context:  # a volume slice, encoded with its neighbours
+                import dataclasses
+
+                embedding = dataclasses.replace(embedding, features=context)
             results = specialist._decode(_features_as(embedding, specialist.light), prompts, multimask)
             for r in results:
                 r.meta["specialist"] = specialist.checkpoint
