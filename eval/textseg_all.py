@@ -145,6 +145,7 @@ def volume_suite(data: str | Path, segmenter: Any, *, split: str = "auto", limit
     from medvlm.volume import with_neighbours
     from prompts.anatomy import parts_of, wholes_of
     from segmentation.base import Prompt
+    from segmentation.volume import volume_context
 
     dataset = open_dataset(data)
     if not hasattr(dataset, "volume_ids"):
@@ -153,8 +154,7 @@ def volume_suite(data: str | Path, segmenter: Any, *, split: str = "auto", limit
         raise input_error("text-seg 3D", expected="a folder of 3D volumes (e.g. mr_hippocampus_msd)",
                           received=str(data), fix="use the 2D suite (medvlm eval text-seg --data FOLDER)")
     every_slice: Any = type(dataset)(dataset.root, all_slices=True)  # type: ignore[call-arg]
-    wanted = getattr(segmenter, "volume_context", None)
-    context = int(wanted()) if callable(wanted) else 0
+    context = volume_context(segmenter)
     meta = segmenter_meta(segmenter, dataset.name)
     chosen, used = checkpoint_split_ids(meta, dataset.ids(), split, data)
     volumes = sorted({dataset.group(i) for i in chosen})

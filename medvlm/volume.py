@@ -222,15 +222,12 @@ class Volume:
         """Display slice ``k`` as a :class:`~medvlm.io.MedicalImage` (pixels in modality units, ``window`` or the
         volume's :attr:`window`), what a 2D segmenter reads; with ``context`` >= 1 a :class:`SliceWithNeighbours`
         that also carries slices ``k - context`` and ``k + context`` (for a model trained with them)."""
-        image = self._slice_image(k, window)
+        image = MedicalImage(self.array[k], spacing_mm=(self.spacing[1], self.spacing[2]), modality=self.modality,
+                             source=self.source, window=window if window is not None else self.window,
+                             meta={"format": self.format, "volume_slice": k, "stored_slice": self.stored_slice(k),
+                                   "orientation": "radiological display: anterior at the top, patient's right "
+                                                  "on the image left"})
         return with_neighbours(image, self.array, k, context) if context else image
-
-    def _slice_image(self, k: int, window: tuple[float, float] | None) -> MedicalImage:
-        return MedicalImage(self.array[k], spacing_mm=(self.spacing[1], self.spacing[2]), modality=self.modality,
-                            source=self.source, window=window if window is not None else self.window,
-                            meta={"format": self.format, "volume_slice": k, "stored_slice": self.stored_slice(k),
-                                  "orientation": "radiological display: anterior at the top, patient's right on "
-                                                 "the image left"})
 
 
 def volume_ml(mask: npt.ArrayLike, spacing: tuple[float, float, float]) -> float:

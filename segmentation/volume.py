@@ -43,6 +43,7 @@ __all__ = [
     "VolumeSegmentation",
     "keep_largest_component",
     "segment_volume",
+    "volume_context",
 ]
 
 #: Components (and a largest component) smaller than this are dropped: 0.5 mL is 19 voxels of 3 mm, 500 of 1 mm.
@@ -131,6 +132,14 @@ def _progress_bar(total: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, unit="slice", file=sys.stderr, disable=not enabled, leave=False)
 
 
+def volume_context(segmenter: Any) -> int:
+    """Slices above and below that each slice of a volume should carry for ``segmenter`` (its
+    ``volume_context()``: a Med-VLM checkpoint, or one it routes to, trained with neighbouring slices); 0 for a
+    segmenter without the method."""
+    wanted = getattr(segmenter, "volume_context", None)
+    return int(wanted()) if callable(wanted) else 0
+
+
 def segment_volume(segmenter: Any, volume: Volume, texts: Sequence[str], labels: Sequence[str] | None = None, *,
                    window: tuple[float, float] | None = None, min_component_ml: float = DEFAULT_MIN_COMPONENT_ML,
                    largest_only: bool = True, progress: bool = False,
@@ -166,8 +175,7 @@ def segment_volume(segmenter: Any, volume: Volume, texts: Sequence[str], labels:
     pick = getattr(segmenter, "for_image", None)
     if callable(pick):  # a routed checkpoint chooses its model once per volume, from the middle slice
         segmenter = pick(volume.slice_image(z // 2, win))
-    wanted = getattr(segmenter, "volume_context", None)
-    context = int(wanted()) if callable(wanted) else 0  # neighbouring slices, for a model trained with them
+    context = volume_context(segmenter)
     stacks = [np.zeros((z, h, w), dtype=bool) for _ in texts]
     found = [[False] * z for _ in texts]
     existence: list[list[float | None]] = [[None] * z for _ in texts]

@@ -20,7 +20,7 @@ from medvlm.io import MedicalImage
 from medvlm.volume import SliceWithNeighbours, read_volume, with_neighbours
 from segmentation.base import Prompt
 from tests.conftest import DATA_ROOT, data_dir
-from tests.test_specialists import OPTS, _pair
+from tests.test_specialists import OPTS, _classifier, _pair
 from tests.test_volume import FakeTextSegmenter, _synthetic_ct, _write_nifti
 
 
@@ -153,6 +153,17 @@ def test_a_broad_checkpoint_hands_a_slice_to_its_context_specialist(tmp_path: Pa
     # a specialist without context gets no second pass either
     broad2, _ = _pair(tmp_path / "b2", tiny_folder)
     assert "context_features" not in MedVLMSegmenter(broad2, **OPTS).encode(image).extra
+    assert MedVLMSegmenter(broad2, **OPTS).volume_context() == 0
+    # a front checkpoint that routes other kinds to the broad one (the packaged default -> multi) asks for the
+    # neighbours too, without building the routed model, and its answer reaches the context specialist
+    front = Path(shutil.copytree(tiny_folder[0], tmp_path / "front" / "ckpt"))
+    _classifier(front, tiny_folder[1], {"fetal_us": 10.0, "chest_xray": 0.0})
+    (front / "routes.json").write_text(json.dumps({"kinds": ["chest_xray"], "otherwise": "../../broad/ckpt"}))
+    front_seg = MedVLMSegmenter(front, **OPTS)
+    assert front_seg.volume_context() == 1 and front_seg._routed is None
+    assert MedVLMSegmenter(front, route=False, **OPTS).volume_context() == 0
+    routed = front_seg.segment(image, prompts)[0]
+    assert routed.meta["specialist"] and np.allclose(routed.logits, alone.logits, atol=1e-5)
 
 
 def test_segment_volume_feeds_neighbours_to_a_context_segmenter(tmp_path: Path) -> None:

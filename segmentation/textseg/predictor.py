@@ -350,14 +350,20 @@ class MedVLMSegmenter(SegmenterBase):
 
     def volume_context(self) -> int:
         """How many slices above and below each slice of a volume should carry (``Volume.slice_image(k,
-        context=...)``): the largest ``slice_context`` of this checkpoint and its specialists (their configs only
-        are read); 0 when none was trained with neighbours."""
+        context=...)``): the largest ``slice_context`` of every checkpoint that may answer a slice (this one, its
+        routes' ``otherwise`` checkpoint and their specialists; their configs are read, no model is built); 0 when
+        none was trained with neighbours. A checkpoint that was not trained with them reads the grey centre."""
         from segmentation.textseg.checkpoint import read_checkpoint_config
 
-        found = [self.slice_context]
+        answering = {Path(self.checkpoint)}
         if self.specialists is not None:
-            found += [read_checkpoint_config(d)[0].slice_context for d in set(self.specialists["kinds"].values())]
-        return max(found)
+            answering |= set(self.specialists["kinds"].values())
+        if self.routes is not None:
+            other = Path(self.routes["otherwise"])
+            answering.add(other)
+            spec = read_specialists(other, resolve_checkpoint) if self._use_specialists else None
+            answering |= set(spec["kinds"].values()) if spec is not None else set()
+        return max(read_checkpoint_config(d)[0].slice_context for d in answering)
 
     def _input_rgb(self, image: ImageInput) -> Any:
         """What this checkpoint's encoder reads of ``image``: a :class:`~medvlm.volume.SliceWithNeighbours` shows
