@@ -113,8 +113,14 @@ def augment_sample(sample: Any, rng: random.Random, augment: GeometricAugment | 
     shape = image.shape
     matrix, s = random_affine(shape, rng, augment)
     pixels = _warp(image.pixels, matrix, "F", float(image.pixels.min()))
+    color = None
+    if image.color is not None:  # each channel like the luminance, border filled with the darkest colour
+        dark = image.color.reshape(-1, 3)[int(np.argmin(image.pixels))]
+        color = np.stack([np.clip(np.floor(_warp(image.color[:, :, c], matrix, "F", float(dark[c])) + 0.5), 0, 255)
+                          for c in range(3)], axis=2).astype(np.uint8)
     spacing = None if image.spacing_mm is None else (image.spacing_mm[0] / s, image.spacing_mm[1] / s)
-    new_image = replace(image, pixels=pixels, spacing_mm=spacing, meta={**image.meta, "augmented": True})
+    new_image = replace(image, pixels=pixels, spacing_mm=spacing, meta={**image.meta, "augmented": True},
+                        color=color)
     masks = {}
     for name, mask in sample.masks.items():
         warped = warp_mask(mask, matrix)

@@ -84,7 +84,7 @@ def write_card(checkpoint: Path, text_seg: dict[str, Any], oracle: dict[str, Any
                          "images that have no mask for them (one pseudo-labelled row per image).")
     if train_seconds is not None:
         lines.append(f"- Time: {train_seconds / 60:.0f} min of training on 2 CPU cores, after the one-off "
-                     "feature cache (~1.2 s per image variant).")
+                     "feature cache (not counted).")
     if train_log:
         names = sorted({k for rec in train_log for k in rec["val_dice"]})
         lines += ["", "Validation Dice during training (256 x 256 letterbox frame, complex descriptions):", "",

@@ -28,7 +28,7 @@ import torch
 
 from medvlm.datasets import Sample
 from medvlm.errors import input_error
-from medvlm.io import atomic_open
+from medvlm.io import atomic_open, model_input_rgb
 from segmentation.textseg.wholes import add_wholes, annotated_with_wholes
 from segmentation.textseg.zoom import Window, random_zoom_window
 
@@ -76,7 +76,9 @@ def letterbox_mask(mask: npt.NDArray[np.bool_], size: int) -> npt.NDArray[np.boo
 def augment(rgb: npt.NDArray[np.uint8], masks: dict[str, npt.NDArray[np.bool_]], rng: np.random.Generator,
             ) -> tuple[npt.NDArray[np.uint8], dict[str, npt.NDArray[np.bool_]]]:
     """A random similarity transform (scale 0.9-1.1, rotation +-8 degrees, shift +-5 %) and a gamma/contrast
-    change, applied to the image and its masks together. Never a left-right flip: laterality is the label."""
+    change, applied to the image and its masks together. Never a left-right flip: laterality is the label. A
+    colour image (channels not equal) also gets a per-channel gain of up to +-8 %: cameras and dermatoscopes
+    differ in white balance; a grey image stays grey (and draws what it drew before)."""
     from PIL import Image
 
     h, w = rgb.shape[:2]
@@ -95,6 +97,8 @@ def augment(rgb: npt.NDArray[np.uint8], masks: dict[str, npt.NDArray[np.bool_]],
     gamma = float(np.exp(rng.uniform(-0.3, 0.3)))
     contrast = float(rng.uniform(0.85, 1.15))
     out_rgb = np.clip((out_rgb ** gamma - 0.5) * contrast + 0.5, 0, 1)
+    if rgb.ndim == 3 and not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])):
+        out_rgb = np.clip(out_rgb * np.exp(rng.uniform(-0.08, 0.08, size=3)).astype(np.float32), 0, 1)
     out_masks = {}
     for name, m in masks.items():
         mi = Image.fromarray(m.astype(np.uint8) * 255).transform((w, h), Image.Transform.AFFINE, coeffs,
@@ -121,7 +125,7 @@ def build_cache(encoder: Any, items: Iterable[tuple[str, Sample, int, Sequence[s
                 *, seed: int = 0, progress: bool = True,
                 prefix_fn: Callable[[torch.Tensor], torch.Tensor] | None = None, batch_size: int = 8,
                 wholes: bool = False, zooms: Mapping[str, int] | None = None,
-                slice_context: int = 0) -> list[CacheEntry]:
+                slice_context: int = 0, color_input: bool = False) -> list[CacheEntry]:
     """Encode every ``(dataset, sample, n_variants, dataset_structures)`` into ``cache_dir``; returns entries.
 
     Variant 0 is the image as is, variants 1.. are :func:`augment` draws seeded by (seed, sample id, variant).
@@ -136,17 +140,23 @@ def build_cache(encoder: Any, items: Iterable[tuple[str, Sample, int, Sequence[s
     ``slice_context``: recorded in the index (the items' volume slices carry that many neighbours, see
     ``finetune.textseg_train.slice_with_context``); a folder built with another value is refused, since its
     files would be reused for images they do not show.
+    ``color_input``: colour images are encoded in colour, else from their luminance
+    (:func:`medvlm.io.model_input_rgb`); recorded in the index (``color_images``), and a folder built the other
+    way is refused when the items include a colour image.
     """
     from tqdm.auto import tqdm
 
     root = Path(cache_dir)
     root.mkdir(parents=True, exist_ok=True)
+    work = list(items)
     if (root / "index.json").is_file():
-        _check_slice_context(json.loads((root / "index.json").read_text()), slice_context, root)
+        index_before = json.loads((root / "index.json").read_text())
+        _check_slice_context(index_before, slice_context, root)
+        if any(getattr(s.image, "color", None) is not None for _, s, _, _ in work):
+            _check_color(index_before, color_input, root)
     enc_key = encoder_key(_encoder_json(encoder), encoder.first_adapted)
     size = encoder.config.image_size
     entries: list[CacheEntry] = []
-    work = list(items)
     zooms = dict(zooms or {})
     total = sum(n + zooms.get(d, 0) for d, _, n, _ in work)
     bar = tqdm(total=total, desc="caching encoder features", disable=not progress)
@@ -172,7 +182,7 @@ def build_cache(encoder: Any, items: Iterable[tuple[str, Sample, int, Sequence[s
         pending.clear()
 
     for dataset, sample, n_variants, dataset_structures in work:
-        base_rgb = sample.image.to_rgb_uint8()
+        base_rgb = model_input_rgb(sample.image, color=color_input)
         annotated = annotated_with_wholes(dataset_structures) if wholes else tuple(dataset_structures)
         draws: list[tuple[str, int, Window | None]] = [(f"v{v}", v, None) for v in range(n_variants)]
         for k in range(zooms.get(dataset, 0)):
@@ -208,7 +218,7 @@ def build_cache(encoder: Any, items: Iterable[tuple[str, Sample, int, Sequence[s
     flush()
     bar.close()
     index = {"encoder_key": enc_key, "encoder": _encoder_json(encoder), "slice_context": int(slice_context),
-             "entries": [e.to_json() for e in entries]}
+             "color_images": _color_images(color_input), "entries": [e.to_json() for e in entries]}
     with atomic_open(root / "index.json", "w") as fh:
         json.dump(index, fh, indent=1)
     return entries
@@ -220,6 +230,21 @@ def _check_slice_context(index: Mapping[str, Any], slice_context: int, root: Pat
         raise input_error("feature cache", expected=f"a cache built with slice_context {slice_context}",
                           received=f"slice_context {had} in {root}",
                           fix="give this run its own cache_dir (neighbouring slices change every volume image)")
+
+
+def _color_images(color_input: bool) -> str:
+    """How a cache shows colour images to the encoder (its index's ``color_images``)."""
+    return "rgb" if color_input else "luminance"
+
+
+def _check_color(index: Mapping[str, Any], color_input: bool, root: Path) -> None:
+    # indexes from before colour images kept their colour lack the key: they were encoded from the luminance
+    had = str(index.get("color_images", "luminance"))
+    if had != _color_images(color_input):
+        raise input_error("feature cache", expected=f"a cache whose colour images were encoded as "
+                          f"{_color_images(color_input)!r} (color_input: {str(color_input).lower()})",
+                          received=f"color_images {had!r} in {root}",
+                          fix="give this run its own cache_dir (or set color_input to match this cache)")
 
 
 def _encoder_json(encoder: Any) -> dict[str, Any]:

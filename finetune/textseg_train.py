@@ -110,6 +110,9 @@ class TrainConfig:
     #: slice of a volume source (a reader with ``volume()``, e.g. mr_hippocampus_msd) is cached with slices k below
     #: and above as R and B (:func:`medvlm.volume.with_neighbours`); 2D sources stay grey. Use its own cache_dir.
     slice_context: int | None = None
+    #: colour images (dermoscopy, endoscopy) shown to the encoder in colour (the model config's ``color_input``;
+    #: None = the model's own, False = their luminance). Use its own cache_dir.
+    color_input: bool | None = None
     prior_weight: float = 0.0
     prior_texts_per_image: int = 2
     #: hold out a val split (by case, ``val_fraction``) of every source with >= 5 cases, not only JSRT
@@ -180,6 +183,9 @@ class TrainConfig:
                                                or isinstance(self.slice_context, bool) or self.slice_context < 0):
             raise input_error("slice_context", expected="an int >= 0, or no key (the model's own)",
                               received=repr(self.slice_context), fix="use slice_context: 1 (adjacent slices) or 0")
+        if self.color_input is not None and not isinstance(self.color_input, bool):
+            raise input_error("color_input", expected="true, false, or no key (the model's own)",
+                              received=repr(self.color_input), fix="use color_input: true for colour images")
         if any(d.every < 1 for d in self.data):
             raise input_error("data every", expected=">= 1", received=str([d.every for d in self.data]),
                               fix="use every: 1 (all ids) or e.g. every: 3")
@@ -524,7 +530,7 @@ def _init_from(model: MedVLM, model_cfg: MedVLMConfig, directory: str) -> None:
     theirs, _ = read_checkpoint_config(directory)
     # a new existence head on the same architecture starts from scratch; everything else must match
     # and so does what the images show (neighbouring slices or not): the weights are the same shapes
-    free = {"existence_head": None, "slice_context": None}
+    free = {"existence_head": None, "slice_context": None, "color_input": None}
     if {**theirs.to_json(), **free} != {**model_cfg.to_json(), **free}:
         raise input_error("init_from", expected="a checkpoint built by the same model config as this run",
                           received=f"{directory} with config {theirs.to_json()}",
@@ -617,6 +623,8 @@ def train_medvlm(cfg: TrainConfig, *, progress: bool = True, resume: bool = True
         model_cfg = MedVLMConfig()
     if cfg.slice_context is not None:
         model_cfg = replace(model_cfg, slice_context=cfg.slice_context)
+    if cfg.color_input is not None:
+        model_cfg = replace(model_cfg, color_input=cfg.color_input)
     model = build_medvlm(model_cfg)
     if cfg.init_from is not None:
         _init_from(model, model_cfg, cfg.init_from)
@@ -634,9 +642,10 @@ def train_medvlm(cfg: TrainConfig, *, progress: bool = True, resume: bool = True
     train_entries = build_cache(model.image_encoder, train_items, cfg.cache_dir, seed=cfg.seed, progress=progress,
                                 prefix_fn=prefix_fn, wholes=cfg.wholes,
                                 zooms={s.name: s.zooms for s in cfg.data if s.zooms},
-                                slice_context=model_cfg.slice_context)
+                                slice_context=model_cfg.slice_context, color_input=model_cfg.color_input)
     build_cache(model.image_encoder, val_items, Path(cfg.cache_dir) / "val", seed=cfg.seed, progress=progress,
-                prefix_fn=prefix_fn, wholes=cfg.wholes, slice_context=model_cfg.slice_context)
+                prefix_fn=prefix_fn, wholes=cfg.wholes, slice_context=model_cfg.slice_context,
+                color_input=model_cfg.color_input)
     cache_s = time.time() - t0
     cache = FeatureCache(cfg.cache_dir, model.image_encoder, slice_context=model_cfg.slice_context)
     val_cache = FeatureCache(Path(cfg.cache_dir) / "val", model.image_encoder, slice_context=model_cfg.slice_context)

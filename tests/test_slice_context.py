@@ -143,16 +143,16 @@ def test_a_broad_checkpoint_hands_a_slice_to_its_context_specialist(tmp_path: Pa
     for embedding in (seg.encode(image), seg.encode_batch([image])[0]):
         grey = MedVLMSegmenter(broad, specialists=False, **OPTS).encode(image.centre_rgb_uint8())
         assert np.allclose(np.asarray(embedding.features), np.asarray(grey.features), atol=1e-5)  # classifier: grey
-        assert "context_features" in embedding.extra
+        assert embedding.extra["specialist_input"]["checkpoint"] is not None
         got = seg.predict_many(embedding, prompts)[0]
         alone = MedVLMSegmenter(spec, route=False, **OPTS).segment(image, prompts)[0]
         assert got.meta["specialist"] and np.allclose(got.logits, alone.logits, atol=1e-5)
     # a plain 2D image has no neighbours: no second pass, the specialist decodes the grey features
     flat = seg.encode(image.centre_rgb_uint8())
-    assert "context_features" not in flat.extra
+    assert "specialist_input" not in flat.extra
     # a specialist without context gets no second pass either
     broad2, _ = _pair(tmp_path / "b2", tiny_folder)
-    assert "context_features" not in MedVLMSegmenter(broad2, **OPTS).encode(image).extra
+    assert "specialist_input" not in MedVLMSegmenter(broad2, **OPTS).encode(image).extra
     assert MedVLMSegmenter(broad2, **OPTS).volume_context() == 0
     # a front checkpoint that routes other kinds to the broad one (the packaged default -> multi) asks for the
     # neighbours too, without building the routed model, and its answer reaches the context specialist

@@ -211,16 +211,18 @@ class IndexedPngDataset(Dataset):
                 raise input_error(f"mask {mpath}", expected=f"the image's shape {stored.shape}",
                                   received=f"shape {mask.shape}", fix="check that mask and image belong together")
             masks[name] = mask
-        pixels = stored.pixels
+        pixels, color = stored.pixels, stored.color
         if self.mirror_lr:
             pixels = pixels[:, ::-1]
+            color = None if color is None else np.ascontiguousarray(color[:, ::-1])
             masks = {k: np.ascontiguousarray(v[:, ::-1]) for k, v in masks.items()}
         meta = dict(stored.meta)
         meta.update({"display": DISPLAY_NOTE if self.modality in ("CT", "MR") and "axial" in
                      row["view_or_sequence"] else AS_STORED_NOTE, "orientation": self.orientation,
                      "pixel_values": self.pixel_values})
         image = MedicalImage(np.ascontiguousarray(pixels), spacing_mm=_spacing(row["spacing_mm"], sample_id),
-                             modality=self.modality, source=str(path), window=EIGHT_BIT_WINDOW, meta=meta)
+                             modality=self.modality, source=str(path), window=EIGHT_BIT_WINDOW, meta=meta,
+                             color=color)
         sample_meta: dict[str, Any] = {
             "case_id": self.group(sample_id),
             "site": row["site"],

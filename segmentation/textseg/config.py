@@ -152,6 +152,10 @@ class MedVLMConfig:
     #: (:class:`medvlm.volume.SliceWithNeighbours`), and volumes are fed to it that way. A single 2D image has no
     #: neighbours and is read alone either way. The weights' shapes do not depend on it.
     slice_context: int = 0
+    #: how colour images (dermoscopy, endoscopy: ``MedicalImage.color``) reach the image encoder: True = in
+    #: colour, False = their luminance in R, G and B (every checkpoint trained before colour was kept; a grey image
+    #: is read the same either way). The weights' shapes do not depend on it.
+    color_input: bool = False
     format_version: int = 1
 
     def __post_init__(self) -> None:
@@ -165,6 +169,8 @@ class MedVLMConfig:
         _check(isinstance(self.slice_context, int) and not isinstance(self.slice_context, bool)
                and self.slice_context >= 0, "config.slice_context", "an int >= 0 (0 = none, 1 = adjacent slices)",
                self.slice_context, "use slice_context: 1 for volumes, or 0")
+        _check(isinstance(self.color_input, bool), "config.color_input", "true or false", self.color_input,
+               "use color_input: true (colour images read in colour) or false (their luminance)")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -191,12 +197,12 @@ class MedVLMConfig:
                 _check(isinstance(value, int) and not isinstance(value, bool), f"config.{key}", "an int", value,
                        f"use an integer {key}")
                 kwargs[key] = int(value)
-            elif key == "existence_head":
-                _check(isinstance(value, bool), "config.existence_head", "true or false", value,
-                       "use existence_head: true (new checkpoints) or false")
+            elif key in ("existence_head", "color_input"):
+                _check(isinstance(value, bool), f"config.{key}", "true or false", value,
+                       f"use {key}: true or false")
                 kwargs[key] = value
             else:
-                known_keys = [*parts, "existence_head", "slice_context", "format_version"]
+                known_keys = [*parts, "existence_head", "slice_context", "color_input", "format_version"]
                 raise input_error("config", expected=f"keys among {known_keys}",
                                   received=repr(key),
                                   fix="remove or rename the unknown key")

@@ -120,6 +120,7 @@ class KindClassifier:
         from safetensors.numpy import save_file
 
         directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
         path = directory / KIND_CLASSIFIER_WEIGHTS
         save_file({"weight": self.weight, "bias": self.bias, "mean": self.mean, "std": self.std}, str(path))
         (directory / KIND_CLASSIFIER_JSON).write_text(json.dumps(

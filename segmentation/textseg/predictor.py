@@ -30,6 +30,7 @@ import numpy as np
 
 from medvlm.coords import letterbox_frame
 from medvlm.errors import input_error
+from medvlm.io import MedicalImage, model_input_rgb
 from medvlm.types import Mask
 from segmentation.base import ImageEmbedding, ImageInput, Prompt, SegmentationResult, SegmenterBase, as_rgb_uint8
 from segmentation.runtime import (
@@ -365,12 +366,21 @@ class MedVLMSegmenter(SegmenterBase):
             answering |= set(spec["kinds"].values()) if spec is not None else set()
         return max(read_checkpoint_config(d)[0].slice_context for d in answering)
 
+    @property
+    def color_input(self) -> bool:
+        """Whether this checkpoint reads colour images in colour (``MedVLMConfig.color_input``), else their
+        luminance."""
+        return bool(getattr(getattr(self.model, "config", None), "color_input", False))
+
     def _input_rgb(self, image: ImageInput) -> Any:
         """What this checkpoint's encoder reads of ``image``: a :class:`~medvlm.volume.SliceWithNeighbours` shows
-        its neighbours only to a checkpoint trained with them; every other checkpoint gets the grey centre."""
+        its neighbours only to a checkpoint trained with them (every other checkpoint gets the grey centre), and a
+        colour image is read in colour only by a checkpoint trained so (:func:`medvlm.io.model_input_rgb`)."""
         centre = getattr(image, "centre_rgb_uint8", None)
         if callable(centre) and self.slice_context != getattr(image, "context", None):
             return np.asarray(centre())
+        if isinstance(image, MedicalImage):
+            return model_input_rgb(image, color=self.color_input)
         return as_rgb_uint8(image)
 
     @property
@@ -545,27 +555,39 @@ class MedVLMSegmenter(SegmenterBase):
             return None
         return self.specialist(verdict.kind)
 
-    def _with_specialist_context(self, images: Sequence[ImageInput], embeddings: Sequence[ImageEmbedding]) -> None:
-        """For each volume slice (:class:`~medvlm.volume.SliceWithNeighbours`) that this checkpoint's classifier
-        hands to a specialist trained with neighbouring slices, also encode the slice with its neighbours (this
-        checkpoint's encoder, which the specialist shares) into ``extra["context_features"]``: the classifier
-        keeps reading the grey slice it was fitted on, the specialist reads what it was trained on."""
-        if self.specialists is None or self.slice_context:
+    def _with_specialist_input(self, images: Sequence[ImageInput], embeddings: Sequence[ImageEmbedding]) -> None:
+        """For each image that this checkpoint's classifier hands to a specialist which reads it differently (a
+        volume slice with its neighbours, a colour image in colour; :meth:`_input_rgb`), also encode what the
+        specialist reads (this checkpoint's encoder, which the specialist shares) into
+        ``extra["specialist_input"]``: the classifier keeps reading what it was fitted on, the specialist reads
+        what it was trained on, at the cost of one more encoder pass for those images only."""
+        if self.specialists is None:
             return
         todo = []
         for image, embedding in zip(images, embeddings):
-            if not callable(getattr(image, "centre_rgb_uint8", None)) or embedding.extra.get("routed_to"):
+            if embedding.extra.get("routed_to"):
                 continue
             specialist = self._specialist_for(embedding)
-            if specialist is not None and specialist.slice_context == getattr(image, "context", None):
-                todo.append((image, embedding))
+            if specialist is None:
+                continue
+            rgb = specialist._input_rgb(image)
+            if not np.array_equal(rgb, embedding.extra.get("rgb", self._input_rgb(image))):
+                todo.append((image, embedding, specialist, rgb))
         if not todo:
             return
-        rgbs = [as_rgb_uint8(image) for image, _ in todo]  # R, G, B = below, centre, above
         t0 = time.perf_counter()
-        for (_, embedding), ctx in zip(todo, self._encode_batch_own([im for im, _ in todo], rgbs=rgbs)):
-            embedding.extra["context_features"] = ctx.features
-        for _, embedding in todo:
+        own = self._encode_batch_own([im for im, _, _, _ in todo], rgbs=[rgb for _, _, _, rgb in todo])
+        for (image, embedding, specialist, rgb), enc in zip(todo, own):
+            # a slice's neighbours are for the encoder only: a refiner still reads the grey centre
+            pixels = embedding.extra.get("rgb")  # None when postprocessing needs no pixels
+            if pixels is not None and getattr(image, "color", None) is not None:
+                pixels = rgb
+            extra = {k: v for k, v in embedding.extra.items() if k not in ("rgb", "refiner_embedding")}
+            if pixels is not None:
+                extra["rgb"] = pixels
+            embedding.extra["specialist_input"] = {"checkpoint": specialist.checkpoint, "features": enc.features,
+                                                   "extra": extra}
+        for _, embedding, _, _ in todo:
             embedding.extra["encode_s"] = float(embedding.extra.get("encode_s", 0.0)) + (
                 time.perf_counter() - t0) / len(todo)
 
@@ -607,7 +629,7 @@ class MedVLMSegmenter(SegmenterBase):
             return self._mark_routed(self._other().encode(image), None)
         embedding = self._encode_own(image)
         if self.routes is None or by_modality or self._keeps(embedding):
-            self._with_specialist_context([image], [embedding])
+            self._with_specialist_input([image], [embedding])
             return embedding
         return self._mark_routed(self._other().encode(image), self._image_kind(embedding))
 
@@ -625,7 +647,7 @@ class MedVLMSegmenter(SegmenterBase):
             mine = out[i]
             if mine is not None and (self.routes is None or decided[i] or self._keeps(mine)):
                 kept.append((images[i], mine))
-        self._with_specialist_context([im for im, _ in kept], [e for _, e in kept])
+        self._with_specialist_input([im for im, _ in kept], [e for _, e in kept])
         away = [i for i, d in enumerate(decided) if d is False]
         for i in own:
             embedding = out[i]
@@ -832,11 +854,13 @@ class MedVLMSegmenter(SegmenterBase):
         mine = routed_to is None or routed_to in (self.checkpoint, self._host)
         specialist = self._specialist_for(embedding) if mine else None
         if specialist is not None:
-            context = embedding.extra.get("context_features")
-            if context is not None and specialist.slice_context:  # a volume slice, encoded with its neighbours
+            own = embedding.extra.get("specialist_input")
+            if own is not None and own["checkpoint"] == specialist.checkpoint:  # encoded as the specialist reads it
                 import dataclasses
 
-                embedding = dataclasses.replace(embedding, features=context)
+                # its own extra dict, kept in the image's: what the specialist caches there (the refiner's
+                # embedding of its pixels) stays with the image across calls
+                embedding = dataclasses.replace(embedding, features=own["features"], extra=own["extra"])
             results = specialist._decode(_features_as(embedding, specialist.light), prompts, multimask)
             for r in results:
                 r.meta["specialist"] = specialist.checkpoint
