@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -88,6 +89,15 @@ class MLLMTrainConfig:
     #: 1024 bins with this standard deviation (in bins) instead of the one bin, so a near miss costs less than a
     #: far one (0 = plain cross-entropy); needs ``add_location_tokens``
     loc_sigma: float = 0.0
+    #: 2D position on the image tokens, shaped like the location-token rows: an auxiliary loss with this weight
+    #: (0 = off; :func:`position_alignment_loss`) makes the projector's output for the image token of grid cell
+    #: (row r, column c) score, against the rows of the location tokens (the LLM's tied input and output
+    #: embeddings), the bin of its centre's x in one half of its dimensions and of its y in the other, so that
+    #: attention which finds a structure's tokens can copy where they are into a ``<locNNNN>`` answer. Needs
+    #: ``add_location_tokens``.
+    pos_align_weight: float = 0.0
+    #: the width of that target in bins (the 8 x 8 token grid is 128 bins a cell)
+    pos_align_sigma: float = 48.0
     #: several questions about one image in one multi-turn conversation (:func:`finetune.mllm_data.pack_turns`):
     #: the image tokens and the system prompt are paid once per group, and every answer is trained (TRL
     #: assistant-only loss); 1 = one question per example
@@ -124,6 +134,13 @@ class MLLMTrainConfig:
             raise input_error("mllm train config loc_sigma", expected=">= 0, and add_location_tokens when > 0",
                               received=f"loc_sigma={self.loc_sigma}, add_location_tokens={self.add_location_tokens}",
                               fix="e.g. loc_sigma: 2.0 with add_location_tokens: true (or loc_sigma: 0)")
+        if self.pos_align_weight < 0 or (self.pos_align_weight > 0 and not self.add_location_tokens) \
+                or not self.pos_align_sigma > 0:
+            raise input_error("mllm train config pos_align_weight",
+                              expected=">= 0 (add_location_tokens when > 0) and pos_align_sigma > 0",
+                              received=f"pos_align_weight={self.pos_align_weight}, pos_align_sigma="
+                                       f"{self.pos_align_sigma}, add_location_tokens={self.add_location_tokens}",
+                              fix="e.g. pos_align_weight: 0.1 with add_location_tokens: true (or 0)")
         others = {"turns_per_image": (self.turns_per_image, 1), "probe_every": (self.probe_every, 0),
                   "probe_images": (self.probe_images, 1)}
         odd = {k: v for k, (v, low) in others.items() if not isinstance(v, int) or v < low}
@@ -254,28 +271,84 @@ def location_loss(logits: Any, labels: Any, loc_ids: Any, sigma: float) -> tuple
     return loss[valid].sum(), valid.sum()
 
 
-def _full_logits_trainer(loc_ids: list[int] | None = None, sigma: float = 0.0) -> Any:
+def position_alignment_loss(tokens: Any, loc_rows: Any, sigma: float) -> Any:
+    """Mean cross-entropy that puts each image token's own position into the location-token space.
+
+    ``tokens (N, T, D)``: the projector's output for ``N`` images, ``T`` = side x side tokens in row-major grid
+    order; ``loc_rows (1024, D)``: the embedding rows of ``<loc0000>`` .. ``<loc1023>``. The first half of the
+    ``D`` dimensions of the token of cell (r, c), scored against the first half of the rows, must name the bin of
+    its centre's x (normalised image coordinates binned like :mod:`medvlm.tokens`: a Gaussian target of ``sigma``
+    bins), the second half its y. Two halves, not one sum of two rows: a sum would read the same at (r, c) and
+    (c, r), and an answer must tell x from y; an attention head can copy either half into a ``<locNNNN>`` logit."""
+    import torch
+
+    n_tokens = int(tokens.shape[1])
+    side = math.isqrt(n_tokens)
+    if side * side != n_tokens:
+        raise input_error("position_alignment_loss", expected="a square grid of image tokens",
+                          received=f"{n_tokens} tokens", fix="use pos_align_weight: 0 for this projector")
+    device = tokens.device
+    centre = torch.round((torch.arange(side, device=device, dtype=torch.float32) + 0.5) / side * LOC_BINS - 0.5)
+    grid = torch.arange(LOC_BINS, device=device, dtype=torch.float32)
+    half = int(tokens.shape[-1]) // 2
+    total = tokens.new_zeros((), dtype=torch.float32)
+    # token t = r * side + c: x from c, y from r
+    for bins, dims in ((centre.repeat(side), slice(0, half)), (centre.repeat_interleave(side), slice(half, None))):
+        target = torch.exp(-0.5 * ((grid[None, :] - bins[:, None]) / sigma) ** 2)
+        target = target / target.sum(dim=-1, keepdim=True)  # (T, 1024)
+        logp = torch.log_softmax(tokens[..., dims].float() @ loc_rows[:, dims].float().T, dim=-1)  # (N, T, 1024)
+        total = total + 0.5 * -(target[None] * logp).sum(dim=-1).mean()
+    return total
+
+
+def _full_logits_trainer(loc_ids: list[int] | None = None, sigma: float = 0.0, pos_weight: float = 0.0,
+                         pos_sigma: float = 48.0) -> Any:
     from transformers import Trainer
     from trl import SFTTrainer
 
     class FullLogitsSFTTrainer(SFTTrainer):
         """SFTTrainer whose loss is the model's own (full logits). TRL's fused LM head multiplies by
         ``lm_head.weight`` directly, which skips peft's trainable new-token rows of ``lm_head``. With
-        ``sigma`` > 0 the location tokens are scored by :func:`location_loss`."""
+        ``sigma`` > 0 the location tokens are scored by :func:`location_loss`; with ``pos_weight`` > 0
+        :func:`position_alignment_loss` on the projector's output is added (its values go to
+        ``<output_dir>/pos_align.jsonl``)."""
 
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
-            if not loc_ids or sigma <= 0:
+            if not loc_ids or (sigma <= 0 and pos_weight <= 0):
                 return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)
             import torch
 
-            labels = inputs.pop("labels")
-            outputs = model(**inputs)
-            total, count = location_loss(outputs.logits, labels, torch.as_tensor(loc_ids, device=labels.device),
-                                         sigma)
-            denominator = num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1)
-            loss = total / denominator.to(total.device) if hasattr(denominator, "to") else total / denominator
+            ids = torch.as_tensor(loc_ids, device=inputs["input_ids"].device)
+            captured: list[Any] = []
+            handle = None
+            if pos_weight > 0:
+                projector = next((m for n, m in model.named_modules() if n.endswith("multi_modal_projector")), None)
+                if projector is None:
+                    raise input_error("pos_align_weight", expected="a model whose image tokens come from a "
+                                      "`multi_modal_projector` (InternVL or LLaVA format, as medvlm-mini)",
+                                      received=type(model).__name__, fix="set pos_align_weight: 0 for this model")
+                handle = projector.register_forward_hook(lambda _m, _i, out: captured.append(out))
+            try:
+                if sigma > 0:
+                    labels = inputs.pop("labels")
+                    outputs = model(**inputs)
+                    total, count = location_loss(outputs.logits, labels, ids, sigma)
+                    denominator = num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1)
+                    loss = total / denominator.to(total.device) if hasattr(denominator, "to") else total / denominator
+                else:
+                    loss, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True,
+                                                         num_items_in_batch=num_items_in_batch)
+            finally:
+                if handle is not None:
+                    handle.remove()
+            if captured:
+                aux = position_alignment_loss(captured[0], model.get_input_embeddings()(ids), pos_sigma)
+                loss = loss + pos_weight * aux
+                if model.training:
+                    with open(Path(str(self.args.output_dir)) / "pos_align.jsonl", "a") as fh:
+                        fh.write(json.dumps({"step": int(self.state.global_step), "pos_align": float(aux)}) + "\n")
             return (loss, outputs) if return_outputs else loss
 
     return FullLogitsSFTTrainer
@@ -301,8 +374,10 @@ def train_mllm(cfg: MLLMTrainConfig, *, resume: bool = True, examples: list[dict
         raise input_error("mllm training data", expected="at least one example", received="none",
                           fix="check the data sources' names and tasks")
     processor, model, new_ids = prepare_model(cfg)
-    loc_ids = new_ids[:LOC_BINS] if cfg.loc_sigma > 0 else None  # mask_tokens(): the bins first, in order
-    trainer_cls = _full_logits_trainer(loc_ids, cfg.loc_sigma) if new_ids else SFTTrainer
+    # mask_tokens(): the bins first, in order
+    loc_ids = new_ids[:LOC_BINS] if cfg.loc_sigma > 0 or cfg.pos_align_weight > 0 else None
+    trainer_cls = (_full_logits_trainer(loc_ids, cfg.loc_sigma, cfg.pos_align_weight, cfg.pos_align_sigma)
+                   if new_ids else SFTTrainer)
     if cfg.turns_per_image > 1:
         import random
 

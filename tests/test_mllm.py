@@ -371,6 +371,48 @@ def test_training_with_the_location_loss(tiny_vlm: Path, picture: Path, tmp_path
         _config(tiny_vlm, tmp_path / "bad", loc_sigma=2.0, add_location_tokens=False).validate()
 
 
+def test_position_alignment_loss_reads_x_and_y_from_two_halves() -> None:
+    """pos_align_weight: the loss is smallest when each image token's two halves name its own cell's x and y bins
+    (it then equals the targets' entropy), and it tells x from y: the transposed grid and a shuffled one cost more."""
+    from finetune.mllm_train import position_alignment_loss
+
+    side, sigma = 4, 20.0
+    grid = torch.arange(1024, dtype=torch.float32)
+    centre = torch.round((torch.arange(side) + 0.5) / side * 1024 - 0.5)
+
+    def targets(bins: torch.Tensor) -> torch.Tensor:
+        g = torch.exp(-0.5 * ((grid[None] - bins[:, None]) / sigma) ** 2)
+        return g / g.sum(dim=-1, keepdim=True)
+
+    tx, ty = targets(centre.repeat(side)), targets(centre.repeat_interleave(side))
+    rows = torch.eye(2048)[:1024] + torch.eye(2048)[1024:]  # (1024, 2048): bin b is dims b and 1024 + b
+    tokens = torch.cat([tx.clamp_min(1e-30).log(), ty.clamp_min(1e-30).log()], dim=-1)[None]  # the minimum
+    entropy = float(-0.5 * (torch.special.xlogy(tx, tx).sum(-1).mean() + torch.special.xlogy(ty, ty).sum(-1).mean()))
+    best = float(position_alignment_loss(tokens, rows, sigma))
+    assert best == pytest.approx(entropy, rel=1e-4)
+    transposed = tokens.view(1, side, side, 2048).transpose(1, 2).reshape(1, side * side, 2048)
+    assert float(position_alignment_loss(transposed, rows, sigma)) > best + 1.0
+    shuffled = tokens[:, torch.randperm(side * side, generator=torch.Generator().manual_seed(0))]
+    assert float(position_alignment_loss(shuffled, rows, sigma)) > best + 1.0
+    with pytest.raises(InputError, match="square grid"):
+        position_alignment_loss(tokens[:, :15], rows, sigma)
+
+
+def test_position_alignment_needs_location_tokens_and_a_projector(tiny_vlm: Path, picture: Path,
+                                                                  tmp_path: Path) -> None:
+    from finetune.mllm_train import train_mllm
+    from finetune.tasks import sft_example
+
+    with pytest.raises(InputError, match="pos_align_weight"):
+        _config(tiny_vlm, tmp_path / "bad", pos_align_weight=0.1, add_location_tokens=False).validate()
+    with pytest.raises(InputError, match="pos_align_sigma"):
+        _config(tiny_vlm, tmp_path / "bad", pos_align_weight=0.1, pos_align_sigma=0.0).validate()
+    examples = [sft_example("anatomy_grounding", [str(picture)], QUESTION, _answer())] * 2
+    with pytest.raises(InputError, match="multi_modal_projector"):  # the tiny model is Qwen2-VL: its merger
+        train_mllm(_config(tiny_vlm, tmp_path / "run", steps=1, pos_align_weight=0.1), examples=examples,
+                   resume=False)
+
+
 def test_questions_about_one_image_are_packed_into_turns() -> None:
     """turns_per_image: the questions about one image share a conversation, the image part stays in its first
     user turn only, every answer is kept once, and a two-image example is converted one to one."""
