@@ -571,7 +571,8 @@ class MedVLMSegmenter(SegmenterBase):
             if specialist is None:
                 continue
             rgb = specialist._input_rgb(image)
-            if not np.array_equal(rgb, embedding.extra.get("rgb", self._input_rgb(image))):
+            read = embedding.extra.get("rgb")  # what this checkpoint's encoder read, when it kept the pixels
+            if not np.array_equal(rgb, self._input_rgb(image) if read is None else read):
                 todo.append((image, embedding, specialist, rgb))
         if not todo:
             return
