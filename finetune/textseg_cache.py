@@ -182,7 +182,7 @@ def build_cache(encoder: Any, items: Iterable[tuple[str, Sample, int, Sequence[s
         pending.clear()
 
     for dataset, sample, n_variants, dataset_structures in work:
-        base_rgb = model_input_rgb(sample.image, color=color_input)
+        base_rgb = model_input_rgb(sample.image, color=color_input, slice_context=slice_context)
         annotated = annotated_with_wholes(dataset_structures) if wholes else tuple(dataset_structures)
         draws: list[tuple[str, int, Window | None]] = [(f"v{v}", v, None) for v in range(n_variants)]
         for k in range(zooms.get(dataset, 0)):

@@ -196,13 +196,16 @@ class MedicalImage:
         return np.repeat(gray[:, :, None], 3, axis=2)
 
 
-def model_input_rgb(image: MedicalImage, *, color: bool) -> npt.NDArray[np.uint8]:
-    """``(H, W, 3)`` uint8: what a model reads of ``image``: :meth:`MedicalImage.to_rgb_uint8` for a model that
-    reads colour (``color=True``) or a grey image, else the luminance in R, G and B (:meth:`~MedicalImage.
-    gray_rgb_uint8`), which is what every model trained before colour images kept their colour saw."""
-    if color or image.color is None:
-        return image.to_rgb_uint8()
-    return image.gray_rgb_uint8()
+def model_input_rgb(image: MedicalImage, *, color: bool, slice_context: int = 0) -> npt.NDArray[np.uint8]:
+    """``(H, W, 3)`` uint8: what a model reads of ``image``, given how it was trained: its
+    :meth:`~MedicalImage.to_rgb_uint8`, except that a colour image is read as its luminance in R, G and B by a
+    model that does not read colour (``color=False``: every model trained before colour images kept their colour)
+    and a volume slice shown with its neighbours (:class:`medvlm.volume.SliceWithNeighbours`, whose ``context``
+    differs from the model's ``slice_context``) as its grey centre (:meth:`~MedicalImage.gray_rgb_uint8`)."""
+    context = getattr(image, "context", None)  # only a slice with neighbours has one
+    if (context is not None and context != slice_context) or (image.color is not None and not color):
+        return image.gray_rgb_uint8()
+    return image.to_rgb_uint8()
 
 
 # --------------------------------------------------------------------------------------------------- entry

@@ -72,8 +72,8 @@ class SliceWithNeighbours(MedicalImage):
     ``modality`` and ``meta`` are the centre's, so everything that reads a 2D image reads it unchanged); only
     :meth:`to_rgb_uint8` differs: R = the slice below (``k - context``), G = slice ``k``, B = the slice above
     (``k + context``), each windowed like the centre. ``below`` / ``above``: ``(H, W)`` float32 in the centre's
-    units, clamped to the volume's first / last slice at its ends. :meth:`centre_rgb_uint8` is the plain grey
-    slice, what a model trained without context reads.
+    units, clamped to the volume's first / last slice at its ends. :meth:`gray_rgb_uint8` (inherited) is the plain
+    grey slice, what a model trained without context reads.
     """
 
     below: npt.NDArray[np.float32] | None = None
@@ -103,9 +103,6 @@ class SliceWithNeighbours(MedicalImage):
             return np.zeros((*self.shape, 3), dtype=np.uint8)
         return np.stack([MedicalImage(p, window=win).to_uint8() for p in planes], axis=2)
 
-    def centre_rgb_uint8(self, window: tuple[float, float] | None = None) -> npt.NDArray[np.uint8]:
-        """The centre slice alone, grey in R, G and B (:meth:`MedicalImage.to_rgb_uint8`)."""
-        return MedicalImage.to_rgb_uint8(self, window)
 
 
 def with_neighbours(image: MedicalImage, stack: npt.ArrayLike, k: int, context: int = 1) -> SliceWithNeighbours:

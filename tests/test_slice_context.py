@@ -46,7 +46,7 @@ def test_neighbours_are_r_and_b_clamped_at_the_ends_under_one_window() -> None:
         assert isinstance(image, SliceWithNeighbours) and image.modality == "MR" and rgb.shape == (40, 56, 3)
         for channel, z in enumerate((lo, k, hi)):
             assert np.array_equal(rgb[..., channel], MedicalImage(stack[z], window=win).to_uint8())
-        assert np.array_equal(image.centre_rgb_uint8(), MedicalImage(stack[k], window=win).to_rgb_uint8())
+        assert np.array_equal(image.gray_rgb_uint8(), MedicalImage(stack[k], window=win).to_rgb_uint8())
         assert np.array_equal(image.pixels, stack[k]) and image.meta["slice_context"] == 1
     # no window: one min-max over the three slices, not one per channel
     rgb = with_neighbours(MedicalImage(stack[2]), stack, 2).to_rgb_uint8()
@@ -99,7 +99,7 @@ def test_the_feature_cache_refuses_another_slice_context(tmp_path: Path) -> None
 
     payload = torch.load(tmp_path / "toy__v_z002__v0.pt", weights_only=True)
     chw, _ = encoder.preprocess(image.to_rgb_uint8())
-    grey, _ = encoder.preprocess(image.centre_rgb_uint8())
+    grey, _ = encoder.preprocess(image.gray_rgb_uint8())
     with torch.no_grad():
         want, other = encoder.prefix(torch.from_numpy(np.stack([chw, grey])))
     assert torch.allclose(payload["prefix"].float(), want, atol=2e-2)
@@ -121,9 +121,9 @@ def test_a_context_checkpoint_reads_the_neighbours_and_others_the_grey_centre(
     assert seg_ctx.slice_context == 1 == seg_ctx.volume_context() and seg_plain.volume_context() == 0
     on_ctx = seg_ctx.segment(image, prompts)[0].logits
     assert np.allclose(on_ctx, seg_ctx.segment(image.to_rgb_uint8(), prompts)[0].logits, atol=1e-5)
-    assert not np.allclose(on_ctx, seg_ctx.segment(image.centre_rgb_uint8(), prompts)[0].logits, atol=1e-3)
+    assert not np.allclose(on_ctx, seg_ctx.segment(image.gray_rgb_uint8(), prompts)[0].logits, atol=1e-3)
     on_plain = seg_plain.segment(image, prompts)[0].logits
-    assert np.allclose(on_plain, seg_plain.segment(image.centre_rgb_uint8(), prompts)[0].logits, atol=1e-5)
+    assert np.allclose(on_plain, seg_plain.segment(image.gray_rgb_uint8(), prompts)[0].logits, atol=1e-5)
     # batched encoding reads the same pixels
     batch = seg_ctx.encode_batch([image, MedicalImage(stack[3], window=(250.0, 500.0))])
     assert np.allclose(seg_ctx.predict_many(batch[0], prompts)[0].logits, on_ctx, atol=1e-5)
@@ -141,14 +141,14 @@ def test_a_broad_checkpoint_hands_a_slice_to_its_context_specialist(tmp_path: Pa
     seg = MedVLMSegmenter(broad, **OPTS)
     assert seg.slice_context == 0 and seg.volume_context() == 1
     for embedding in (seg.encode(image), seg.encode_batch([image])[0]):
-        grey = MedVLMSegmenter(broad, specialists=False, **OPTS).encode(image.centre_rgb_uint8())
+        grey = MedVLMSegmenter(broad, specialists=False, **OPTS).encode(image.gray_rgb_uint8())
         assert np.allclose(np.asarray(embedding.features), np.asarray(grey.features), atol=1e-5)  # classifier: grey
         assert embedding.extra["specialist_input"]["checkpoint"] is not None
         got = seg.predict_many(embedding, prompts)[0]
         alone = MedVLMSegmenter(spec, route=False, **OPTS).segment(image, prompts)[0]
         assert got.meta["specialist"] and np.allclose(got.logits, alone.logits, atol=1e-5)
     # a plain 2D image has no neighbours: no second pass, the specialist decodes the grey features
-    flat = seg.encode(image.centre_rgb_uint8())
+    flat = seg.encode(image.gray_rgb_uint8())
     assert "specialist_input" not in flat.extra
     # a specialist without context gets no second pass either
     broad2, _ = _pair(tmp_path / "b2", tiny_folder)
@@ -209,7 +209,7 @@ def test_training_split_gives_volume_slices_their_neighbours() -> None:
     out = slice_with_context(ds, sample, 1)
     assert isinstance(out.image, SliceWithNeighbours) and out.masks.keys() == sample.masks.keys()
     assert np.array_equal(out.image.below, stack[max(0, k - 1)]) and np.array_equal(out.image.above, stack[k + 1])
-    assert np.array_equal(out.image.centre_rgb_uint8(), sample.image.to_rgb_uint8())
+    assert np.array_equal(out.image.gray_rgb_uint8(), sample.image.to_rgb_uint8())
     assert slice_with_context(ds, sample, 0) is sample
     brats = DATA_ROOT / "mr_brats2015_slices"
     if brats.is_dir():  # 2D slices without their volumes stay grey

@@ -376,11 +376,8 @@ class MedVLMSegmenter(SegmenterBase):
         """What this checkpoint's encoder reads of ``image``: a :class:`~medvlm.volume.SliceWithNeighbours` shows
         its neighbours only to a checkpoint trained with them (every other checkpoint gets the grey centre), and a
         colour image is read in colour only by a checkpoint trained so (:func:`medvlm.io.model_input_rgb`)."""
-        centre = getattr(image, "centre_rgb_uint8", None)
-        if callable(centre) and self.slice_context != getattr(image, "context", None):
-            return np.asarray(centre())
         if isinstance(image, MedicalImage):
-            return model_input_rgb(image, color=self.color_input)
+            return model_input_rgb(image, color=self.color_input, slice_context=self.slice_context)
         return as_rgb_uint8(image)
 
     @property
