@@ -28,6 +28,14 @@ def _table(payload: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _adapted(image_encoder: dict[str, Any]) -> str:
+    """Which image-encoder stages carry LoRA, in words (the stages of ``segmentation.textseg.encoders``)."""
+    k = int(image_encoder.get("lora_last_stages", 1))
+    if image_encoder.get("kind") != "litemedsam" or k < 1:
+        return f"the last {k} encoder stage(s)" if k >= 0 else "every encoder stage"
+    return "the neck" if k == 1 else f"the last {k - 1} TinyViT block(s) and the neck"
+
+
 def write_card(checkpoint: Path, text_seg: dict[str, Any], oracle: dict[str, Any] | None, command: str,
                train_seconds: float | None, train_log: list[dict[str, Any]], all_folders: dict[str, Any] | None = None,
                config_path: str = "finetune/configs/medvlm_default.yaml", title: str = "Med-VLM default checkpoint",
@@ -45,8 +53,8 @@ def write_card(checkpoint: Path, text_seg: dict[str, Any], oracle: dict[str, Any
         "",
         *[line for note in notes for line in (note, "")],
         "Text-guided segmentation: frozen LiteMedSAM TinyViT image encoder + frozen all-MiniLM-L6-v2 text encoder,",
-        f"LoRA rank {model['image_encoder']['lora_rank']} (image: the last {model['image_encoder']['lora_last_stages']}"
-        f" encoder stage, the neck) and rank {model['text_encoder']['lora_rank']} (text: query/key/value of every "
+        f"LoRA rank {model['image_encoder']['lora_rank']} (image: {_adapted(model['image_encoder'])}"
+        f") and rank {model['text_encoder']['lora_rank']} (text: query/key/value of every "
         f"layer), a {model['mixer']['depth']}x cross-attention feature mixer (width {model['mixer']['dim']}) and "
         "the mask decoder" + (", plus an existence head (is the named structure in this image at all? below 0.5 "
                               "the answer is 'not found' and no mask is drawn)" if model.get("existence_head") else "")

@@ -44,6 +44,7 @@ import json
 import logging
 import math
 import random
+import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -113,6 +114,11 @@ class TrainConfig:
     #: colour images (dermoscopy, endoscopy) shown to the encoder in colour (the model config's ``color_input``;
     #: None = the model's own, False = their luminance). Use its own cache_dir.
     color_input: bool | None = None
+    #: image-encoder stages that carry LoRA (the model config's ``image_encoder.lora_last_stages``; None = the
+    #: model's own). More than ``init_from``'s: the new adapters start at zero (the run starts from exactly that
+    #: checkpoint's outputs) and the cached prefix ends earlier, so use its own cache_dir. Train them with
+    #: ``image_encoder.`` in ``train_modules``. At inference such a specialist encodes images itself.
+    image_lora_stages: int | None = None
     prior_weight: float = 0.0
     prior_texts_per_image: int = 2
     #: hold out a val split (by case, ``val_fraction``) of every source with >= 5 cases, not only JSRT
@@ -183,6 +189,11 @@ class TrainConfig:
                                                or isinstance(self.slice_context, bool) or self.slice_context < 0):
             raise input_error("slice_context", expected="an int >= 0, or no key (the model's own)",
                               received=repr(self.slice_context), fix="use slice_context: 1 (adjacent slices) or 0")
+        if self.image_lora_stages is not None and (not isinstance(self.image_lora_stages, int)
+                                                   or isinstance(self.image_lora_stages, bool)
+                                                   or self.image_lora_stages < 0):
+            raise input_error("image_lora_stages", expected="an int >= 0 (the last k encoder stages carry LoRA)",
+                              received=repr(self.image_lora_stages), fix="use e.g. image_lora_stages: 3, or drop it")
         if self.color_input is not None and not isinstance(self.color_input, bool):
             raise input_error("color_input", expected="true, false, or no key (the model's own)",
                               received=repr(self.color_input), fix="use color_input: true for colour images")
@@ -531,17 +542,37 @@ def _init_from(model: MedVLM, model_cfg: MedVLMConfig, directory: str) -> None:
     # a new existence head on the same architecture starts from scratch; everything else must match
     # and so does what the images show (neighbouring slices or not): the weights are the same shapes
     free = {"existence_head": None, "slice_context": None, "color_input": None}
-    if {**theirs.to_json(), **free} != {**model_cfg.to_json(), **free}:
+    mine_json, theirs_json = model_cfg.to_json(), theirs.to_json()
+    # LoRA in more encoder stages than the checkpoint has: the new adapters start at zero, so the model starts
+    # from exactly the checkpoint's outputs (fewer stages would drop trained adapters: refused)
+    more_stages = _adapted_stages(model_cfg) > _adapted_stages(theirs)
+    if more_stages:
+        mine_json = {**mine_json, "image_encoder": {**mine_json["image_encoder"], "lora_last_stages": None}}
+        theirs_json = {**theirs_json, "image_encoder": {**theirs_json["image_encoder"], "lora_last_stages": None}}
+    if {**theirs_json, **free} != {**mine_json, **free}:
         raise input_error("init_from", expected="a checkpoint built by the same model config as this run",
                           received=f"{directory} with config {theirs.to_json()}",
                           fix="set `model:` to that checkpoint's config (its config.json), or drop init_from")
     source, _ = load_medvlm(directory)
     state = source.trainable_state_dict()
-    missing = [k for k in model.trainable_state_dict() if k not in state and not k.startswith("existence.")]
+    new_stages = set(range(model.image_encoder.first_adapted, source.image_encoder.first_adapted))
+    missing = [k for k in model.trainable_state_dict() if k not in state and not k.startswith("existence.")
+               and _encoder_stage(k) not in new_stages]
     if missing:
         raise input_error("init_from", expected="every trained weight of this model in the checkpoint",
                           received=f"{len(missing)} missing, e.g. {missing[:3]}", fix="use a matching checkpoint")
     model.load_state_dict(state, strict=False)
+
+
+def _adapted_stages(config: MedVLMConfig) -> float:
+    k = config.image_encoder.lora_last_stages
+    return math.inf if k == -1 else float(k if config.image_encoder.lora_rank > 0 else 0)
+
+
+def _encoder_stage(key: str) -> int | None:
+    """The stage index of an image-encoder weight name (``image_encoder.stages.<i>....``), else None."""
+    m = re.match(r"image_encoder\.stages\.(\d+)\.", key)
+    return int(m.group(1)) if m else None
 
 
 def load_teacher(cfg: TrainConfig, model_cfg: MedVLMConfig) -> MedVLM:
@@ -625,6 +656,9 @@ def train_medvlm(cfg: TrainConfig, *, progress: bool = True, resume: bool = True
         model_cfg = replace(model_cfg, slice_context=cfg.slice_context)
     if cfg.color_input is not None:
         model_cfg = replace(model_cfg, color_input=cfg.color_input)
+    if cfg.image_lora_stages is not None:
+        model_cfg = replace(model_cfg, image_encoder=replace(model_cfg.image_encoder,
+                                                             lora_last_stages=cfg.image_lora_stages))
     model = build_medvlm(model_cfg)
     if cfg.init_from is not None:
         _init_from(model, model_cfg, cfg.init_from)

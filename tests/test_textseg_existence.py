@@ -159,6 +159,45 @@ def test_init_from_a_checkpoint_without_the_head(tmp_path: Path) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+
+def test_init_from_with_more_image_lora_stages_starts_from_the_same_model(tmp_path: Path) -> None:
+    """``image_lora_stages`` above the checkpoint's: the new encoder adapters start at zero (step 0 answers as the
+    checkpoint does), the run trains them and saves its config with the new stage count; fewer is refused."""
+    from finetune.textseg_train import DataSource, TrainConfig, train_medvlm
+    from segmentation.textseg.checkpoint import load_medvlm, save_medvlm
+    from segmentation.textseg.model import build_medvlm
+
+    torch.manual_seed(3)
+    base = build_medvlm(_tiny()).eval()
+    save_medvlm(base, tmp_path / "base")
+    folder = data_dir("cxr_jsrt_scr")
+
+    def run(name: str, stages: int, lr: float) -> Path:
+        cfg = TrainConfig(data=[DataSource(str(folder), 1, 1.0, limit=3)], out_dir=str(tmp_path / name),
+                          cache_dir=str(tmp_path / f"cache{stages}"), steps=2, batch_images=1, texts_per_image=1,
+                          warmup_steps=1, eval_every=2, checkpoint_every=2, lr=lr, image_lora_stages=stages,
+                          init_from=str(tmp_path / "base"), train_modules=["image_encoder."])
+        train_medvlm(cfg, progress=False)
+        return tmp_path / name / "last"
+
+    still, _ = load_medvlm(run("still", 2, 0.0))
+    assert still.config.image_encoder.lora_last_stages == 2
+    assert still.image_encoder.first_adapted == base.image_encoder.first_adapted - 1
+    a, b = base.trainable_state_dict(), still.trainable_state_dict()
+    new = set(b) - set(a)
+    assert new and all(k.startswith(f"image_encoder.stages.{still.image_encoder.first_adapted}.") for k in new)
+    pixels = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(base.image_encoder(pixels), still.image_encoder(pixels), atol=1e-6)
+    moved, _ = load_medvlm(run("moved", 2, 1e-2))
+    c = moved.trainable_state_dict()
+    changed = {k for k in c if not torch.equal(c[k], b[k])}
+    assert changed & new and all(k.startswith("image_encoder.") for k in changed)
+    with pytest.raises(InputError, match="init_from"):
+        run("fewer", 0, 0.0)
+    with pytest.raises(InputError, match="image_lora_stages"):
+        TrainConfig(data=[DataSource(str(folder), 1, 1.0)], image_lora_stages=-2).validate()
+
 @pytest.mark.data
 def test_distillation_keeps_the_teachers_answer(tmp_path: Path) -> None:
     """Learning without forgetting: the soft-target BCE has zero gradient where the student equals the teacher,

@@ -107,7 +107,9 @@ def expand_text(text: str, level: str = "complex", modality: str | None = None) 
 
 
 def _sigmoid(x: Any) -> Any:
-    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float32)))
+    # exp overflows to inf for logits below about -88 in float32, and 1 / (1 + inf) is the right answer, 0
+    with np.errstate(over="ignore"):
+        return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float32)))
 
 
 @functools.lru_cache(maxsize=2)
@@ -274,6 +276,8 @@ class MedVLMSegmenter(SegmenterBase):
                               fix=f"fit one: python -m finetune.kind_classifier --checkpoint {directory}")
         self._specialist_models: dict[str, MedVLMSegmenter] = {}
         self._host: str | None = None  # a specialist: the broad checkpoint whose embeddings it decodes
+        # a specialist that adapted its image encoder (specialists.py): it encodes the images it answers itself
+        self._own_encoder = False
         # the segmenter that built this one (routes, specialists): its refiner serves this one too, so a process
         # holds one LiteMedSAM and a refiner given to the front segmenter is the one every hand-over uses
         self._parent: MedVLMSegmenter | None = None
@@ -522,8 +526,9 @@ class MedVLMSegmenter(SegmenterBase):
         return self._routed
 
     def specialist(self, kind: str) -> MedVLMSegmenter:
-        """The specialist segmenter of ``kind`` (built once, with this one's options; its image encoder is checked
-        to be this checkpoint's, else a clear error)."""
+        """The specialist segmenter of ``kind`` (built once, with this one's options). One trained with the image
+        encoder frozen decodes this checkpoint's embeddings; one that adapted its image encoder (its tensors
+        differ from this checkpoint's) encodes the images it answers itself (:meth:`_with_specialist_input`)."""
         if self.specialists is None or kind not in self.specialists["kinds"]:
             known = sorted(self.specialists["kinds"]) if self.specialists is not None else []
             raise input_error("Med-VLM specialist", expected=f"a kind among {known}", received=repr(kind),
@@ -532,13 +537,15 @@ class MedVLMSegmenter(SegmenterBase):
         key = str(Path(target).resolve())  # kinds that share one specialist (skin, endoscopy) share its model
         with self._route_lock:
             if key not in self._specialist_models:
-                if not shares_image_encoder(self.checkpoint, target):
-                    raise input_error("Med-VLM specialist", expected=f"a checkpoint with the image encoder of "
-                                      f"{self.checkpoint} (trained with it frozen)", received=f"{kind}: {target}",
-                                      fix="train it with train_modules that leave out image_encoder., or remove it "
-                                      "from specialists.json")
                 specialist = MedVLMSegmenter(target, **self._options, route=False, specialists=False)
                 specialist._host, specialist._parent = self.checkpoint, self
+                specialist._own_encoder = not shares_image_encoder(self.checkpoint, target)
+                if specialist._own_encoder and specialist.model.image_encoder.config.image_size != \
+                        self.model.image_encoder.config.image_size:
+                    raise input_error("Med-VLM specialist", expected=f"a checkpoint with the input size of "
+                                      f"{self.checkpoint}", received=f"{kind}: {target}",
+                                      fix="train it from this checkpoint (init_from), or remove it from "
+                                      "specialists.json")
                 self._specialist_models[key] = specialist
         return self._specialist_models[key]
 
@@ -554,10 +561,11 @@ class MedVLMSegmenter(SegmenterBase):
 
     def _with_specialist_input(self, images: Sequence[ImageInput], embeddings: Sequence[ImageEmbedding]) -> None:
         """For each image that this checkpoint's classifier hands to a specialist which reads it differently (a
-        volume slice with its neighbours, a colour image in colour; :meth:`_input_rgb`), also encode what the
-        specialist reads (this checkpoint's encoder, which the specialist shares) into
-        ``extra["specialist_input"]``: the classifier keeps reading what it was fitted on, the specialist reads
-        what it was trained on, at the cost of one more encoder pass for those images only."""
+        volume slice with its neighbours, a colour image in colour; :meth:`_input_rgb`) or with an image encoder
+        of its own (adapted in training), also encode what the specialist reads (with this checkpoint's encoder
+        when the specialist shares it, else with the specialist's) into ``extra["specialist_input"]``: the
+        classifier keeps reading what it was fitted on, the specialist reads what it was trained on, at the cost
+        of one more encoder pass for those images only."""
         if self.specialists is None:
             return
         todo = []
@@ -569,13 +577,24 @@ class MedVLMSegmenter(SegmenterBase):
                 continue
             rgb = specialist._input_rgb(image)
             read = embedding.extra.get("rgb")  # what this checkpoint's encoder read, when it kept the pixels
-            if not np.array_equal(rgb, self._input_rgb(image) if read is None else read):
+            if specialist._own_encoder or not np.array_equal(rgb, self._input_rgb(image) if read is None else read):
                 todo.append((image, embedding, specialist, rgb))
         if not todo:
             return
         t0 = time.perf_counter()
-        own = self._encode_batch_own([im for im, _, _, _ in todo], rgbs=[rgb for _, _, _, rgb in todo])
+        own: list[ImageEmbedding | None] = [None] * len(todo)
+        encoders: dict[str, MedVLMSegmenter] = {}  # one batch per encoder: this checkpoint's, each own one's
+        for _, _, specialist, _ in todo:
+            encoder = specialist if specialist._own_encoder else self
+            encoders.setdefault(encoder.checkpoint, encoder)
+        for key, encoder in encoders.items():
+            rows = [i for i, (_, _, sp, _) in enumerate(todo)
+                    if (sp.checkpoint if sp._own_encoder else self.checkpoint) == key]
+            for i, got in zip(rows, encoder._encode_batch_own([todo[i][0] for i in rows],
+                                                              rgbs=[todo[i][3] for i in rows])):
+                own[i] = got
         for (image, embedding, specialist, rgb), enc in zip(todo, own):
+            assert enc is not None  # every row is in one encoder's batch
             # a slice's neighbours are for the encoder only: a refiner still reads the grey centre
             pixels = embedding.extra.get("rgb")  # None when postprocessing needs no pixels
             if pixels is not None and getattr(image, "color", None) is not None:
@@ -588,6 +607,21 @@ class MedVLMSegmenter(SegmenterBase):
         for _, embedding, _, _ in todo:
             embedding.extra["encode_s"] = float(embedding.extra.get("encode_s", 0.0)) + (
                 time.perf_counter() - t0) / len(todo)
+
+    def _encoded_by(self, specialist: MedVLMSegmenter, embedding: ImageEmbedding) -> ImageEmbedding:
+        """``embedding`` (this checkpoint's, with no ``specialist_input``: e.g. a zoom window) encoded again by
+        ``specialist``'s own image encoder from the pixels it keeps; a clear error when it kept none."""
+        import dataclasses
+
+        rgb = embedding.extra.get("rgb")
+        if rgb is None:
+            raise input_error("Med-VLM embedding", expected=f"an embedding encoded by {self.checkpoint}'s encode() "
+                              f"(which also encodes for the specialist {specialist.checkpoint})",
+                              received="one without the specialist's features or the image's pixels",
+                              fix="encode the image with this segmenter's encode() or encode_batch()")
+        enc = specialist._encode_batch_own([rgb], rgbs=[rgb])[0]
+        extra = {k: v for k, v in embedding.extra.items() if k != "specialist_input"}
+        return dataclasses.replace(embedding, features=enc.features, extra=extra)
 
     def _other(self) -> MedVLMSegmenter:
         other = self.routed_segmenter()
@@ -859,6 +893,8 @@ class MedVLMSegmenter(SegmenterBase):
                 # its own extra dict, kept in the image's: what the specialist caches there (the refiner's
                 # embedding of its pixels) stays with the image across calls
                 embedding = dataclasses.replace(embedding, features=own["features"], extra=own["extra"])
+            elif specialist._own_encoder:
+                embedding = self._encoded_by(specialist, embedding)
             results = specialist._decode(_features_as(embedding, specialist.light), prompts, multimask)
             for r in results:
                 r.meta["specialist"] = specialist.checkpoint
@@ -953,8 +989,10 @@ class MedVLMSegmenter(SegmenterBase):
         windows = zoom_windows(m) if pixels is not None else []
         if not windows:
             return None
-        # a specialist decodes its host's features: the host encodes the windows (the same encoder, checked)
-        encoder = self._parent if self._host is not None and self._parent is not None else self
+        # a specialist decodes its host's features: the host encodes the windows (the same encoder, checked),
+        # unless the specialist adapted its own
+        shared = self._host is not None and self._parent is not None and not self._own_encoder
+        encoder = self._parent if shared and self._parent is not None else self
         crops = [np.ascontiguousarray(w.crop(np.asarray(pixels))) for w in windows]
         union = np.zeros(m.shape, dtype=bool)
         for window, crop_embedding in zip(windows, encoder._encode_batch_own(crops)):

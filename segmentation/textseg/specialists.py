@@ -2,10 +2,12 @@
 
 A broad checkpoint (``multi``) splits one small mixer and decoder between every kind of image, so a kind with many
 training images but few of the batches stays under-trained (the 190 HC18 training images were ~4 % of multi's
-batches). A *specialist* is a checkpoint fine-tuned from it on one kind with the image encoder frozen
-(``train_modules`` without ``image_encoder.``): its image features are the broad checkpoint's bit for bit, so
-the broad checkpoint's kind classifier stays valid, and an image it has encoded is handed over without a second
-encoder pass: only the text encoder, mixer, decoder and existence head differ.
+batches). A *specialist* is a checkpoint fine-tuned from it on one kind. Trained with the image encoder frozen
+(``train_modules`` without ``image_encoder.``), its image features are the broad checkpoint's bit for bit, so an
+image the broad checkpoint has encoded is handed over without a second encoder pass: only the text encoder,
+mixer, decoder and existence head differ. A specialist that adapted its image encoder too (finetune
+``image_lora_stages``; :func:`shares_image_encoder` is False) encodes the images handed to it itself: one more
+encoder pass for those images. Either way the broad checkpoint's kind classifier, on its own features, decides.
 
 File ``specialists.json`` in the broad checkpoint's folder::
 
@@ -64,7 +66,7 @@ def read_specialists(directory: str | Path, resolve: Callable[[str], Path]) -> d
         if not (target / "config.json").is_file():
             raise input_error("Med-VLM specialists", expected=f"a checkpoint folder for kind {kind!r}",
                               received=f"{name!r} (looked at {sibling} and {target})",
-                              fix=f"train one (it must keep the image encoder frozen) or delete {path}")
+                              fix=f"train one (finetune init_from this checkpoint) or delete {path}")
         if target.resolve() == Path(directory).resolve():
             raise input_error("Med-VLM specialists", expected="another checkpoint than the broad one",
                               received=f"{kind}: {name}", fix="name the specialist's folder")
