@@ -184,6 +184,7 @@ def test_a_specialist_with_its_own_image_encoder_encodes_what_it_answers(tmp_pat
     embeddings = seg.encode_batch(images)
     assert batches == [2]
     prompts = [Prompt(text="fetal head"), Prompt(text="left lung")]
+    alone_first = MedVLMSegmenter(drifted, route=False, **OPTS).segment(images[0], prompts[:1])[0]
     for image, embedding in zip(images, embeddings):
         got = seg.predict_many(embedding, prompts)
         alone = MedVLMSegmenter(drifted, route=False, **OPTS).segment(image, prompts)
@@ -191,6 +192,13 @@ def test_a_specialist_with_its_own_image_encoder_encodes_what_it_answers(tmp_pat
             assert g.meta["specialist"] == specialist.checkpoint
             assert np.allclose(g.logits, a.logits, atol=1e-5) and np.array_equal(g.mask.data, a.mask.data)
     assert batches == [2]  # decoding encodes nothing more
+    # an embedding made without the hand-over (not by encode/encode_batch) is encoded for the specialist once
+    bare = seg._encode_own(images[0])
+    assert "specialist_input" not in bare.extra
+    for _ in range(2):
+        got = seg.predict_many(bare, prompts[:1])[0]
+        assert np.allclose(got.logits, alone_first.logits, atol=1e-5)
+    assert batches == [2, 1]
     broad_only = MedVLMSegmenter(broad, specialists=False, **OPTS).segment(images[0], prompts[:1])[0]
     assert not np.allclose(broad_only.logits, seg.predict_many(embeddings[0], prompts[:1])[0].logits, atol=1e-3)
     # zoom: the windows are encoded by the specialist's own encoder (its host's would give other features)

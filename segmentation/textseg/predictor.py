@@ -582,19 +582,16 @@ class MedVLMSegmenter(SegmenterBase):
         if not todo:
             return
         t0 = time.perf_counter()
-        own: list[ImageEmbedding | None] = [None] * len(todo)
-        encoders: dict[str, MedVLMSegmenter] = {}  # one batch per encoder: this checkpoint's, each own one's
-        for _, _, specialist, _ in todo:
+        by_encoder: dict[str, tuple[MedVLMSegmenter, list[int]]] = {}  # one batch per encoder
+        for i, (_, _, specialist, _) in enumerate(todo):
             encoder = specialist if specialist._own_encoder else self
-            encoders.setdefault(encoder.checkpoint, encoder)
-        for key, encoder in encoders.items():
-            rows = [i for i, (_, _, sp, _) in enumerate(todo)
-                    if (sp.checkpoint if sp._own_encoder else self.checkpoint) == key]
-            for i, got in zip(rows, encoder._encode_batch_own([todo[i][0] for i in rows],
-                                                              rgbs=[todo[i][3] for i in rows])):
-                own[i] = got
-        for (image, embedding, specialist, rgb), enc in zip(todo, own):
-            assert enc is not None  # every row is in one encoder's batch
+            by_encoder.setdefault(encoder.checkpoint, (encoder, []))[1].append(i)
+        own: dict[int, ImageEmbedding] = {}
+        for encoder, rows in by_encoder.values():
+            own.update(zip(rows, encoder._encode_batch_own([todo[i][0] for i in rows],
+                                                           rgbs=[todo[i][3] for i in rows])))
+        for row, (image, embedding, specialist, rgb) in enumerate(todo):
+            enc = own[row]
             # a slice's neighbours are for the encoder only: a refiner still reads the grey centre
             pixels = embedding.extra.get("rgb")  # None when postprocessing needs no pixels
             if pixels is not None and getattr(image, "color", None) is not None:
@@ -608,11 +605,10 @@ class MedVLMSegmenter(SegmenterBase):
             embedding.extra["encode_s"] = float(embedding.extra.get("encode_s", 0.0)) + (
                 time.perf_counter() - t0) / len(todo)
 
-    def _encoded_by(self, specialist: MedVLMSegmenter, embedding: ImageEmbedding) -> ImageEmbedding:
-        """``embedding`` (this checkpoint's, with no ``specialist_input``: e.g. a zoom window) encoded again by
-        ``specialist``'s own image encoder from the pixels it keeps; a clear error when it kept none."""
-        import dataclasses
-
+    def _encode_for(self, specialist: MedVLMSegmenter, embedding: ImageEmbedding) -> dict[str, Any]:
+        """``extra["specialist_input"]`` for a specialist with its own image encoder when ``embedding`` (this
+        checkpoint's) was made without it (not by :meth:`encode` / :meth:`encode_batch`): the pixels it kept,
+        encoded by the specialist once and stored in the embedding; a clear error when it kept none."""
         rgb = embedding.extra.get("rgb")
         if rgb is None:
             raise input_error("Med-VLM embedding", expected=f"an embedding encoded by {self.checkpoint}'s encode() "
@@ -620,8 +616,10 @@ class MedVLMSegmenter(SegmenterBase):
                               received="one without the specialist's features or the image's pixels",
                               fix="encode the image with this segmenter's encode() or encode_batch()")
         enc = specialist._encode_batch_own([rgb], rgbs=[rgb])[0]
-        extra = {k: v for k, v in embedding.extra.items() if k != "specialist_input"}
-        return dataclasses.replace(embedding, features=enc.features, extra=extra)
+        extra = {k: v for k, v in embedding.extra.items() if k not in ("specialist_input", "refiner_embedding")}
+        embedding.extra["specialist_input"] = {"checkpoint": specialist.checkpoint, "features": enc.features,
+                                               "extra": extra}
+        return dict(embedding.extra["specialist_input"])
 
     def _other(self) -> MedVLMSegmenter:
         other = self.routed_segmenter()
@@ -887,14 +885,14 @@ class MedVLMSegmenter(SegmenterBase):
         specialist = self._specialist_for(embedding) if mine else None
         if specialist is not None:
             own = embedding.extra.get("specialist_input")
+            if specialist._own_encoder and (own is None or own["checkpoint"] != specialist.checkpoint):
+                own = self._encode_for(specialist, embedding)
             if own is not None and own["checkpoint"] == specialist.checkpoint:  # encoded as the specialist reads it
                 import dataclasses
 
                 # its own extra dict, kept in the image's: what the specialist caches there (the refiner's
                 # embedding of its pixels) stays with the image across calls
                 embedding = dataclasses.replace(embedding, features=own["features"], extra=own["extra"])
-            elif specialist._own_encoder:
-                embedding = self._encoded_by(specialist, embedding)
             results = specialist._decode(_features_as(embedding, specialist.light), prompts, multimask)
             for r in results:
                 r.meta["specialist"] = specialist.checkpoint
