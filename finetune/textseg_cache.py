@@ -126,7 +126,7 @@ def build_cache(encoder: Any, items: Iterable[tuple[str, Sample, int, Sequence[s
                 prefix_fn: Callable[[torch.Tensor], torch.Tensor] | None = None, batch_size: int = 8,
                 wholes: bool = False, zooms: Mapping[str, int] | None = None,
                 slice_context: int = 0, color_input: bool = False) -> list[CacheEntry]:
-    """Encode every ``(dataset, sample, n_variants, dataset_structures)`` into ``cache_dir``; returns entries.
+    """Encode every ``(dataset, sample, n_variants, annotated structures)`` into ``cache_dir``; returns entries.
 
     Variant 0 is the image as is, variants 1.. are :func:`augment` draws seeded by (seed, sample id, variant).
     Existing files are reused (a killed build resumes). ``encoder`` is a ``segmentation.textseg.encoders.

@@ -256,7 +256,8 @@ def load_train_config(path: str | Path) -> TrainConfig:
 
 def _split(cfg: TrainConfig, slice_context: int = 0) -> tuple[list[tuple[str, Any, int, Sequence[str]]],
                                                                 list[tuple[str, Any, int, Sequence[str]]]]:
-    """(train items, val items) for build_cache: (dataset name, sample, n variants, dataset structures). With
+    """(train items, val items) for build_cache: (dataset name, sample, n variants, the structures its labels
+    cover: ``Dataset.annotated``, so an unlabelled organ of a partly labelled folder is never a negative). With
     ``slice_context`` >= 1 the slices of volume sources carry their neighbours (:func:`slice_with_context`)."""
     from medvlm.datasets import open_dataset, split_ids
 
@@ -275,9 +276,10 @@ def _split(cfg: TrainConfig, slice_context: int = 0) -> tuple[list[tuple[str, An
         for sid in tr:
             sample = slice_with_context(ds, ds.load(sid), slice_context)
             if sample.masks:
-                train.append((src.name, sample, src.variants, ds.structures))
+                train.append((src.name, sample, src.variants, ds.annotated(sample)))
         for sid in va:
-            val.append((src.name, slice_with_context(ds, ds.load(sid), slice_context), 1, ds.structures))
+            sample = slice_with_context(ds, ds.load(sid), slice_context)
+            val.append((src.name, sample, 1, ds.annotated(sample)))
     return train, val
 
 

@@ -317,6 +317,13 @@ def test_sam_med2d_demo_is_flipped_to_radiological_display(shared_data):
     assert mr.masks == {} and mr.image.modality == "MR"
     for sample in (thorax, abdomen, pelvis):
         assert lateral_evidence(sample.masks) == 1, sample.id
+    # partial labels: the lungs of an AMOS slice are unlabelled there, not absent ("not in this image" in training),
+    # while a folder labelled throughout (TotalSegmentator example) covers every structure it has on every slice
+    assert "right lower lobe" in ds.structures and "right lower lobe" not in ds.annotated(abdomen)
+    assert ds.annotated(abdomen) == ("aorta", "inferior vena cava", "liver", "spleen")
+    assert "right lower lobe" in ds.annotated(thorax)
+    full = open_dataset(data_dir("ct_totalsegmentator_example"))
+    assert full.annotated(full.load(full.ids()[0])) == full.structures
 
 
 def test_totalsegmentator_example(shared_data):

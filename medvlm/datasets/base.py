@@ -247,6 +247,13 @@ class Dataset(ABC):
         """The unit that must not straddle a train/val split (patient or volume); the id itself by default."""
         return sample_id
 
+    def annotated(self, sample: Sample) -> tuple[str, ...]:
+        """The structures ``sample``'s labels cover: one of them missing from ``sample.masks`` is absent from the
+        image, so training may ask for it with an empty target ("not in this image"). Every structure of the
+        folder by default; a folder that keeps only some of each image's labels answers the image's own masks,
+        so an unlabelled organ is never taught as absent."""
+        return self.structures
+
     def load(self, sample_id: str) -> Sample:
         """Read one sample by id; unknown ids raise :class:`~medvlm.errors.InputError`."""
         if self._ids is None:

@@ -98,6 +98,11 @@ class SamMed2dDemo(Dataset):
         names = {canonical_structure(raw) for files in self.mask_files().values() for raw, _, _ in files}
         return tuple(sorted(names))
 
+    def annotated(self, sample: Sample) -> tuple[str, ...]:
+        """Only the slice's own masks: SA-Med2D-20M keeps a subset of each slice's labels and AMOS labels no lung,
+        so the lungs of an AMOS slice (visible at the liver dome) are unlabelled there, not absent."""
+        return tuple(sorted(sample.masks))
+
     def _load(self, sample_id: str) -> Sample:
         path = self.root / "images" / f"{sample_id}.png"
         fix, modality, why = self.ORIENTATION.get(sample_id, ("", _guess_modality(sample_id), ""))
