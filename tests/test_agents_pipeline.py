@@ -174,8 +174,8 @@ def test_ct_slice_organ_phrases_and_no_chest_zones(agent):
     # chest-zone rules are for frontal radiographs: an axial slice gets a reason, not a made-up zone
     assert zone_regions == [] and "frontal chest radiograph" in zone.note
     # on CT a lobe is an organ of the vocabulary (TotalSegmentator lobes), so it is segmented, not zoned; asked on
-    # the slice whose lobes are labelled (the AMOS slice above labels no lung: body_ct run 5 was taught, by a
-    # since-mended reading of partial labels as absent, that its lungs are not there, and answers "not found")
+    # the slice whose lobes are labelled (the AMOS slice above labels no lung, and body_ct run 5 answers "not found"
+    # for its lungs: a known fault, README "Adapting the image encoder")
     thorax = ds.load("s0114_111")
     [(_, lobe_regions)] = agent.ground_phrases(thorax.image, ["right lower lobe pneumonia"])
     assert [r.provenance["structure"] for r in lobe_regions] == ["right lower lobe"]
