@@ -269,8 +269,8 @@ def test_packaged_multi_hands_fetal_ultrasound_to_its_specialist() -> None:
 def test_packaged_multi_hands_body_ct_to_its_specialist() -> None:
     """The packaged `multi` hands held-out CURVAS slices to `body_ct`: the kidneys of two val slices (multi alone,
     postprocessing off: 0.69 and 0.63 Dice; body_ct run 2 0.92 and 0.85 when measured; run 5, which encodes the
-    slices itself, is held to the same bounds) and the pancreas, which multi
-    alone never draws (logits below -7), found on a third."""
+    slices itself, is held to the same bounds) and the pancreas, which multi alone never draws (logits below -7),
+    found on a third."""
     from eval.metrics import dice
     from medvlm.datasets import open_dataset
     from segmentation.textseg.predictor import MedVLMSegmenter, packaged_checkpoints
